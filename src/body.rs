@@ -1,0 +1,244 @@
+//! Body types of the proxy.
+//!
+//! - [`RequestBody`]: the client's body on its way upstream, counted against
+//!   `limits.max_request_body_bytes` so an oversized chunked upload fails with
+//!   413 instead of being forwarded.
+//! - [`ProxyBody`]: what the client receives: a short local body, or the
+//!   upstream's body streamed frame by frame (never buffered whole). It holds
+//!   the connection's in-flight guard and the upstream connection lease, so
+//!   both are released exactly when the body is done or dropped.
+
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::server::conn::InFlight;
+use crate::upstream::pool::Lease;
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The request body exceeded the configured limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// The whole-request deadline passed while the body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request timed out while streaming the body")]
+pub struct BodyDeadline;
+
+pin_project_lite::pin_project! {
+    /// The client's request body, forwarded as it arrives.
+    pub struct RequestBody {
+        #[pin]
+        inner: Option<Incoming>,
+        limit: Option<u64>,
+        seen: u64,
+    }
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: Option<u64>) -> Self {
+        RequestBody {
+            inner: Some(inner),
+            limit,
+            seen: 0,
+        }
+    }
+
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            limit: None,
+            seen: 0,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let (Some(data), Some(limit)) = (frame.data_ref(), *this.limit) {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// What the client receives.
+pub struct ProxyBody {
+    kind: Kind,
+    /// Released when the body is dropped: marks the request done for the
+    /// connection's idle / header timers.
+    in_flight: Option<InFlight>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(UpstreamBody),
+}
+
+/// An upstream response body with its connection lease and deadline.
+struct UpstreamBody {
+    inner: Incoming,
+    done: bool,
+    /// The pooled HTTP/1.1 connection, returned to the pool on drop if the
+    /// body was read to its end (otherwise it is closed).
+    lease: Option<Lease>,
+    deadline: Option<Instant>,
+    /// Armed lazily, only when the body stalls, so a small response that is
+    /// ready at once never touches the timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl ProxyBody {
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ProxyBody {
+            kind: Kind::Full(Some(bytes.into())),
+            in_flight: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        ProxyBody {
+            kind: Kind::Full(None),
+            in_flight: None,
+        }
+    }
+
+    pub fn upstream(inner: Incoming, lease: Option<Lease>, deadline: Option<Instant>) -> Self {
+        ProxyBody {
+            kind: Kind::Upstream(UpstreamBody {
+                inner,
+                done: false,
+                lease,
+                deadline,
+                sleep: None,
+            }),
+            in_flight: None,
+        }
+    }
+
+    pub fn set_in_flight(&mut self, guard: InFlight) {
+        self.in_flight = Some(guard);
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // ProxyBody is Unpin: every field is.
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(up) => up.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(up) => up.done || up.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(up) => up.inner.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                self.lease = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+            Poll::Pending => {
+                let Some(deadline) = self.deadline else {
+                    return Poll::Pending;
+                };
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        self.done = true;
+                        self.lease = None;
+                        Poll::Ready(Some(Err(Box::new(BodyDeadline))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            // Only a connection whose response was read to the end can carry
+            // another request; anything else is closed by dropping it.
+            if self.done || self.inner.is_end_stream() {
+                lease.release();
+            }
+        }
+    }
+}
+
+/// Finds an error of type `E` anywhere in a source chain.
+pub fn find_cause<'a, E: StdError + 'static>(mut err: &'a (dyn StdError + 'static)) -> Option<&'a E> {
+    loop {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        err = err.source()?;
+    }
+}

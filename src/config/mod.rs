@@ -1,0 +1,229 @@
+//! Configuration: `file.toml -> toml tree -> read + validate -> Config`.
+//!
+//! The file is parsed into a generic TOML tree, then [`parse`] walks it with
+//! [`reader::Table`], which collects every problem with its path (unknown
+//! keys, wrong types, bad values, dangling references) so `portcullis check`,
+//! start-up and reload all report the same complete list. The result is the
+//! runtime model below: plain Rust types with no serde, every default filled
+//! in, every reference resolved to an index.
+//!
+//! Names of upstream servers are resolved later, when the runtime snapshot is
+//! built (see `state.rs`), because that needs I/O.
+
+mod parse;
+pub mod reader;
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+pub use parse::parse;
+pub use reader::{ConfigError, ConfigErrors};
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Process-wide settings (`[server]`).
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// How long in-flight requests may run after shutdown starts.
+    pub drain_timeout: Duration,
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The pseudonym written in `Via`; `None` means no `Via` is added.
+    pub via: Option<HeaderValue>,
+}
+
+/// Timeouts (`[timeouts]`); each has a safe default.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect to an upstream server.
+    pub connect: Duration,
+    /// From the first byte of a request to its last header byte.
+    pub header_read: Duration,
+    /// How long an idle downstream keep-alive connection is kept.
+    pub keepalive_idle: Duration,
+    /// From the request being sent upstream to the response headers.
+    pub upstream_response_header: Duration,
+    /// The whole exchange, including both bodies (not upgraded tunnels).
+    pub request: Duration,
+}
+
+/// Limits on what a client may send (`[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_request_header_bytes: usize,
+    pub max_header_count: usize,
+    /// `None` means unlimited.
+    pub max_request_body_bytes: Option<u64>,
+    pub max_uri_length: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge only.
+    H2c,
+    /// Both, told apart by the HTTP/2 connection preface.
+    Auto,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: Vec<SocketAddr>,
+    pub protocol: ListenerProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PathMatch {
+    Prefix,
+    Exact,
+}
+
+/// A host pattern of a route: `example.com` or `*.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// The suffix after `*`, with its leading dot: `.example.com`.
+    Wildcard(String),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HeaderEdits {
+    /// Replaces any existing values.
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    /// Appends beside existing values.
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// `routes[N]`, or the route's `name` when given: used in logs.
+    pub name: String,
+    /// Empty means any host.
+    pub hosts: Vec<HostPattern>,
+    pub path: String,
+    pub path_match: PathMatch,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Replaces the matched path prefix before forwarding.
+    pub rewrite_prefix: Option<String>,
+    /// Forward the client's `Host`; otherwise the upstream server's address.
+    pub preserve_host: bool,
+    /// Forward `CONNECT` requests (tunnels) instead of answering 405.
+    pub allow_connect: bool,
+    pub request_headers: HeaderEdits,
+    pub response_headers: HeaderEdits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 over cleartext, prior knowledge.
+    H2c,
+}
+
+/// An upstream server as written: a literal address, or a name to resolve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddr {
+    pub host: String,
+    pub port: u16,
+    /// Set when `host` is an IP literal: no resolution needed.
+    pub literal: Option<SocketAddr>,
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.literal {
+            Some(addr) => write!(f, "{addr}"),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub servers: Vec<ServerAddr>,
+    pub protocol: UpstreamProtocol,
+    /// Most idle connections kept per server.
+    pub pool_size: usize,
+    pub idle_timeout: Duration,
+    /// How often names are resolved again.
+    pub resolve_interval: Duration,
+    pub connect_timeout: Duration,
+    pub response_header_timeout: Duration,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: format!("{}: cannot read config file: {e}", path.display()),
+            }])
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in syntax errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let position = e.span().map(|span| line_col(text, span.start));
+            let message = e.message().trim_end_matches('\n').to_owned();
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                message: match position {
+                    Some((line, col)) => format!("{origin}:{line}:{col}: TOML syntax error: {message}"),
+                    None => format!("{origin}: TOML syntax error: {message}"),
+                },
+            }])
+        })?;
+        parse(&table)
+    }
+
+    pub fn upstream_by_name(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}

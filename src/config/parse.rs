@@ -1,0 +1,608 @@
+//! Reads the TOML tree into [`Config`], filling defaults and validating every
+//! field; all problems are collected, none stops the walk.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use ipnet::IpNet;
+use toml::Value;
+
+use super::reader::{ConfigErrors, Errors, Table};
+use super::*;
+
+/// Defaults, in one place so docs/config.md can be checked against them.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const VIA: &str = "portcullis";
+    pub const CONNECT: Duration = Duration::from_secs(5);
+    pub const HEADER_READ: Duration = Duration::from_secs(15);
+    pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+    pub const UPSTREAM_RESPONSE_HEADER: Duration = Duration::from_secs(60);
+    pub const REQUEST: Duration = Duration::from_secs(15 * 60);
+    pub const MAX_REQUEST_HEADER_BYTES: u64 = 32 << 10;
+    pub const MAX_HEADER_COUNT: u64 = 100;
+    pub const MAX_REQUEST_BODY_BYTES: u64 = 100 << 20;
+    pub const MAX_URI_LENGTH: u64 = 8 << 10;
+    pub const POOL_SIZE: u64 = 64;
+    pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+}
+
+/// Walks the whole tree and returns the config or every error found.
+pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
+    let errors = Errors::default();
+    let top = Table::from_map(root, String::new(), &errors);
+
+    let server = read_server(top.table("server"), &errors);
+    let timeouts = read_timeouts(top.table("timeouts"));
+    let limits = read_limits(top.table("limits"));
+    let listeners = read_listeners(&top, &errors);
+    let upstreams = read_upstreams(&top, &timeouts, &errors);
+    let routes = read_routes(&top, &upstreams, &errors);
+    top.finish();
+
+    errors.into_result(Config {
+        server,
+        timeouts,
+        limits,
+        listeners,
+        routes,
+        upstreams,
+    })
+}
+
+fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
+    let mut server = ServerSettings {
+        drain_timeout: defaults::DRAIN_TIMEOUT,
+        trusted_proxies: Vec::new(),
+        via: Some(HeaderValue::from_static(defaults::VIA)),
+    };
+    let Some(t) = table else { return server };
+    if let Some(d) = t.duration("drain_timeout") {
+        server.drain_timeout = d;
+    }
+    if let Some(list) = t.str_or_strs("trusted_proxies") {
+        for (path, text) in list {
+            match parse_cidr(text) {
+                Some(net) => server.trusted_proxies.push(net),
+                None => errors.push(path, format!("invalid IP address or CIDR \"{text}\"")),
+            }
+        }
+    }
+    if let Some(via) = t.str("via") {
+        if via.is_empty() {
+            server.via = None;
+        } else if via.bytes().all(|b| b.is_ascii_graphic()) {
+            server.via = HeaderValue::from_str(via).ok();
+        } else {
+            t.error(
+                "via",
+                format!("\"{via}\" must be one token of visible ASCII (no spaces), or \"\" for no Via"),
+            );
+        }
+    }
+    t.finish();
+    server
+}
+
+fn parse_cidr(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Reads an optional positive duration; zero is refused because a zero
+/// timeout would fail every request.
+fn positive_duration(t: &Table<'_>, key: &'static str, default: Duration) -> Duration {
+    match t.duration(key) {
+        Some(d) if d.is_zero() => {
+            t.error(key, "must be greater than zero");
+            default
+        }
+        Some(d) => d,
+        None => default,
+    }
+}
+
+fn read_timeouts(table: Option<Table<'_>>) -> Timeouts {
+    let mut timeouts = Timeouts {
+        connect: defaults::CONNECT,
+        header_read: defaults::HEADER_READ,
+        keepalive_idle: defaults::KEEPALIVE_IDLE,
+        upstream_response_header: defaults::UPSTREAM_RESPONSE_HEADER,
+        request: defaults::REQUEST,
+    };
+    let Some(t) = table else { return timeouts };
+    timeouts.connect = positive_duration(&t, "connect", timeouts.connect);
+    timeouts.header_read = positive_duration(&t, "header_read", timeouts.header_read);
+    timeouts.keepalive_idle = positive_duration(&t, "keepalive_idle", timeouts.keepalive_idle);
+    timeouts.upstream_response_header =
+        positive_duration(&t, "upstream_response_header", timeouts.upstream_response_header);
+    timeouts.request = positive_duration(&t, "request", timeouts.request);
+    t.finish();
+    timeouts
+}
+
+/// Reads an optional bounded size.
+fn bounded(t: &Table<'_>, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
+    match t.size(key) {
+        Some(v) if v < min || v > max => {
+            t.error(key, format!("must be between {min} and {max}, found {v}"));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    }
+}
+
+fn read_limits(table: Option<Table<'_>>) -> Limits {
+    let mut limits = Limits {
+        max_request_header_bytes: defaults::MAX_REQUEST_HEADER_BYTES as usize,
+        max_header_count: defaults::MAX_HEADER_COUNT as usize,
+        max_request_body_bytes: Some(defaults::MAX_REQUEST_BODY_BYTES),
+        max_uri_length: defaults::MAX_URI_LENGTH as usize,
+    };
+    let Some(t) = table else { return limits };
+    limits.max_request_header_bytes = bounded(
+        &t,
+        "max_request_header_bytes",
+        defaults::MAX_REQUEST_HEADER_BYTES,
+        1 << 10,
+        1 << 20,
+    ) as usize;
+    limits.max_header_count = bounded(&t, "max_header_count", defaults::MAX_HEADER_COUNT, 1, 1000) as usize;
+    // "unlimited" is spelled out rather than 0, which reads like "no body".
+    match t.get("max_request_body_bytes") {
+        Some(Value::String(s)) if s == "unlimited" => limits.max_request_body_bytes = None,
+        Some(_) => {
+            limits.max_request_body_bytes = t.size("max_request_body_bytes").or(limits.max_request_body_bytes);
+        }
+        None => {}
+    }
+    // The http crate refuses URIs over 64 KiB whatever we configure.
+    limits.max_uri_length = bounded(&t, "max_uri_length", defaults::MAX_URI_LENGTH, 16, 65_534) as usize;
+    t.finish();
+    limits
+}
+
+fn read_listeners(top: &Table<'_>, errors: &Errors) -> Vec<ListenerConfig> {
+    let mut listeners = Vec::new();
+    let Some(items) = top.array("listeners") else {
+        if top.get("listeners").is_none() {
+            errors.push(
+                "listeners",
+                "at least one listener is required, such as [[listeners]] bind = \"0.0.0.0:8080\"",
+            );
+        }
+        return listeners;
+    };
+    if items.is_empty() {
+        errors.push("listeners", "at least one listener is required");
+    }
+    let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        let Some(t) = Table::new(item, path.clone(), errors) else {
+            continue;
+        };
+        let name = t.str("name").map_or_else(|| path.clone(), str::to_owned);
+        let protocol = t
+            .choice(
+                "protocol",
+                &[
+                    ("auto", ListenerProtocol::Auto),
+                    ("http1", ListenerProtocol::Http1),
+                    ("h2c", ListenerProtocol::H2c),
+                ],
+            )
+            .unwrap_or(ListenerProtocol::Auto);
+        let mut bind = Vec::new();
+        match t.str_or_strs("bind") {
+            None if t.get("bind").is_none() => {
+                t.error("bind", "required: the address to listen on, such as \"0.0.0.0:8080\"")
+            }
+            None => {}
+            Some(list) => {
+                if list.is_empty() {
+                    t.error("bind", "must list at least one address");
+                }
+                for (addr_path, text) in list {
+                    match text.parse::<SocketAddr>() {
+                        Ok(addr) => {
+                            if addr.port() != 0 {
+                                if let Some(first) = seen.get(&addr) {
+                                    errors.push(&addr_path, format!("address {addr} is already used by {first}"));
+                                    continue;
+                                }
+                                seen.insert(addr, addr_path.clone());
+                            }
+                            bind.push(addr);
+                        }
+                        Err(_) => errors.push(
+                            addr_path,
+                            format!("invalid socket address \"{text}\", expected IP:port such as \"0.0.0.0:8080\" or \"[::]:8080\""),
+                        ),
+                    }
+                }
+            }
+        }
+        t.finish();
+        listeners.push(ListenerConfig { name, bind, protocol });
+    }
+    listeners
+}
+
+fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<UpstreamConfig> {
+    let mut upstreams = Vec::new();
+    let Some(table) = top.table("upstreams") else {
+        return upstreams;
+    };
+    // Every key of [upstreams] is a group name: read them all, then `finish`
+    // has nothing left over.
+    let mut names: Vec<&String> = Vec::new();
+    let map = match top.get("upstreams") {
+        Some(Value::Table(map)) => map,
+        _ => return upstreams,
+    };
+    for name in map.keys() {
+        names.push(name);
+    }
+    for name in names {
+        let path = table.path_of(name);
+        let Some(value) = map.get(name) else { continue };
+        let Some(t) = Table::new(value, path.clone(), errors) else {
+            continue;
+        };
+        if let Err(why) = check_name(name) {
+            errors.push(&path, why);
+        }
+        let protocol = t
+            .choice(
+                "protocol",
+                &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)],
+            )
+            .unwrap_or(UpstreamProtocol::Http1);
+        let mut servers = Vec::new();
+        match t.str_or_strs("servers") {
+            None if t.get("servers").is_none() => {
+                t.error("servers", "required: a list of servers such as [\"10.0.0.1:8080\"]")
+            }
+            None => {}
+            Some(list) => {
+                if list.is_empty() {
+                    t.error("servers", "must list at least one server");
+                }
+                for (server_path, text) in list {
+                    match parse_server(text) {
+                        Ok(addr) => servers.push(addr),
+                        Err(why) => errors.push(server_path, why),
+                    }
+                }
+            }
+        }
+        let pool_size = match t.uint("pool_size") {
+            Some(n) if n > 100_000 => {
+                t.error("pool_size", format!("must be at most 100000, found {n}"));
+                defaults::POOL_SIZE
+            }
+            Some(n) => n,
+            None => defaults::POOL_SIZE,
+        } as usize;
+        let upstream = UpstreamConfig {
+            name: name.clone(),
+            servers,
+            protocol,
+            pool_size,
+            idle_timeout: positive_duration(&t, "idle_timeout", defaults::POOL_IDLE_TIMEOUT),
+            resolve_interval: positive_duration(&t, "resolve_interval", defaults::RESOLVE_INTERVAL),
+            connect_timeout: positive_duration(&t, "connect_timeout", timeouts.connect),
+            response_header_timeout: positive_duration(
+                &t,
+                "response_header_timeout",
+                timeouts.upstream_response_header,
+            ),
+        };
+        t.finish();
+        upstreams.push(upstream);
+    }
+    upstreams
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err(format!(
+            "name \"{name}\" may only use letters, digits, '_', '-' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `IP:port`, `[IPv6]:port` or `name:port`.
+pub fn parse_server(text: &str) -> Result<ServerAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(ServerAddr {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            literal: Some(addr),
+        });
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "invalid server \"{text}\": missing port, expected host:port such as \"10.0.0.1:8080\""
+        ));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid server \"{text}\": port \"{port}\" is not a number between 1 and 65535"))?;
+    if port == 0 {
+        return Err(format!("invalid server \"{text}\": port 0 is not a server port"));
+    }
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !valid_name {
+        return Err(format!(
+            "invalid server \"{text}\": \"{host}\" is neither an IP address nor a DNS name"
+        ));
+    }
+    Ok(ServerAddr {
+        host: host.to_ascii_lowercase(),
+        port,
+        literal: None,
+    })
+}
+
+fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -> Vec<RouteConfig> {
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    let Some(items) = top.array("routes") else {
+        if top.get("routes").is_none() {
+            errors.push(
+                "routes",
+                "at least one route is required, such as [[routes]] upstream = \"app\"",
+            );
+        }
+        return routes;
+    };
+    if items.is_empty() {
+        errors.push("routes", "at least one route is required");
+    }
+    // (host pattern or "" for any, path, match) -> first route index.
+    let mut seen: HashMap<(HostPattern, String, PathMatch), usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(t) = Table::new(item, path.clone(), errors) else {
+            continue;
+        };
+        let name = t.str("name").map_or_else(|| path.clone(), str::to_owned);
+
+        let mut hosts = Vec::new();
+        for (host_path, text) in t.str_or_strs("host").unwrap_or_default() {
+            match parse_host_pattern(text) {
+                Ok(Some(p)) => hosts.push(p),
+                Ok(None) => {}
+                Err(why) => errors.push(host_path, why),
+            }
+        }
+
+        let route_path = match t.str("path") {
+            Some(p) if !p.starts_with('/') => {
+                t.error("path", format!("\"{p}\" must start with \"/\""));
+                "/".to_owned()
+            }
+            Some(p)
+                if p.bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#') =>
+            {
+                t.error(
+                    "path",
+                    format!(
+                        "\"{}\" must not contain spaces, control characters, '?' or '#'",
+                        p.escape_debug()
+                    ),
+                );
+                "/".to_owned()
+            }
+            Some(p) => p.to_owned(),
+            None => "/".to_owned(),
+        };
+        let path_match = t
+            .choice(
+                "path_match",
+                &[("prefix", PathMatch::Prefix), ("exact", PathMatch::Exact)],
+            )
+            .unwrap_or(PathMatch::Prefix);
+
+        let upstream = match t.str("upstream") {
+            Some(u) => match upstreams.iter().position(|g| g.name == u) {
+                Some(index) => Some(index),
+                None => {
+                    let known: Vec<String> = upstreams.iter().map(|g| format!("\"{}\"", g.name)).collect();
+                    let hint = if known.is_empty() {
+                        "no [upstreams] are defined".to_owned()
+                    } else {
+                        format!("defined: {}", known.join(", "))
+                    };
+                    t.error("upstream", format!("unknown upstream \"{u}\" ({hint})"));
+                    None
+                }
+            },
+            None => {
+                if t.get("upstream").is_none() {
+                    t.error("upstream", "required: the name of an [upstreams] group");
+                }
+                None
+            }
+        };
+
+        let rewrite_prefix = match t.str("rewrite_prefix") {
+            Some(_) if path_match == PathMatch::Exact => {
+                t.error("rewrite_prefix", "only applies to path_match = \"prefix\"");
+                None
+            }
+            Some(r) if !r.starts_with('/') => {
+                t.error("rewrite_prefix", format!("\"{r}\" must start with \"/\""));
+                None
+            }
+            Some(r)
+                if r.bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#') =>
+            {
+                t.error(
+                    "rewrite_prefix",
+                    "must not contain spaces, control characters, '?' or '#'",
+                );
+                None
+            }
+            other => other.map(str::to_owned),
+        };
+        let preserve_host = t.bool("preserve_host").unwrap_or(true);
+        let allow_connect = t.bool("allow_connect").unwrap_or(false);
+        let request_headers = read_header_edits(t.table("request_headers"));
+        let response_headers = read_header_edits(t.table("response_headers"));
+        t.finish();
+
+        let keys: Vec<HostPattern> = if hosts.is_empty() {
+            vec![HostPattern::Exact(String::new())]
+        } else {
+            hosts.clone()
+        };
+        for key in keys {
+            let full = (key, route_path.clone(), path_match);
+            if let Some(first) = seen.get(&full) {
+                errors.push(
+                    &path,
+                    format!("same host, path and path_match as routes[{first}]: it could never match"),
+                );
+                break;
+            }
+            seen.insert(full, i);
+        }
+
+        if let Some(upstream) = upstream {
+            routes.push(RouteConfig {
+                name,
+                hosts,
+                path: route_path,
+                path_match,
+                upstream,
+                rewrite_prefix,
+                preserve_host,
+                allow_connect,
+                request_headers,
+                response_headers,
+            });
+        }
+    }
+    routes
+}
+
+/// `example.com`, `*.example.com`, or `*` (any host, same as no host).
+fn parse_host_pattern(text: &str) -> Result<Option<HostPattern>, String> {
+    if text == "*" {
+        return Ok(None);
+    }
+    let lower = text.to_ascii_lowercase();
+    let lower = lower.trim_end_matches('.');
+    let (wildcard, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower),
+    };
+    if name.contains(':') && !name.starts_with('[') {
+        return Err(format!("invalid host \"{text}\": a route host must not include a port"));
+    }
+    let valid = !name.is_empty()
+        && (name.parse::<IpAddr>().is_ok()
+            || (name.starts_with('[') && name.ends_with(']'))
+            || name.split('.').all(|label| {
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            }));
+    if !valid {
+        return Err(format!(
+            "invalid host \"{text}\": expected a name such as \"example.com\" or a wildcard such as \"*.example.com\""
+        ));
+    }
+    Ok(Some(if wildcard {
+        HostPattern::Wildcard(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name.to_owned())
+    }))
+}
+
+fn read_header_edits(table: Option<Table<'_>>) -> HeaderEdits {
+    let mut edits = HeaderEdits::default();
+    let Some(t) = table else { return edits };
+    let errors = t.errors();
+    for (key, target) in [("set", &mut edits.set), ("add", &mut edits.add)] {
+        let Some(map) = t.table(key) else { continue };
+        let pairs: Vec<(&String, &Value)> = match t.get(key) {
+            Some(Value::Table(m)) => m.iter().collect(),
+            _ => Vec::new(),
+        };
+        for (name, value) in pairs {
+            let path = map.path_of(name);
+            let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+                errors.push(path, format!("invalid header name \"{name}\""));
+                continue;
+            };
+            match value.as_str().map(HeaderValue::from_str) {
+                Some(Ok(v)) => target.push((header, v)),
+                Some(Err(_)) => errors.push(path, "header value must be visible ASCII without control characters"),
+                None => errors.push(path, format!("expected a string, found {}", value.type_str())),
+            }
+        }
+    }
+    for (path, name) in t.str_or_strs("remove").unwrap_or_default() {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => edits.remove.push(h),
+            Err(_) => errors.push(path, format!("invalid header name \"{name}\"")),
+        }
+    }
+    t.finish();
+    edits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_parse_literals_and_names() {
+        let s = parse_server("127.0.0.1:80").expect("literal");
+        assert_eq!(s.literal, Some("127.0.0.1:80".parse().expect("addr")));
+        let s = parse_server("[::1]:8080").expect("v6");
+        assert_eq!(s.port, 8080);
+        let s = parse_server("API.internal:9000").expect("name");
+        assert_eq!((s.host.as_str(), s.port, s.literal), ("api.internal", 9000, None));
+        for bad in ["api", "api:", "api:0", "api:99999", ":80", "a b:80", "a..b:80"] {
+            assert!(parse_server(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(
+            parse_host_pattern("Example.COM."),
+            Ok(Some(HostPattern::Exact("example.com".into())))
+        );
+        assert_eq!(
+            parse_host_pattern("*.example.com"),
+            Ok(Some(HostPattern::Wildcard(".example.com".into())))
+        );
+        assert_eq!(parse_host_pattern("*"), Ok(None));
+        for bad in ["", "example.com:80", "a*.b", "*.", "ex ample.com", "a/b"] {
+            assert!(parse_host_pattern(bad).is_err(), "{bad}");
+        }
+    }
+}

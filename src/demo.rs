@@ -1,0 +1,139 @@
+//! `portcullis demo`: three small origins on loopback ephemeral ports and a
+//! config that puts the proxy in front of them, so a newcomer sees the proxy
+//! work with one command and no file.
+//!
+//! - `app-1` and `app-2` form the `app` group (round robin) behind `/`;
+//! - `api` answers JSON behind `/api/` (the prefix is rewritten to `/`).
+//!
+//! Each origin answers with its name, the request it received, and the
+//! forwarding headers the proxy added, so the proxy's work is visible.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ConfigErrors};
+
+/// A running demo origin.
+pub struct Origin {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+}
+
+/// Starts one origin named `name` on `127.0.0.1:0`; it serves until the
+/// runtime stops.
+pub async fn start_origin(name: &'static str) -> std::io::Result<Origin> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(move |req| answer(name, req));
+                if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!(origin = name, error = %e, "demo origin connection error");
+                }
+            });
+        }
+    });
+    Ok(Origin { name, addr })
+}
+
+async fn answer(name: &'static str, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let json = name == "api";
+    let body = if json {
+        format!(
+            "{{\"origin\":\"{name}\",\"method\":\"{}\",\"path\":\"{}\",\"x_forwarded_for\":\"{}\",\"via\":\"{}\"}}\n",
+            req.method(),
+            escape(req.uri().path()),
+            escape(&header("x-forwarded-for")),
+            escape(&header("via")),
+        )
+    } else {
+        format!(
+            "Hello from {name}!\n\nYou asked for {} {} (as {:?} from the proxy)\nHost:              {}\nX-Forwarded-For:   {}\nX-Forwarded-Proto: {}\nForwarded:         {}\nVia:               {}\n",
+            req.method(),
+            req.uri(),
+            req.version(),
+            header("host"),
+            header("x-forwarded-for"),
+            header("x-forwarded-proto"),
+            header("forwarded"),
+            header("via"),
+        )
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let content_type = if json {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert("x-origin", HeaderValue::from_static(name));
+    Ok(response)
+}
+
+fn escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            c if c.is_control() => vec![],
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// The demo's config: `listen` in front of the three origins.
+pub fn config(listen: SocketAddr, app: [SocketAddr; 2], api: SocketAddr) -> Result<Config, ConfigErrors> {
+    let text = format!(
+        r#"
+[server]
+drain_timeout = "5s"
+
+[[listeners]]
+bind = "{listen}"
+protocol = "auto"
+
+[[routes]]
+path = "/api/"
+upstream = "api"
+rewrite_prefix = "/"
+
+[[routes]]
+path = "/"
+upstream = "app"
+
+[upstreams.app]
+servers = ["{}", "{}"]
+
+[upstreams.api]
+servers = ["{api}"]
+"#,
+        app[0], app[1]
+    );
+    Config::from_toml(&text, "demo")
+}

@@ -1,0 +1,136 @@
+//! The proxy's error type: which side failed and why, mapped to a status code
+//! and an RFC 9209 `Proxy-Status` error type in one place ([`ProxyError::status`]).
+//!
+//! Error responses are short plain text and never carry internal details
+//! (addresses, OS error strings): those go to the log.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ProxyBody;
+
+/// Why the proxy answered instead of the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    // Downstream (the client's request is at fault).
+    #[error("malformed request")]
+    BadRequest,
+    #[error("request header section too large")]
+    HeadersTooLarge,
+    #[error("request target too long")]
+    UriTooLong,
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("no route matches the request")]
+    NoRoute,
+
+    // Upstream (the origin or the path to it failed).
+    #[error("upstream refused the connection")]
+    ConnectionRefused,
+    #[error("upstream connect timed out")]
+    ConnectionTimeout,
+    #[error("upstream closed the connection before responding")]
+    ConnectionTerminated,
+    #[error("upstream name resolution failed")]
+    DnsError,
+    #[error("no upstream address is reachable")]
+    DestinationUnavailable,
+    #[error("upstream response headers timed out")]
+    ResponseTimeout,
+    #[error("upstream sent an invalid response")]
+    UpstreamProtocol,
+    #[error("upstream refused the upgrade")]
+    UpgradeFailed,
+
+    // Internal.
+    #[error("proxy internal error")]
+    Internal,
+}
+
+impl ProxyError {
+    /// The status code and RFC 9209 error type; `None` for errors the client
+    /// caused, which get no `Proxy-Status` error (RFC 9209 section 2.1.1).
+    pub fn status(self) -> (StatusCode, Option<&'static str>) {
+        use ProxyError::*;
+        match self {
+            BadRequest => (StatusCode::BAD_REQUEST, Some("http_request_error")),
+            HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Some("http_request_error")),
+            UriTooLong => (StatusCode::URI_TOO_LONG, Some("http_request_error")),
+            BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Some("http_request_error")),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Some("http_request_denied")),
+            NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
+            ConnectionRefused => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
+            ConnectionTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
+            ConnectionTerminated => (StatusCode::BAD_GATEWAY, Some("connection_terminated")),
+            DnsError => (StatusCode::BAD_GATEWAY, Some("dns_error")),
+            DestinationUnavailable => (StatusCode::BAD_GATEWAY, Some("destination_unavailable")),
+            ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
+            UpstreamProtocol => (StatusCode::BAD_GATEWAY, Some("http_protocol_error")),
+            UpgradeFailed => (StatusCode::BAD_GATEWAY, Some("http_upgrade_failed")),
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, Some("proxy_internal_error")),
+        }
+    }
+
+    /// True when the failure is on the upstream side.
+    pub fn is_upstream(self) -> bool {
+        self.status().0.is_server_error() && self != ProxyError::Internal
+    }
+
+    /// The response the client sees.
+    pub fn response(self) -> Response<ProxyBody> {
+        let (status, kind) = self.status();
+        let text = format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("Error"));
+        let mut response = Response::new(ProxyBody::full(text));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(kind) = kind {
+            headers.insert(PROXY_STATUS.clone(), proxy_status_value(kind));
+        }
+        if matches!(self, ProxyError::MethodNotAllowed) {
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+            );
+        }
+        response
+    }
+}
+
+pub static PROXY_STATUS: http::HeaderName = http::HeaderName::from_static("proxy-status");
+
+fn proxy_status_value(kind: &'static str) -> HeaderValue {
+    // Built from static parts only: no allocation-time failure is possible,
+    // but fall back to the bare name rather than panic.
+    HeaderValue::from_str(&format!("portcullis; error={kind}")).unwrap_or(HeaderValue::from_static("portcullis"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_upstream_error_has_a_proxy_status() {
+        use ProxyError::*;
+        for e in [
+            ConnectionRefused,
+            ConnectionTimeout,
+            ConnectionTerminated,
+            DnsError,
+            ResponseTimeout,
+            UpstreamProtocol,
+        ] {
+            let r = e.response();
+            assert!(r.status().is_server_error());
+            let ps = r.headers()[&PROXY_STATUS].to_str().expect("ascii");
+            assert!(ps.starts_with("portcullis; error="), "{ps}");
+            assert!(e.is_upstream());
+        }
+        assert!(!BadRequest.is_upstream());
+    }
+}

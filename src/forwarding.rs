@@ -1,0 +1,312 @@
+//! Header rules of a forwarding proxy, pure functions over a `HeaderMap`:
+//!
+//! - hop-by-hop fields are removed (RFC 9110 section 7.6.1): `Connection`
+//!   and every field it names, `Keep-Alive`, `TE` (except `trailers`),
+//!   `Transfer-Encoding`, `Upgrade` unless the exchange is an upgrade, and
+//!   `Proxy-Connection`;
+//! - `Via` is appended (RFC 9110 section 7.6.3);
+//! - `X-Forwarded-For` / `-Proto` / `-Host` and RFC 7239 `Forwarded` are
+//!   extended when the peer is a trusted proxy and replaced otherwise, so a
+//!   client cannot forge its address.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, header};
+
+pub static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Removes hop-by-hop fields. With `upgrade`, keeps `Upgrade` and leaves
+/// `Connection: upgrade` so the next hop sees the upgrade request.
+/// Returns whether the sender accepted trailers (`TE: trailers`).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
+    // Fields named by Connection go first: they may be anything.
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if upgrade && name == UPGRADE {
+                continue;
+            }
+            // Never let Connection strip what the proxy itself relies on.
+            if name == header::HOST || name == header::CONTENT_LENGTH {
+                continue;
+            }
+            headers.remove(&name);
+        }
+        headers.remove(CONNECTION);
+    }
+    let trailers = headers.get_all(TE).iter().any(|v| {
+        v.to_str()
+            .map(|s| {
+                s.split(',').any(|t| {
+                    t.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("trailers")
+                })
+            })
+            .unwrap_or(false)
+    });
+    headers.remove(TE);
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+    trailers
+}
+
+/// True when an HTTP/1.1 request asks to switch protocols.
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers.get_all(CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+                .unwrap_or(false)
+        })
+}
+
+/// Appends `Via` (the value is pre-built per protocol version).
+pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
+    headers.append(header::VIA, via.clone());
+}
+
+/// What the proxy knows about the hop it received the request on.
+pub struct Hop<'a> {
+    pub peer: IpAddr,
+    /// The peer is a configured trusted proxy: its forwarding headers stand.
+    pub trusted: bool,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The `Host` the client asked for.
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
+/// `Forwarded` for the next hop.
+pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
+    let mut peer = String::with_capacity(48);
+    let _ = write!(peer, "{}", hop.peer);
+
+    // X-Forwarded-For: the chain so far (if trusted) plus this peer.
+    let xff = if hop.trusted {
+        joined(headers, &X_FORWARDED_FOR)
+    } else {
+        None
+    };
+    let value = match xff {
+        Some(mut chain) => {
+            chain.push_str(", ");
+            chain.push_str(&peer);
+            chain
+        }
+        None => peer.clone(),
+    };
+    insert_str(headers, &X_FORWARDED_FOR, &value);
+
+    if !hop.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(hop.proto));
+    }
+    if !hop.trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+        match hop.host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+            }
+            None => {
+                headers.remove(&X_FORWARDED_HOST);
+            }
+        }
+    }
+
+    // Forwarded (RFC 7239): for=node;host="...";proto=...
+    let mut element = String::with_capacity(64);
+    element.push_str("for=");
+    match hop.peer {
+        IpAddr::V4(_) => element.push_str(&peer),
+        IpAddr::V6(_) => {
+            let _ = write!(element, "\"[{peer}]\"");
+        }
+    }
+    if let Some(host) = hop.host.and_then(|h| h.to_str().ok()) {
+        element.push_str(";host=");
+        quoted(&mut element, host);
+    }
+    element.push_str(";proto=");
+    element.push_str(hop.proto);
+    let forwarded = match if hop.trusted { joined(headers, &FORWARDED) } else { None } {
+        Some(mut chain) => {
+            chain.push_str(", ");
+            chain.push_str(&element);
+            chain
+        }
+        None => element,
+    };
+    insert_str(headers, &FORWARDED, &forwarded);
+}
+
+/// All values of a field joined with ", " (None if absent or not text).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut out: Option<String> = None;
+    for value in headers.get_all(name) {
+        let text = value.to_str().ok()?.trim();
+        if text.is_empty() {
+            continue;
+        }
+        match &mut out {
+            Some(s) => {
+                s.push_str(", ");
+                s.push_str(text);
+            }
+            None => out = Some(text.to_owned()),
+        }
+    }
+    out
+}
+
+fn insert_str(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(v) => {
+            headers.insert(name.clone(), v);
+        }
+        Err(_) => {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Writes an RFC 9110 quoted-string.
+fn quoted(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_removed() {
+        let mut h = map(&[
+            ("connection", "close, X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip, trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "yes"),
+        ]);
+        let trailers = strip_hop_by_hop(&mut h, false);
+        assert!(trailers);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["te", "x-kept"]);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_and_connection() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade_request(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn connection_cannot_strip_host() {
+        let mut h = map(&[
+            ("connection", "host, content-length"),
+            ("host", "a"),
+            ("content-length", "3"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.contains_key("host") && h.contains_key("content-length"));
+    }
+
+    #[test]
+    fn untrusted_peer_headers_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        let host = HeaderValue::from_static("example.com");
+        set_forwarding(
+            &mut h,
+            &Hop {
+                peer: "10.1.2.3".parse().expect("ip"),
+                trusted: false,
+                proto: "http",
+                host: Some(&host),
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["forwarded"], "for=10.1.2.3;host=\"example.com\";proto=http");
+    }
+
+    #[test]
+    fn trusted_peer_headers_are_extended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.1.1.1;proto=https"),
+        ]);
+        let host = HeaderValue::from_static("a.test:8080");
+        set_forwarding(
+            &mut h,
+            &Hop {
+                peer: "::1".parse().expect("ip"),
+                trusted: true,
+                proto: "http",
+                host: Some(&host),
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.test:8080");
+        assert_eq!(
+            h["forwarded"],
+            "for=1.1.1.1;proto=https, for=\"[::1]\";host=\"a.test:8080\";proto=http"
+        );
+    }
+}

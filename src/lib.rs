@@ -1,0 +1,31 @@
+//! Portcullis: a reverse proxy for HTTP/1.1 and HTTP/2.
+//!
+//! The library holds the whole proxy; `main.rs` is a thin command line over
+//! it. A proxy is built from a validated [`config::Config`], bound with
+//! [`Proxy::bind`] and served with [`Proxy::run`].
+//!
+//! # Layout
+//! - [`config`]: the TOML file model, validation with paths, runtime config;
+//! - [`server`]: listeners, accept loop, connection timers, graceful drain;
+//! - [`pipeline`]: the request phases, in order;
+//! - [`routing`]: host and path matching (pure);
+//! - [`forwarding`]: hop-by-hop and forwarding header rules (pure);
+//! - [`upstream`]: upstream groups, name resolution, connection pools;
+//! - [`body`]: request and response body types (streaming, limits);
+//! - [`error`]: the error type and its status / `Proxy-Status` mapping;
+//! - [`state`]: the runtime snapshot behind one `ArcSwap`;
+//! - [`demo`]: built-in origins for `portcullis demo` and tests.
+
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forwarding;
+pub mod pipeline;
+pub mod routing;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Proxy, StartError};

@@ -1,0 +1,176 @@
+//! The `portcullis` command line: parse arguments, set up logging, load the
+//! config, run the proxy until a signal. All the work is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use portcullis::{Config, Proxy};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A memory-safe reverse proxy for HTTP/1.1 and HTTP/2"
+)]
+struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Run {
+        /// The config file.
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file: print every error with its path.
+    Check {
+        /// The config file.
+        #[arg(short, long, default_value = "portcullis.toml")]
+        config: PathBuf,
+    },
+    /// Run the proxy in front of three built-in demo origins.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(config).await,
+            Command::Check { config } => return Ok(check(config).await),
+            Command::Demo { listen } => demo(listen).await,
+        }
+        .map(|()| ExitCode::SUCCESS)
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", path.display()))?;
+    let proxy = Proxy::bind(config)
+        .await
+        .with_context(|| format!("cannot start with {}", path.display()))?;
+    proxy.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// `check`: exit 0 and a one-line summary when valid, exit 2 and every
+/// error (one per line, with its path) when not.
+async fn check(path: PathBuf) -> ExitCode {
+    let result = match Config::load(&path) {
+        Ok(config) => portcullis::state::Snapshot::build(config.clone()).await.map(|_| config),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} listener(s), {} route(s), {} upstream(s))",
+                path.display(),
+                config.listeners.len(),
+                config.routes.len(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let app1 = portcullis::demo::start_origin("app-1")
+        .await
+        .context("cannot start demo origin")?;
+    let app2 = portcullis::demo::start_origin("app-2")
+        .await
+        .context("cannot start demo origin")?;
+    let api = portcullis::demo::start_origin("api")
+        .await
+        .context("cannot start demo origin")?;
+    let config = portcullis::demo::config(listen, [app1.addr, app2.addr], api.addr)
+        .map_err(|e| anyhow::anyhow!("demo config is invalid (a bug):\n{e}"))?;
+    let proxy = Proxy::bind(config).await.context("cannot start the demo proxy")?;
+    let addr = proxy.local_addrs().first().copied().unwrap_or(listen);
+    println!("Portcullis demo: the proxy listens on http://{addr}");
+    for origin in [&app1, &app2, &api] {
+        println!("  origin {:<6} on http://{}", origin.name, origin.addr);
+    }
+    println!();
+    println!("Try:");
+    println!("  curl -i http://{addr}/              # round robin over app-1 and app-2 (repeat it)");
+    println!("  curl -i http://{addr}/api/users     # routed to api, /api/ rewritten to /");
+    println!("  curl -i --http2-prior-knowledge http://{addr}/   # HTTP/2 cleartext");
+    println!();
+    println!("Press Ctrl-C to stop.");
+    proxy.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,360 @@
+//! The request phases, in order, in one readable function ([`forward`]).
+//! docs/request-lifecycle.md draws the same phases with the same names:
+//!
+//! 1. `validate`: limits and framing the parser did not already enforce
+//!    (URI length, header bytes, `Host` rules, CONNECT policy);
+//! 2. `route`: host + path -> route -> upstream group;
+//! 3. `admit`: a declared body larger than the limit is refused before a
+//!    byte of it is read (and before `100 Continue` is sent);
+//! 4. `rewrite`: the upstream request: hop-by-hop fields removed,
+//!    forwarding headers set, route edits, `Host`, path rewrite;
+//! 5. `select`: a server of the group;
+//! 6. `send`: pooled connection, request head and streamed body, response
+//!    head within the timeouts;
+//! 7. `respond`: hop-by-hop fields removed, `Via`, route edits; the body
+//!    streams back; an accepted upgrade becomes a byte `tunnel`.
+//!
+//! Every failure is a [`ProxyError`], turned into a response in one place.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::body::{BodyTooLarge, ProxyBody, RequestBody, find_cause};
+use crate::config::{Limits, RouteConfig, UpstreamProtocol};
+use crate::error::ProxyError;
+use crate::forwarding::{self, Hop};
+use crate::server::conn::ConnInfo;
+use crate::state::Snapshot;
+use crate::upstream::pool::SendError;
+
+/// Serves one request: the upstream's response, or the proxy's error.
+pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, snapshot: &Arc<Snapshot>) -> Response<ProxyBody> {
+    let method = req.method().clone();
+    match forward(req, conn, snapshot).await {
+        Ok(response) => response,
+        Err(error) => {
+            if error.is_upstream() {
+                tracing::warn!(peer = %conn.peer, %method, %error, "request failed upstream");
+            } else {
+                tracing::debug!(peer = %conn.peer, %method, %error, "request refused");
+            }
+            error.response()
+        }
+    }
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: &Arc<Snapshot>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let started = Instant::now();
+    let config = &snapshot.config;
+
+    // validate
+    validate(&req, &config.limits)?;
+    let host = request_host(&req)?;
+    let is_connect = req.method() == Method::CONNECT;
+
+    // route
+    let path = req.uri().path();
+    let lookup_path = if path == "*" || is_connect { "/" } else { path };
+    let host_text = host.as_ref().and_then(|h| h.to_str().ok());
+    let route_index = snapshot
+        .router
+        .route(host_text, lookup_path)
+        .ok_or(ProxyError::NoRoute)?;
+    let route = &config.routes[route_index];
+    if is_connect && !route.allow_connect {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+
+    // admit
+    if let (Some(limit), Some(declared)) = (config.limits.max_request_body_bytes, content_length(&req)?) {
+        if declared > limit {
+            return Err(ProxyError::BodyTooLarge);
+        }
+    }
+
+    let upstream = &snapshot.upstreams[route.upstream];
+    let upgrade = is_connect || (req.version() <= Version::HTTP_11 && forwarding::is_upgrade_request(req.headers()));
+    if upgrade && upstream.config.protocol == UpstreamProtocol::H2c {
+        // An HTTP/1.1 upgrade cannot ride an HTTP/2 upstream connection.
+        return Err(ProxyError::UpgradeFailed);
+    }
+    let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    // select
+    let server = upstream.pick().ok_or(ProxyError::DestinationUnavailable)?;
+
+    // rewrite
+    let downstream_version = req.version();
+    let (mut parts, body) = req.into_parts();
+    forwarding::strip_hop_by_hop(&mut parts.headers, upgrade && !is_connect);
+    parts.headers.remove(header::EXPECT);
+    forwarding::set_forwarding(
+        &mut parts.headers,
+        &Hop {
+            peer: conn.peer.ip().to_canonical(),
+            trusted: conn.trusted,
+            proto: "http",
+            host: host.as_ref(),
+        },
+    );
+    if let Some(via) = &snapshot.via {
+        forwarding::append_via(&mut parts.headers, &via[via_index(downstream_version)]);
+    }
+    route.request_headers.apply(&mut parts.headers);
+    let upstream_host = if route.preserve_host {
+        host.clone()
+    } else {
+        Some(server.host_header.clone())
+    };
+    parts.uri = upstream_uri(
+        &parts.uri,
+        route,
+        upstream.config.protocol,
+        upstream_host.as_ref(),
+        is_connect,
+    )?;
+    match upstream.config.protocol {
+        UpstreamProtocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            match upstream_host {
+                Some(h) => {
+                    parts.headers.insert(header::HOST, h);
+                }
+                None => {
+                    parts.headers.remove(header::HOST);
+                }
+            }
+        }
+        UpstreamProtocol::H2c => {
+            parts.version = Version::HTTP_2;
+            // :authority carries the host on HTTP/2.
+            parts.headers.remove(header::HOST);
+        }
+    }
+    let body = if upgrade {
+        RequestBody::empty()
+    } else {
+        RequestBody::new(body, config.limits.max_request_body_bytes)
+    };
+    let upstream_req = Request::from_parts(parts, body);
+
+    // send
+    let deadline = started + config.timeouts.request;
+    let head_timeout = upstream
+        .config
+        .response_header_timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let addrs = server.resolved.load_full();
+    let (mut response, lease) = match tokio::time::timeout(head_timeout, server.pool.send(upstream_req, &addrs)).await {
+        Err(_) => return Err(ProxyError::ResponseTimeout),
+        Ok(Err(SendError::Connect(e))) => return Err(e),
+        Ok(Err(SendError::Exchange(e))) => return Err(classify(&e)),
+        Ok(Ok(pair)) => pair,
+    };
+
+    // respond
+    let status = response.status();
+    let tunnel =
+        client_upgrade.is_some() && (status == StatusCode::SWITCHING_PROTOCOLS || (is_connect && status.is_success()));
+    if let (true, Some(client_side)) = (tunnel, client_upgrade) {
+        let upstream_side = hyper::upgrade::on(&mut response);
+        conn.tasks
+            .spawn(run_tunnel(client_side, upstream_side, conn.hard_stop.clone()));
+    }
+    let (mut parts, body) = response.into_parts();
+    forwarding::strip_hop_by_hop(&mut parts.headers, tunnel && !is_connect);
+    if let Some(via) = &snapshot.via {
+        forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);
+    }
+    route.response_headers.apply(&mut parts.headers);
+    parts.version = downstream_version;
+    let body = if tunnel {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::upstream(body, lease, Some(deadline))
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+fn via_index(version: Version) -> usize {
+    match version {
+        Version::HTTP_09 | Version::HTTP_10 => 0,
+        Version::HTTP_11 => 1,
+        _ => 2,
+    }
+}
+
+/// Limits and framing rules that hyper's parser does not enforce itself.
+fn validate(req: &Request<Incoming>, limits: &Limits) -> Result<(), ProxyError> {
+    let uri = req.uri();
+    let target_len =
+        uri.path_and_query().map_or(0, |p| p.as_str().len()) + uri.authority().map_or(0, |a| a.as_str().len());
+    if target_len > limits.max_uri_length {
+        return Err(ProxyError::UriTooLong);
+    }
+    if req.headers().len() > limits.max_header_count {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    let mut head_bytes = req.method().as_str().len() + target_len + 12;
+    for (name, value) in req.headers() {
+        head_bytes += name.as_str().len() + value.len() + 4;
+    }
+    if head_bytes > limits.max_request_header_bytes {
+        return Err(ProxyError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// The host the client asked for: `:authority` on HTTP/2, `Host` on
+/// HTTP/1.1 (exactly one, and agreeing with an absolute-form target).
+fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
+    let authority = req.uri().authority();
+    if req.version() == Version::HTTP_2 {
+        return match authority {
+            Some(a) => HeaderValue::from_str(a.as_str())
+                .map(Some)
+                .map_err(|_| ProxyError::BadRequest),
+            None => Ok(req.headers().get(header::HOST).cloned()),
+        };
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest);
+    }
+    match (host, authority) {
+        (None, _) if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest),
+        (Some(h), Some(a)) if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) => Err(ProxyError::BadRequest),
+        (Some(h), _) if h.is_empty() || h.as_bytes().iter().any(|b| b.is_ascii_whitespace()) => {
+            Err(ProxyError::BadRequest)
+        }
+        (Some(h), _) => Ok(Some(h.clone())),
+        (None, Some(a)) => HeaderValue::from_str(a.as_str())
+            .map(Some)
+            .map_err(|_| ProxyError::BadRequest),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The declared body length; a malformed `Content-Length` is a bad request
+/// (hyper already refuses conflicting values on HTTP/1.1).
+fn content_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or(ProxyError::BadRequest),
+    }
+}
+
+/// The request target for the upstream: origin-form for HTTP/1.1,
+/// absolute for HTTP/2, with the route's prefix rewrite applied.
+fn upstream_uri(
+    original: &Uri,
+    route: &RouteConfig,
+    protocol: UpstreamProtocol,
+    host: Option<&HeaderValue>,
+    is_connect: bool,
+) -> Result<Uri, ProxyError> {
+    if is_connect {
+        // authority-form, as the client sent it
+        return Ok(original.clone());
+    }
+    let path_and_query = match &route.rewrite_prefix {
+        Some(replacement) => {
+            let path = original.path();
+            let rest = path.get(route.path.len()..).unwrap_or("");
+            let mut new = String::with_capacity(replacement.len() + rest.len() + 16);
+            new.push_str(replacement);
+            if replacement.ends_with('/') {
+                new.push_str(rest.strip_prefix('/').unwrap_or(rest));
+            } else {
+                new.push_str(rest);
+            }
+            if let Some(query) = original.query() {
+                new.push('?');
+                new.push_str(query);
+            }
+            PathAndQuery::try_from(new).map_err(|_| ProxyError::BadRequest)?
+        }
+        None => match original.path_and_query() {
+            Some(pq) => pq.clone(),
+            None => PathAndQuery::from_static("/"),
+        },
+    };
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if route.rewrite_prefix.is_none() && original.scheme().is_none() && original.authority().is_none() {
+                return Ok(original.clone());
+            }
+            Ok(Uri::from(path_and_query))
+        }
+        UpstreamProtocol::H2c => {
+            let authority = host.and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+            Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|_| ProxyError::BadRequest)
+        }
+    }
+}
+
+/// Maps an exchange failure to what the client is told.
+fn classify(error: &hyper::Error) -> ProxyError {
+    if find_cause::<BodyTooLarge>(error).is_some() {
+        return ProxyError::BodyTooLarge;
+    }
+    if error.is_user() {
+        // The client's own body failed (it went away mid-upload).
+        return ProxyError::BadRequest;
+    }
+    if error.is_parse() || error.is_parse_status() || error.is_parse_too_large() {
+        return ProxyError::UpstreamProtocol;
+    }
+    if error.is_timeout() {
+        return ProxyError::ResponseTimeout;
+    }
+    ProxyError::ConnectionTerminated
+}
+
+/// Copies bytes both ways between an upgraded client and upstream until
+/// either side closes, or the drain deadline cuts it.
+async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, hard_stop: tokio_util::sync::CancellationToken) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            tracing::debug!(
+                client_ok = c.is_ok(),
+                upstream_ok = u.is_ok(),
+                "upgrade did not complete"
+            );
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "tunnel closed with an error");
+            }
+        }
+        _ = hard_stop.cancelled() => {}
+    }
+}

@@ -1,0 +1,271 @@
+//! One downstream connection: HTTP/1.1 and/or HTTP/2 served by hyper, with
+//! the proxy's own connection timers.
+//!
+//! hyper's HTTP/1 header timer starts when it begins waiting for a request,
+//! so it would also cut idle keep-alive connections at the header timeout.
+//! The proxy keeps the two apart with a small watchdog per connection:
+//! - `header_read`: from the *first byte* of a request to its last header
+//!   byte (a slow-header client cannot reset it by trickling bytes);
+//! - `keepalive_idle`: from the end of the last response with no new byte.
+//!
+//! [`WatchedIo`] stamps the first byte of each request; [`InFlight`] guards
+//! count requests in flight and stamp the start of idleness when the last
+//! response body is dropped. Both poke the watchdog through an `AtomicWaker`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::ListenerRuntime;
+use crate::state::SharedSnapshot;
+
+const NONE: u64 = u64::MAX;
+
+/// Timer state of one connection, shared by the IO wrapper, the request
+/// guards and the watchdog.
+pub struct ConnState {
+    start: Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds since `start` when the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `start` of the first byte of a pending request
+    /// head, or `NONE`.
+    head_started: AtomicU64,
+    /// No request is being received or answered: the next byte read starts
+    /// a request head.
+    awaiting_head: AtomicBool,
+    /// Set once a request arrived over HTTP/2, where the header timer does
+    /// not apply (frames arrive between streams by design).
+    is_h2: AtomicBool,
+    changed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl ConnState {
+    fn new() -> Arc<Self> {
+        Arc::new(ConnState {
+            start: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            idle_since: AtomicU64::new(0),
+            // The first request head must arrive within the header timeout
+            // of the accept, like any later one from its first byte.
+            head_started: AtomicU64::new(0),
+            awaiting_head: AtomicBool::new(true),
+            is_h2: AtomicBool::new(false),
+            changed: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn poke(&self) {
+        self.changed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn on_read(&self) {
+        if self.awaiting_head.load(Ordering::Relaxed) && self.head_started.load(Ordering::Relaxed) == NONE {
+            self.head_started.store(self.now_ms(), Ordering::Relaxed);
+            self.poke();
+        }
+    }
+
+    /// Waits until a timer of the connection expires.
+    async fn expired(&self, header_read: Duration, idle: Duration) -> Expiry {
+        let mut sleep = Box::pin(tokio::time::sleep(Duration::ZERO));
+        loop {
+            let now = self.now_ms();
+            let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
+                None
+            } else {
+                let head = self.head_started.load(Ordering::Relaxed);
+                if head != NONE && !self.is_h2.load(Ordering::Relaxed) {
+                    Some((head + header_read.as_millis() as u64, Expiry::HeaderTimeout))
+                } else {
+                    Some((
+                        self.idle_since.load(Ordering::Relaxed) + idle.as_millis() as u64,
+                        Expiry::Idle,
+                    ))
+                }
+            };
+            if let Some((at, kind)) = deadline {
+                if now >= at {
+                    return kind;
+                }
+                sleep.as_mut().reset(self.start + Duration::from_millis(at));
+            }
+            let timed = deadline.is_some();
+            std::future::poll_fn(|cx| {
+                self.waker.register(cx.waker());
+                if self.changed.swap(false, Ordering::AcqRel) {
+                    return Poll::Ready(());
+                }
+                if timed { sleep.as_mut().poll(cx) } else { Poll::Pending }
+            })
+            .await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    Idle,
+    HeaderTimeout,
+}
+
+/// Marks one request in flight until dropped (it lives in the response body).
+pub struct InFlight {
+    state: Arc<ConnState>,
+}
+
+impl InFlight {
+    fn new(state: &Arc<ConnState>, h2: bool) -> Self {
+        if h2 {
+            state.is_h2.store(true, Ordering::Relaxed);
+        }
+        state.awaiting_head.store(false, Ordering::Relaxed);
+        state.head_started.store(NONE, Ordering::Relaxed);
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight { state: state.clone() }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.idle_since.store(self.state.now_ms(), Ordering::Relaxed);
+            self.state.awaiting_head.store(true, Ordering::Relaxed);
+            self.state.poke();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The client socket, stamping the first byte of each request head.
+    pub struct WatchedIo {
+        #[pin]
+        stream: TcpStream,
+        state: Arc<ConnState>,
+    }
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.stream.poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.state.on_read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().stream.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().stream.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
+}
+
+/// What a request knows about the connection it came on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// The peer is in `server.trusted_proxies` (decided once at accept).
+    pub trusted: bool,
+    pub tasks: tokio_util::task::TaskTracker,
+    pub hard_stop: CancellationToken,
+}
+
+/// Serves one accepted connection until it closes, drains or is cut.
+pub(super) async fn serve(
+    stream: TcpStream,
+    info: Arc<ConnInfo>,
+    listener: Arc<ListenerRuntime>,
+    snapshot: SharedSnapshot,
+    shutdown: CancellationToken,
+) {
+    let state = ConnState::new();
+    let timeouts = snapshot.load().config.timeouts;
+    let io = TokioIo::new(WatchedIo {
+        stream,
+        state: state.clone(),
+    });
+    let service_state = state.clone();
+    let service_info = info.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let guard = InFlight::new(&service_state, req.version() == http::Version::HTTP_2);
+        let snapshot = snapshot.load_full();
+        let info = service_info.clone();
+        async move {
+            let mut response = crate::pipeline::handle(req, &info, &snapshot).await;
+            response.body_mut().set_in_flight(guard);
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let conn = listener.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = info.hard_stop.cancelled() => return,
+            expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle), if !draining => match expiry {
+                Expiry::Idle => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                Expiry::HeaderTimeout => {
+                    tracing::debug!(peer = %info.peer, "request header read timed out; closing");
+                    return;
+                }
+            },
+        }
+    }
+}

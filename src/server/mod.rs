@@ -1,0 +1,213 @@
+//! Listeners, the accept loop and graceful drain.
+//!
+//! [`Proxy::bind`] binds every listener first (so a test can bind
+//! `127.0.0.1:0` and read [`Proxy::local_addrs`] before any traffic), then
+//! [`Proxy::run`] serves until the shutdown future resolves:
+//! 1. the listeners close (new connections are refused);
+//! 2. every connection is asked to drain: idle HTTP/1.1 connections close,
+//!    busy ones close after their response, HTTP/2 ones get GOAWAY;
+//! 3. after `server.drain_timeout`, whatever is left is cut.
+
+pub mod conn;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigErrors, ListenerConfig, ListenerProtocol};
+use crate::state::{SharedSnapshot, Snapshot};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        listener: String,
+        source: std::io::Error,
+    },
+}
+
+/// Per-listener serving settings, built once at bind.
+pub(crate) struct ListenerRuntime {
+    pub name: String,
+    pub builder: auto::Builder<TokioExecutor>,
+}
+
+impl ListenerRuntime {
+    fn new(listener: &ListenerConfig, config: &Config) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let limits = &config.limits;
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // The proxy runs its own header and idle timers (see conn.rs).
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_headers(limits.max_header_count)
+            // hyper answers 431 when the head does not fit its buffer; the
+            // exact byte limit is checked again in the pipeline.
+            .max_buf_size((limits.max_request_header_bytes + 4096).max(16 * 1024));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_request_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let builder = match listener.protocol {
+            ListenerProtocol::Auto => builder,
+            ListenerProtocol::Http1 => builder.http1_only(),
+            ListenerProtocol::H2c => builder.http2_only(),
+        };
+        ListenerRuntime {
+            name: listener.name.clone(),
+            builder,
+        }
+    }
+}
+
+/// A bound proxy, ready to run.
+pub struct Proxy {
+    snapshot: SharedSnapshot,
+    listeners: Vec<(Arc<ListenerRuntime>, TcpListener)>,
+}
+
+impl Proxy {
+    /// Builds the runtime snapshot and binds every listener.
+    pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let mut listeners = Vec::new();
+        for listener in &config.listeners {
+            let runtime = Arc::new(ListenerRuntime::new(listener, &config));
+            for addr in &listener.bind {
+                let socket = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                    addr: *addr,
+                    listener: listener.name.clone(),
+                    source,
+                })?;
+                listeners.push((runtime.clone(), socket));
+            }
+        }
+        let snapshot = Snapshot::build(config).await?;
+        Ok(Proxy {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            listeners,
+        })
+    }
+
+    /// Where each listener is bound, in config order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+    }
+
+    /// The current snapshot, for inspection (tests, admin).
+    pub fn snapshot(&self) -> SharedSnapshot {
+        self.snapshot.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let stop_accepting = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let drain_timeout = self.snapshot.load().config.server.drain_timeout;
+
+        let mut accept_loops = Vec::new();
+        for (runtime, listener) in self.listeners {
+            let snapshot = self.snapshot.clone();
+            let stop = stop_accepting.clone();
+            let hard = hard_stop.clone();
+            let tracker = tasks.clone();
+            accept_loops.push(tokio::spawn(accept_loop(
+                listener, runtime, snapshot, stop, hard, tracker,
+            )));
+        }
+
+        shutdown.await;
+        tracing::info!(
+            "shutting down: no new connections, draining for up to {:?}",
+            drain_timeout
+        );
+        stop_accepting.cancel();
+        for handle in accept_loops {
+            if let Err(e) = handle.await {
+                tracing::error!(error = %e, "accept loop ended abnormally");
+            }
+        }
+        tasks.close();
+        if tokio::time::timeout(drain_timeout, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = tasks.len(),
+                "drain deadline passed; closing remaining connections"
+            );
+            hard_stop.cancel();
+            tasks.wait().await;
+        }
+        tracing::info!("shutdown complete");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    runtime: Arc<ListenerRuntime>,
+    snapshot: SharedSnapshot,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let local = listener.local_addr().ok();
+    tracing::info!(listener = %runtime.name, addr = ?local, "listening");
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of
+                // spinning; the error is the operator's to see.
+                tracing::error!(listener = %runtime.name, error = %e, "accept failed; pausing accepts for 100ms");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on client connection");
+        }
+        let trusted = {
+            let snap = snapshot.load();
+            let ip = peer.ip().to_canonical();
+            snap.config.server.trusted_proxies.iter().any(|net| net.contains(&ip))
+        };
+        let info = Arc::new(conn::ConnInfo {
+            peer,
+            local: local.unwrap_or(peer),
+            trusted,
+            tasks: tasks.clone(),
+            hard_stop: hard_stop.clone(),
+        });
+        tasks.spawn(conn::serve(
+            stream,
+            info,
+            runtime.clone(),
+            snapshot.clone(),
+            stop.clone(),
+        ));
+    }
+    // Dropping the listener here closes the socket: new connections are
+    // refused from now on.
+    drop(listener);
+}

@@ -1,0 +1,258 @@
+//! Upstream connections: connect, handshake, and keep idle HTTP/1.1
+//! connections per server for reuse; one shared HTTP/2 connection per server.
+//!
+//! An HTTP/1.1 connection is lent to one request as a [`Lease`]. The lease
+//! travels inside the response body and comes back to the pool when the body
+//! has been read to its end; a connection whose response was abandoned is
+//! closed instead, since its state is unknown. The idle list is bounded
+//! (`pool_size`) and entries older than `idle_timeout` are discarded.
+//!
+//! Invariant: no lock here is held across an `.await`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+use crate::config::UpstreamProtocol;
+use crate::error::ProxyError;
+
+/// Settings shared by every server of one upstream group.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub protocol: UpstreamProtocol,
+    pub max_idle: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// The connections of one upstream server.
+pub struct ServerPool {
+    settings: PoolSettings,
+    idle: Mutex<Vec<Idle>>,
+    /// The HTTP/2 connection, shared by all requests (h2c groups only).
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Serializes HTTP/2 connection attempts so a burst opens one connection.
+    h2_connecting: tokio::sync::Mutex<()>,
+    /// Connections opened so far (for tests and, later, metrics).
+    pub connects: AtomicU64,
+}
+
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection lent to one request.
+pub struct Lease {
+    pool: Arc<ServerPool>,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+impl Lease {
+    /// Gives the connection back once it can take another request.
+    pub fn release(mut self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        if self.sender.is_ready() {
+            self.pool.put(self.sender);
+            return;
+        }
+        // The connection is finishing the exchange (the request body may
+        // still be draining): wait for it off the request path.
+        tokio::spawn(async move {
+            if self.sender.ready().await.is_ok() {
+                self.pool.put(self.sender);
+            }
+        });
+    }
+}
+
+impl ServerPool {
+    pub fn new(settings: PoolSettings) -> Self {
+        ServerPool {
+            settings,
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    fn put(&self, sender: http1::SendRequest<RequestBody>) {
+        let Ok(mut idle) = self.idle.lock() else { return };
+        if idle.len() < self.settings.max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Takes the most recently used live idle connection, if any.
+    fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        let now = Instant::now();
+        while let Some(entry) = idle.pop() {
+            if entry.sender.is_ready() && now.duration_since(entry.since) < self.settings.idle_timeout {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Drops idle connections past their idle timeout (called periodically).
+    pub fn sweep(&self) {
+        let Ok(mut idle) = self.idle.lock() else { return };
+        let now = Instant::now();
+        let timeout = self.settings.idle_timeout;
+        idle.retain(|e| !e.sender.is_closed() && now.duration_since(e.since) < timeout);
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// Sends `req` to this server, reusing a pooled connection when one is
+    /// idle. Returns the response and, for HTTP/1.1, the lease to release.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+        addrs: &[SocketAddr],
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        match self.settings.protocol {
+            UpstreamProtocol::Http1 => self.send_h1(req, addrs).await,
+            UpstreamProtocol::H2c => self.send_h2(req, addrs).await.map(|r| (r, None)),
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+        addrs: &[SocketAddr],
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        // A pooled connection may have been closed by the server a moment
+        // ago; if the request was not written, try once more on a new one.
+        if let Some(mut sender) = self.take_idle() {
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    return Ok((
+                        response,
+                        Some(Lease {
+                            pool: self.clone(),
+                            sender,
+                        }),
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(returned) => req = returned,
+                    None => return Err(SendError::Exchange(e.into_error())),
+                },
+            }
+        }
+        let stream = self.connect(addrs).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| SendError::Connect(ProxyError::UpstreamProtocol))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection closed with an error");
+            }
+        });
+        match sender.send_request(req).await {
+            Ok(response) => Ok((
+                response,
+                Some(Lease {
+                    pool: self.clone(),
+                    sender,
+                }),
+            )),
+            Err(e) => Err(SendError::Exchange(e)),
+        }
+    }
+
+    async fn send_h2(&self, req: Request<RequestBody>, addrs: &[SocketAddr]) -> Result<Response<Incoming>, SendError> {
+        let mut sender = self.h2_sender(addrs).await?;
+        sender.send_request(req).await.map_err(SendError::Exchange)
+    }
+
+    async fn h2_sender(&self, addrs: &[SocketAddr]) -> Result<http2::SendRequest<RequestBody>, SendError> {
+        if let Some(sender) = self.live_h2() {
+            return Ok(sender);
+        }
+        let _connecting = self.h2_connecting.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(sender) = self.live_h2() {
+            return Ok(sender);
+        }
+        let stream = self.connect(addrs).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| SendError::Connect(ProxyError::UpstreamProtocol))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection closed with an error");
+            }
+        });
+        if let Ok(mut slot) = self.h2.lock() {
+            *slot = Some(sender.clone());
+        }
+        Ok(sender)
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let slot = self.h2.lock().ok()?;
+        slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Opens a TCP connection to the first address that accepts one.
+    async fn connect(&self, addrs: &[SocketAddr]) -> Result<TcpStream, SendError> {
+        let mut last = ProxyError::DnsError;
+        for addr in addrs {
+            match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    // Small requests and responses must not wait for Nagle.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY on upstream connection");
+                    }
+                    self.connects.fetch_add(1, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "upstream connect failed");
+                    last = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => ProxyError::ConnectionRefused,
+                        std::io::ErrorKind::TimedOut => ProxyError::ConnectionTimeout,
+                        _ => ProxyError::DestinationUnavailable,
+                    };
+                }
+                Err(_) => {
+                    tracing::debug!(%addr, "upstream connect timed out");
+                    last = ProxyError::ConnectionTimeout;
+                }
+            }
+        }
+        Err(SendError::Connect(last))
+    }
+}
+
+/// Why a send failed: before a connection existed, or during the exchange.
+#[derive(Debug)]
+pub enum SendError {
+    /// No byte of the request was sent: safe to try another server.
+    Connect(ProxyError),
+    Exchange(hyper::Error),
+}
