@@ -45,7 +45,15 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, snapshot: &Arc<Snap
             } else {
                 tracing::debug!(peer = %conn.peer, %method, %error, "request refused");
             }
-            error.response()
+            let mut response = error.response();
+            if method == Method::CONNECT {
+                // The client may already be sending tunnel bytes: they must
+                // not be read as the next request.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
         }
     }
 }

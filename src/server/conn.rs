@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ListenerRuntime;
+use crate::config::ListenerProtocol;
 use crate::state::SharedSnapshot;
 
 const NONE: u64 = u64::MAX;
@@ -240,32 +241,42 @@ pub(super) async fn serve(
             Ok::<_, std::convert::Infallible>(response)
         }
     });
-    let conn = listener.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+    // The same drive loop for each connection type hyper offers.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = shutdown.cancelled(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = info.hard_stop.cancelled() => return,
+                    expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle), if !draining => match expiry {
+                        Expiry::Idle => {
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        Expiry::HeaderTimeout => {
+                            tracing::debug!(peer = %info.peer, "request header read timed out; closing");
+                            return;
+                        }
+                    },
                 }
-                return;
             }
-            _ = shutdown.cancelled(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = info.hard_stop.cancelled() => return,
-            expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle), if !draining => match expiry {
-                Expiry::Idle => {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-                Expiry::HeaderTimeout => {
-                    tracing::debug!(peer = %info.peer, "request header read timed out; closing");
-                    return;
-                }
-            },
-        }
+        }};
+    }
+    match listener.protocol {
+        ListenerProtocol::Auto => drive!(listener.auto.serve_connection_with_upgrades(io, service)),
+        ListenerProtocol::Http1 => drive!(listener.http1.serve_connection(io, service).with_upgrades()),
+        ListenerProtocol::H2c => drive!(listener.http2.serve_connection(io, service)),
     }
 }

@@ -39,40 +39,68 @@ pub enum StartError {
 }
 
 /// Per-listener serving settings, built once at bind.
+///
+/// hyper-util's auto builder ignores "HTTP/1 only" / "HTTP/2 only" when
+/// upgrades are enabled, so restricted listeners use hyper's own builders.
 pub(crate) struct ListenerRuntime {
     pub name: String,
-    pub builder: auto::Builder<TokioExecutor>,
+    pub protocol: ListenerProtocol,
+    pub http1: hyper::server::conn::http1::Builder,
+    pub http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    pub auto: auto::Builder<TokioExecutor>,
 }
+
+/// Most concurrent streams per HTTP/2 client connection.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl ListenerRuntime {
     fn new(listener: &ListenerConfig, config: &Config) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
         let limits = &config.limits;
-        builder
-            .http1()
+        // hyper answers 431 when the head does not fit its buffer; the exact
+        // byte limit is enforced by `max_header_size` (HTTP/1-only listeners)
+        // and again in the pipeline (all listeners).
+        let buf_size = (limits.max_request_header_bytes + 4096).max(16 * 1024);
+
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             // The proxy runs its own header and idle timers (see conn.rs).
             .header_read_timeout(None)
             .keep_alive(true)
             .max_headers(limits.max_header_count)
-            // hyper answers 431 when the head does not fit its buffer; the
-            // exact byte limit is checked again in the pipeline.
-            .max_buf_size((limits.max_request_header_bytes + 4096).max(16 * 1024));
-        builder
-            .http2()
+            .max_header_size(limits.max_request_header_bytes)
+            .max_buf_size(buf_size);
+
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_request_header_bytes as u32)
-            .max_concurrent_streams(256)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
-        let builder = match listener.protocol {
-            ListenerProtocol::Auto => builder,
-            ListenerProtocol::Http1 => builder.http1_only(),
-            ListenerProtocol::H2c => builder.http2_only(),
-        };
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .max_headers(limits.max_header_count)
+            .max_buf_size(buf_size);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_request_header_bytes as u32)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+
         ListenerRuntime {
             name: listener.name.clone(),
-            builder,
+            protocol: listener.protocol,
+            http1,
+            http2,
+            auto,
         }
     }
 }
@@ -166,7 +194,9 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     let local = listener.local_addr().ok();
-    tracing::info!(listener = %runtime.name, addr = ?local, "listening");
+    if let Some(addr) = local {
+        tracing::info!(listener = %runtime.name, %addr, "listening");
+    }
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,

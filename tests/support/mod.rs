@@ -1,0 +1,342 @@
+//! Test support: in-process origins and proxies on `127.0.0.1:0`, and
+//! clients for HTTP/1.1, HTTP/2 and raw bytes.
+//!
+//! Readiness is never waited for by the clock: an origin or proxy is bound
+//! before its address is returned.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into())
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+pub fn empty() -> TestBody {
+    Empty::new().map_err(|never: Infallible| match never {}).boxed()
+}
+
+pub fn text(status: u16, body: &str) -> Response<TestBody> {
+    let mut r = Response::new(full(body.to_owned()));
+    *r.status_mut() = StatusCode::from_u16(status).expect("status");
+    r
+}
+
+/// Which protocols an origin speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    H2,
+}
+
+/// A running origin with counters.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts an HTTP/1.1 origin answering with `handler`.
+pub async fn origin<F, Fut>(handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    origin_with(Proto::Http1, handler).await
+}
+
+pub async fn origin_with<F, Fut>(proto: Proto, handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = listener.local_addr().expect("origin addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let handler = Arc::new(handler);
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let handler = handler.clone();
+            let r = r.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let builder = match proto {
+                    Proto::Http1 => builder.http1_only(),
+                    Proto::H2 => builder.http2_only(),
+                };
+                let _ = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Origin {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+/// An origin that describes the request it received: the first line is
+/// `METHOD TARGET VERSION`, then one `name: value` line per header, then a
+/// blank line and the request body.
+pub async fn echo_origin() -> Origin {
+    origin(echo).await
+}
+
+pub async fn echo(req: Request<Incoming>) -> Response<TestBody> {
+    let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+    for (name, value) in req.headers() {
+        out.push_str(&format!("{}: {}\n", name, String::from_utf8_lossy(value.as_bytes())));
+    }
+    out.push('\n');
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&body);
+    Response::new(full(bytes))
+}
+
+/// Parsed echo: the request line and headers (lowercase names, in order).
+pub struct Echoed {
+    pub line: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Echoed {
+    pub fn parse(body: &[u8]) -> Echoed {
+        let text = String::from_utf8_lossy(body).into_owned();
+        let (head, rest) = text.split_once("\n\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let line = lines.next().unwrap_or("").to_owned();
+        let headers = lines
+            .filter_map(|l| l.split_once(": "))
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
+        Echoed {
+            line,
+            headers,
+            body: rest.to_owned(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub snapshot: portcullis::state::SharedSnapshot,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// Starts shutdown and returns the task that finishes when drain is done.
+    pub fn begin_shutdown(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("proxy already shut down")
+    }
+
+    pub async fn shutdown(mut self) {
+        self.begin_shutdown().await.expect("proxy task");
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a proxy from TOML text (listeners should bind `127.0.0.1:0`).
+pub async fn start_proxy(toml: &str) -> TestProxy {
+    let config = portcullis::Config::from_toml(toml, "test").unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    let proxy = portcullis::Proxy::bind(config).await.expect("bind proxy");
+    let addr = proxy.local_addrs()[0];
+    let snapshot = proxy.snapshot();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.run(async move {
+        let _ = stopped.await;
+    }));
+    TestProxy {
+        addr,
+        snapshot,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// The usual config: one listener, every path to the `app` group.
+pub fn basic_config(upstream: SocketAddr) -> String {
+    format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["{upstream}"]
+"#
+    )
+}
+
+pub async fn proxy_to(upstream: SocketAddr) -> TestProxy {
+    start_proxy(&basic_config(upstream)).await
+}
+
+/// An HTTP/1.1 client connection (upgrades enabled).
+pub async fn h1(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("h1 handshake");
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender
+}
+
+/// An HTTP/2 prior-knowledge client connection.
+pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+}
+
+/// A response with its body read.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn echoed(&self) -> Echoed {
+        Echoed::parse(&self.body)
+    }
+}
+
+pub async fn read(response: Response<Incoming>) -> Got {
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.expect("read body");
+    let trailers = collected.trailers().cloned();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+/// GET `path` with `Host: test.local` on a new HTTP/1.1 connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Got {
+    let mut c = h1(addr).await;
+    let req = Request::get(path)
+        .header("host", "test.local")
+        .body(empty())
+        .expect("request");
+    read(c.send_request(req).await.expect("send")).await
+}
+
+/// Writes raw bytes and reads until the server closes (or 10 s pass, a
+/// guard against a hung test, not a synchronization).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw HTTP/1.1 response.
+pub fn status_of(raw_response: &str) -> u16 {
+    raw_response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A port that is bound but never accepts: connecting to it is refused
+/// once the listener is dropped; we keep the address only.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr
+}
