@@ -1,0 +1,320 @@
+//! Every error the proxy answers itself: its status, its `Proxy-Status`,
+//! and a short body that leaks nothing.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+
+fn assert_proxy_error(got: &Got, status: u16, kind: &str) {
+    assert_eq!(got.status.as_u16(), status, "body: {}", got.text());
+    assert_eq!(
+        got.header("proxy-status"),
+        Some(format!("portcullis; error={kind}").as_str())
+    );
+    // Short, and nothing internal (addresses, OS errors) in it.
+    assert!(got.body.len() < 64, "{}", got.text());
+    assert!(!got.text().contains("127.0.0.1"), "{}", got.text());
+    assert!(!got.text().to_lowercase().contains("os error"), "{}", got.text());
+}
+
+#[tokio::test]
+async fn refused_connection_is_502_connection_refused() {
+    let proxy = proxy_to(closed_port().await).await;
+    assert_proxy_error(&get(proxy.addr, "/").await, 502, "connection_refused");
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504_connection_timeout() {
+    // A listener whose accept queue is full and never drained: the kernel
+    // drops further SYNs, so a connect attempt hangs until our timeout.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let listener = socket.listen(0).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = TcpSocket::new_v4().expect("socket");
+        // Some of these may themselves hang: give each a short chance.
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), s.connect(addr)).await {
+            fillers.push(stream);
+        }
+    }
+    let config = basic_config(addr).replace("servers =", "connect_timeout = \"300ms\"\nservers =");
+    let proxy = start_proxy(&config).await;
+    let started = std::time::Instant::now();
+    let got = get(proxy.addr, "/").await;
+    assert_proxy_error(&got, 504, "connection_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    drop(listener);
+}
+
+#[tokio::test]
+async fn slow_response_headers_are_504_http_response_timeout() {
+    let (_never, never_rx) = tokio::sync::watch::channel(());
+    let origin = origin(move |_| {
+        let mut rx = never_rx.clone();
+        async move {
+            let _ = rx.changed().await;
+            text(200, "too late")
+        }
+    })
+    .await;
+    let config = basic_config(origin.addr).replace("servers =", "response_header_timeout = \"200ms\"\nservers =");
+    let proxy = start_proxy(&config).await;
+    assert_proxy_error(&get(proxy.addr, "/").await, 504, "http_response_timeout");
+}
+
+#[tokio::test]
+async fn the_whole_request_timeout_also_bounds_the_response_head() {
+    let (_never, never_rx) = tokio::sync::watch::channel(());
+    let origin = origin(move |_| {
+        let mut rx = never_rx.clone();
+        async move {
+            let _ = rx.changed().await;
+            text(200, "too late")
+        }
+    })
+    .await;
+    let config = format!("[timeouts]\nrequest = \"200ms\"\n{}", basic_config(origin.addr));
+    let proxy = start_proxy(&config).await;
+    assert_proxy_error(&get(proxy.addr, "/").await, 504, "http_response_timeout");
+}
+
+/// An origin that reads a request head and answers with `reply` bytes (then
+/// closes).
+async fn raw_origin(reply: &'static [u8]) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn connection_closed_before_a_response_is_502_connection_terminated() {
+    let addr = raw_origin(b"").await;
+    let proxy = proxy_to(addr).await;
+    assert_proxy_error(&get(proxy.addr, "/").await, 502, "connection_terminated");
+}
+
+#[tokio::test]
+async fn garbage_from_the_origin_is_502_http_protocol_error() {
+    let addr = raw_origin(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+    let proxy = proxy_to(addr).await;
+    assert_proxy_error(&get(proxy.addr, "/").await, 502, "http_protocol_error");
+}
+
+#[tokio::test]
+async fn a_truncated_body_from_the_origin_aborts_the_client_response() {
+    let addr = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part").await;
+    let proxy = proxy_to(addr).await;
+    let mut client = h1(proxy.addr).await;
+    let req = Request::get("/")
+        .header("host", "test.local")
+        .body(empty())
+        .expect("req");
+    let response = client.send_request(req).await.expect("head arrives");
+    assert_eq!(response.status(), StatusCode::OK);
+    use http_body_util::BodyExt;
+    assert!(
+        response.into_body().collect().await.is_err(),
+        "the client must see the body fail, not end short"
+    );
+}
+
+#[tokio::test]
+async fn no_matching_route_is_404_destination_not_found() {
+    let origin = echo_origin().await;
+    let config = format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nhost = \"only.test\"\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{}\"]\n",
+        origin.addr
+    );
+    let proxy = start_proxy(&config).await;
+    assert_proxy_error(&get(proxy.addr, "/").await, 404, "destination_not_found");
+    assert_eq!(origin.requests(), 0);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400_and_never_forwarded() {
+    let origin = echo_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    let cases: &[(&str, &[u8])] = &[
+        ("garbage request line", b"HELLO\r\n\r\n"),
+        ("bad header name", b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n"),
+        ("HTTP/1.1 without Host", b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        (
+            "two Host headers",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "absolute target disagreeing with Host",
+            b"GET http://a.test/ HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "conflicting Content-Length",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        ),
+        (
+            "bad chunk size",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        ),
+        (
+            "NUL in a header value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\0b\r\n\r\n",
+        ),
+    ];
+    for (what, bytes) in cases {
+        let out = raw(proxy.addr, bytes).await;
+        assert_eq!(status_of(&out), 400, "{what}: {out}");
+    }
+    assert_eq!(origin.requests(), 0, "nothing malformed reaches the origin");
+    // The proxy is still serving.
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn oversized_headers_are_431() {
+    let origin = echo_origin().await;
+    let config = format!(
+        "[limits]\nmax_request_header_bytes = \"4KiB\"\nmax_header_count = 20\n{}",
+        basic_config(origin.addr)
+    );
+    for protocol in ["auto", "http1"] {
+        let proxy = start_proxy(&config.replace("bind =", &format!("protocol = \"{protocol}\"\nbind ="))).await;
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "x".repeat(5000)
+        );
+        assert_eq!(
+            status_of(&raw(proxy.addr, big.as_bytes()).await),
+            431,
+            "{protocol}: bytes"
+        );
+        let mut many = String::from("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n");
+        for i in 0..30 {
+            many.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert_eq!(
+            status_of(&raw(proxy.addr, many.as_bytes()).await),
+            431,
+            "{protocol}: count"
+        );
+        // Just under the limits passes.
+        let fine = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "x".repeat(3000)
+        );
+        assert_eq!(
+            status_of(&raw(proxy.addr, fine.as_bytes()).await),
+            200,
+            "{protocol}: under the limit"
+        );
+    }
+    // HTTP/2 clients get the same limit.
+    let proxy = start_proxy(&config).await;
+    let mut client = h2(proxy.addr).await;
+    let mut req = Request::get("http://test.local/").body(empty()).expect("req");
+    for i in 0..30 {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).expect("name"),
+            http::HeaderValue::from_static("v"),
+        );
+    }
+    let got = read(client.send_request(req).await.expect("send")).await;
+    assert_eq!(got.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(origin.requests(), 2, "only the two requests under the limits");
+}
+
+#[tokio::test]
+async fn long_uri_is_414() {
+    let origin = echo_origin().await;
+    let config = format!("[limits]\nmax_uri_length = 100\n{}", basic_config(origin.addr));
+    let proxy = start_proxy(&config).await;
+    let got = get(proxy.addr, &format!("/{}", "a".repeat(150))).await;
+    assert_eq!(got.status, StatusCode::URI_TOO_LONG);
+    assert_eq!(
+        get(proxy.addr, &format!("/{}", "a".repeat(50))).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(origin.requests(), 1);
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_413_declared_or_chunked() {
+    let origin = echo_origin().await;
+    let config = format!("[limits]\nmax_request_body_bytes = 10\n{}", basic_config(origin.addr));
+    let proxy = start_proxy(&config).await;
+    let declared = raw(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nConnection: close\r\n\r\n01234567890",
+    )
+    .await;
+    assert_eq!(status_of(&declared), 413, "{declared}");
+    assert_eq!(
+        origin.requests(),
+        0,
+        "a declared oversized body is refused before forwarding"
+    );
+
+    let chunked = raw(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n6\r\n012345\r\n6\r\n678901\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&chunked), 413, "{chunked}");
+
+    let fine = raw(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\n0123456789",
+    )
+    .await;
+    assert_eq!(status_of(&fine), 200, "{fine}");
+    assert!(fine.ends_with("0123456789"), "{fine}");
+}
+
+#[tokio::test]
+async fn random_bytes_never_disturb_the_proxy() {
+    let origin = echo_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    // A fixed pseudo-random sequence: the same inputs every run.
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let prefixes: [&[u8]; 4] = [
+        b"",
+        b"GET / HTTP/1.1\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ];
+    for round in 0..40 {
+        let mut bytes = prefixes[round % prefixes.len()].to_vec();
+        let len = (next() % 300) as usize;
+        bytes.extend((0..len).map(|_| next() as u8));
+        bytes.extend_from_slice(b"\r\n\r\n");
+        let _ = raw(proxy.addr, &bytes).await;
+    }
+    assert_eq!(get(proxy.addr, "/still-alive").await.status, StatusCode::OK);
+}
