@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use toml::Value;
 
 use super::reader::{ConfigErrors, Errors, Table};
+use super::units;
 use super::*;
 
 /// Defaults, in one place so docs/config.md can be checked against them.
@@ -131,7 +132,10 @@ fn read_timeouts(table: Option<Table<'_>>) -> Timeouts {
 fn bounded(t: &Table<'_>, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
     match t.size(key) {
         Some(v) if v < min || v > max => {
-            t.error(key, format!("must be between {min} and {max}, found {v}"));
+            t.error(
+                key,
+                format!("must be between {} and {}, found {}", units::format_size(min), units::format_size(max), units::format_size(v)),
+            );
             default
         }
         Some(v) => v,
@@ -328,6 +332,9 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Parses `IP:port`, `[IPv6]:port` or `name:port`.
 pub fn parse_server(text: &str) -> Result<ServerAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("invalid server \"{text}\": port 0 is not a server port"));
+        }
         return Ok(ServerAddr {
             host: addr.ip().to_string(),
             port: addr.port(),

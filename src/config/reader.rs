@@ -64,14 +64,32 @@ impl Errors {
         self.list.borrow().is_empty()
     }
 
+    /// The value, or every error sorted by path (array indices numerically)
+    /// so related problems read together whatever order they were found in.
     pub fn into_result<T>(self, value: T) -> Result<T, ConfigErrors> {
-        let list = self.list.into_inner();
+        let mut list = self.list.into_inner();
+        list.sort_by_cached_key(|e| sort_key(&e.path));
         if list.is_empty() {
             Ok(value)
         } else {
             Err(ConfigErrors(list))
         }
     }
+}
+
+/// `routes[10].x` sorts after `routes[9].x`: indices are zero-padded.
+fn sort_key(path: &str) -> String {
+    let mut key = String::with_capacity(path.len() + 16);
+    let mut rest = path;
+    while let Some(open) = rest.find('[') {
+        key.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find(']') else { break };
+        let index = &rest[open + 1..open + close];
+        key.push_str(&format!("[{index:0>10}]"));
+        rest = &rest[open + close + 1..];
+    }
+    key.push_str(rest);
+    key
 }
 
 /// Joins a parent path and a key: `""` + `"a"` = `"a"`, `"a"` + `"b"` = `"a.b"`.
@@ -308,6 +326,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_sort_by_path_with_numeric_indices() {
+        assert!(sort_key("routes[2].a") < sort_key("routes[10].a"));
+        assert!(sort_key("routes[2]") < sort_key("routes[2].a"));
+    }
 
     #[test]
     fn suggestions_for_typos() {

@@ -80,14 +80,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size \"{text}\": too large"))
 }
 
-/// Formats a duration the way the config file writes it, for messages.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 1000 != 0 || ms == 0 {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms / 1000)
+/// Formats a byte count with the largest exact binary unit: `1KiB`, `1536`.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
     }
+    bytes.to_string()
 }
 
 #[cfg(test)]
@@ -125,6 +125,14 @@ mod tests {
             let err = parse_duration(text).expect_err(text);
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_format_back() {
+        assert_eq!(format_size(1024), "1KiB");
+        assert_eq!(format_size(1536), "1536");
+        assert_eq!(format_size(10 << 20), "10MiB");
+        assert_eq!(format_size(20), "20");
     }
 
     #[test]

@@ -1,0 +1,222 @@
+//! The command line: `check` on broken configs (every error, with its path,
+//! exit code 2), on a valid one (one line, exit 0), `--version`, `--help`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn portcullis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().expect("run portcullis")
+}
+
+fn check(text: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path: PathBuf = dir.path().join("portcullis.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = portcullis(&["check", "-c", path.to_str().expect("utf-8 path")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().expect("path"), "FILE");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+const VALID_TAIL: &str = r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+upstream = "app"
+
+[upstreams.app]
+servers = ["127.0.0.1:9"]
+"#;
+
+/// Each broken config and the exact error lines `check` must print.
+const CASES: &[(&str, &str, &[&str])] = &[
+    ("syntax error", "listeners = [\n", &["FILE:1:14: TOML syntax error: unclosed array, expected `]`"]),
+    (
+        "missing sections",
+        "",
+        &[
+            "listeners: at least one listener is required, such as [[listeners]] bind = \"0.0.0.0:8080\"",
+            "routes: at least one route is required, such as [[routes]] upstream = \"app\"",
+        ],
+    ),
+    (
+        "misspelt key",
+        "[[listeners]]\nbnd = \"127.0.0.1:8080\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"127.0.0.1:9\"]\n",
+        &["listeners[0].bind: required: the address to listen on, such as \"0.0.0.0:8080\"", "listeners[0].bnd: unknown key (did you mean \"bind\"?)"],
+    ),
+    (
+        "unknown top-level key",
+        "colour = \"blue\"\n",
+        &["colour: unknown key, expected one of: limits, listeners, routes, server, timeouts, upstreams"],
+    ),
+    (
+        "wrong type",
+        "[limits]\nmax_header_count = \"many\"\n",
+        &["limits.max_header_count: invalid size \"many\": expected a number then a unit, like \"64KiB\""],
+    ),
+    (
+        "unknown upstream",
+        "[[routes]]\nupstream = \"app\"\n[[routes]]\nupstream = \"app\"\npath = \"/x\"\n[[routes]]\npath = \"/api\"\nupstream = \"api\"\n",
+        &["routes[2].upstream: unknown upstream \"api\" (defined: \"app\")"],
+    ),
+    (
+        "duplicate listener address",
+        "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[[listeners]]\nbind = [\"127.0.0.1:8081\", \"127.0.0.1:8080\"]\n",
+        &["listeners[1].bind[1]: address 127.0.0.1:8080 is already used by listeners[0].bind"],
+    ),
+    (
+        "bad listen address and protocol",
+        "[[listeners]]\nbind = \"localhost:80\"\nprotocol = \"h3\"\n",
+        &[
+            "listeners[0].bind: invalid socket address \"localhost:80\", expected IP:port such as \"0.0.0.0:8080\" or \"[::]:8080\"",
+            "listeners[0].protocol: unknown value \"h3\", expected one of \"auto\", \"http1\", \"h2c\"",
+        ],
+    ),
+    (
+        "impossible timeouts",
+        "[timeouts]\nconnect = \"5x\"\nheader_read = \"0s\"\nrequest = 30\n",
+        &[
+            "timeouts.connect: invalid duration \"5x\": unknown unit \"x\" (use ms, s, m, h or d)",
+            "timeouts.header_read: must be greater than zero",
+            "timeouts.request: expected a string, found integer",
+        ],
+    ),
+    (
+        "limits out of range",
+        "[limits]\nmax_request_header_bytes = \"10MiB\"\nmax_uri_length = -1\n",
+        &[
+            "limits.max_request_header_bytes: must be between 1KiB and 1MiB, found 10MiB",
+            "limits.max_uri_length: must not be negative, found -1",
+        ],
+    ),
+    (
+        "bad upstream servers",
+        "[upstreams.app]\nservers = [\"10.0.0.1\", \"bad host:80\", \"10.0.0.2:0\"]\nprotocol = \"http3\"\n[upstreams.none]\nservers = []\n",
+        &[
+            "upstreams.app.protocol: unknown value \"http3\", expected one of \"http1\", \"h2c\"",
+            "upstreams.app.servers[0]: invalid server \"10.0.0.1\": missing port, expected host:port such as \"10.0.0.1:8080\"",
+            "upstreams.app.servers[1]: invalid server \"bad host:80\": \"bad host\" is neither an IP address nor a DNS name",
+            "upstreams.app.servers[2]: invalid server \"10.0.0.2:0\": port 0 is not a server port",
+            "upstreams.none.servers: must list at least one server",
+        ],
+    ),
+    (
+        "bad route fields",
+        "[[routes]]\nhost = \"*.example.com:80\"\npath = \"api\"\nupstream = \"app\"\n[[routes]]\nupstream = \"app\"\npath_match = \"exact\"\nrewrite_prefix = \"/x\"\nrequest_headers = { set = { \"bad header\" = \"x\" } }\n",
+        &[
+            "routes[0].host: invalid host \"*.example.com:80\": a route host must not include a port",
+            "routes[0].path: \"api\" must start with \"/\"",
+            "routes[1].request_headers.set.\"bad header\": invalid header name \"bad header\"",
+            "routes[1].rewrite_prefix: only applies to path_match = \"prefix\"",
+        ],
+    ),
+    (
+        "duplicate route",
+        "[[routes]]\nupstream = \"app\"\npath = \"/a\"\n[[routes]]\nupstream = \"app\"\npath = \"/a\"\n",
+        &["routes[1]: same host, path and path_match as routes[0]: it could never match"],
+    ),
+    (
+        "untrusted proxy list",
+        "[server]\ntrusted_proxies = [\"10.0.0.0/33\", \"::1\", 7]\n",
+        &[
+            "server.trusted_proxies[0]: invalid IP address or CIDR \"10.0.0.0/33\"",
+            "server.trusted_proxies[2]: expected a string, found integer",
+        ],
+    ),
+];
+
+/// Adds a valid listener, route and upstream where a case has none, so
+/// each case shows only its own errors.
+fn with_missing_sections(config: &str) -> String {
+    let mut text = config.to_owned();
+    let parts = [
+        ("[[listeners]]", "[[listeners]]\nbind = \"127.0.0.1:0\"\n"),
+        ("[[routes]]", "[[routes]]\nupstream = \"app\"\n"),
+        ("[upstreams.", "[upstreams.app]\nservers = [\"127.0.0.1:9\"]\n"),
+    ];
+    for (marker, section) in parts {
+        if !config.contains(marker) {
+            text.push('\n');
+            text.push_str(section);
+        }
+    }
+    text
+}
+
+#[test]
+fn check_reports_every_error_with_its_path() {
+    for (what, config, expected) in CASES {
+        let text = match *what {
+            "syntax error" | "missing sections" => (*config).to_owned(),
+            _ => with_missing_sections(config),
+        };
+        let (code, stdout, stderr) = check(&text);
+        assert_eq!(code, 2, "{what}: exit code\n{stderr}");
+        assert_eq!(stdout, "", "{what}: nothing on stdout");
+        let mut lines: Vec<&str> = stderr.lines().collect();
+        let summary = lines.pop().unwrap_or("");
+        assert_eq!(summary, format!("FILE: {} error(s)", expected.len()), "{what}:\n{stderr}");
+        assert_eq!(lines, expected.to_vec(), "{what}");
+    }
+}
+
+#[test]
+fn check_accepts_a_valid_config_with_one_line() {
+    let (code, stdout, stderr) = check(VALID_TAIL);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.ends_with(": ok (1 listener(s), 1 route(s), 1 upstream(s))\n"), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1);
+}
+
+#[test]
+fn check_reports_an_unresolvable_upstream_name() {
+    let (code, _, stderr) = check(&VALID_TAIL.replace("127.0.0.1:9", "no-such-host.invalid:80"));
+    assert_eq!(code, 2);
+    assert!(stderr.starts_with("upstreams.app.servers[0]: cannot resolve \"no-such-host.invalid:80\""), "{stderr}");
+}
+
+#[test]
+fn check_on_a_missing_file_names_it() {
+    let out = portcullis(&["check", "-c", "/nonexistent/portcullis.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("/nonexistent/portcullis.toml: cannot read config file:"), "{stderr}");
+}
+
+#[test]
+fn the_examples_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).expect("examples dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = portcullis(&["check", "-c", path.to_str().expect("path")]);
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "expected example configs in examples/");
+}
+
+#[test]
+fn version_and_help() {
+    let out = portcullis(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("portcullis {}", env!("CARGO_PKG_VERSION")));
+    let out = portcullis(&["--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in ["run", "check", "demo"] {
+        assert!(help.contains(sub), "{help}");
+    }
+}
+
+#[test]
+fn run_refuses_an_invalid_config_without_starting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[[listeners]]\nbind = \"nope\"\n").expect("write");
+    let out = portcullis(&["run", "-c", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listeners[0].bind: invalid socket address \"nope\""), "{stderr}");
+}
