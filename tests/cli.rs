@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn portcullis(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().expect("run portcullis")
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .expect("run portcullis")
 }
 
 fn check(text: &str) -> (i32, String, String) {
@@ -14,7 +17,11 @@ fn check(text: &str) -> (i32, String, String) {
     std::fs::write(&path, text).expect("write config");
     let out = portcullis(&["check", "-c", path.to_str().expect("utf-8 path")]);
     let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().expect("path"), "FILE");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
 }
 
 const VALID_TAIL: &str = r#"
@@ -30,7 +37,11 @@ servers = ["127.0.0.1:9"]
 
 /// Each broken config and the exact error lines `check` must print.
 const CASES: &[(&str, &str, &[&str])] = &[
-    ("syntax error", "listeners = [\n", &["FILE:1:14: TOML syntax error: unclosed array, expected `]`"]),
+    (
+        "syntax error",
+        "listeners = [\n",
+        &["FILE:1:14: TOML syntax error: unclosed array, expected `]`"],
+    ),
     (
         "missing sections",
         "",
@@ -42,7 +53,10 @@ const CASES: &[(&str, &str, &[&str])] = &[
     (
         "misspelt key",
         "[[listeners]]\nbnd = \"127.0.0.1:8080\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"127.0.0.1:9\"]\n",
-        &["listeners[0].bind: required: the address to listen on, such as \"0.0.0.0:8080\"", "listeners[0].bnd: unknown key (did you mean \"bind\"?)"],
+        &[
+            "listeners[0].bind: required: the address to listen on, such as \"0.0.0.0:8080\"",
+            "listeners[0].bnd: unknown key (did you mean \"bind\"?)",
+        ],
     ),
     (
         "unknown top-level key",
@@ -155,7 +169,11 @@ fn check_reports_every_error_with_its_path() {
         assert_eq!(stdout, "", "{what}: nothing on stdout");
         let mut lines: Vec<&str> = stderr.lines().collect();
         let summary = lines.pop().unwrap_or("");
-        assert_eq!(summary, format!("FILE: {} error(s)", expected.len()), "{what}:\n{stderr}");
+        assert_eq!(
+            summary,
+            format!("FILE: {} error(s)", expected.len()),
+            "{what}:\n{stderr}"
+        );
         assert_eq!(lines, expected.to_vec(), "{what}");
     }
 }
@@ -164,7 +182,10 @@ fn check_reports_every_error_with_its_path() {
 fn check_accepts_a_valid_config_with_one_line() {
     let (code, stdout, stderr) = check(VALID_TAIL);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.ends_with(": ok (1 listener(s), 1 route(s), 1 upstream(s))\n"), "{stdout}");
+    assert!(
+        stdout.ends_with(": ok (1 listener(s), 1 route(s), 1 upstream(s))\n"),
+        "{stdout}"
+    );
     assert_eq!(stdout.lines().count(), 1);
 }
 
@@ -172,7 +193,10 @@ fn check_accepts_a_valid_config_with_one_line() {
 fn check_reports_an_unresolvable_upstream_name() {
     let (code, _, stderr) = check(&VALID_TAIL.replace("127.0.0.1:9", "no-such-host.invalid:80"));
     assert_eq!(code, 2);
-    assert!(stderr.starts_with("upstreams.app.servers[0]: cannot resolve \"no-such-host.invalid:80\""), "{stderr}");
+    assert!(
+        stderr.starts_with("upstreams.app.servers[0]: cannot resolve \"no-such-host.invalid:80\""),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -180,7 +204,10 @@ fn check_on_a_missing_file_names_it() {
     let out = portcullis(&["check", "-c", "/nonexistent/portcullis.toml"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.starts_with("/nonexistent/portcullis.toml: cannot read config file:"), "{stderr}");
+    assert!(
+        stderr.starts_with("/nonexistent/portcullis.toml: cannot read config file:"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -191,7 +218,12 @@ fn the_examples_are_valid() {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = portcullis(&["check", "-c", path.to_str().expect("path")]);
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             checked += 1;
         }
     }
@@ -202,7 +234,10 @@ fn the_examples_are_valid() {
 fn version_and_help() {
     let out = portcullis(&["--version"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("portcullis {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("portcullis {}", env!("CARGO_PKG_VERSION"))
+    );
     let out = portcullis(&["--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
     for sub in ["run", "check", "demo"] {
@@ -218,5 +253,8 @@ fn run_refuses_an_invalid_config_without_starting() {
     let out = portcullis(&["run", "-c", path.to_str().expect("path")]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("listeners[0].bind: invalid socket address \"nope\""), "{stderr}");
+    assert!(
+        stderr.contains("listeners[0].bind: invalid socket address \"nope\""),
+        "{stderr}"
+    );
 }

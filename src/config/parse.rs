@@ -134,7 +134,12 @@ fn bounded(t: &Table<'_>, key: &'static str, default: u64, min: u64, max: u64) -
         Some(v) if v < min || v > max => {
             t.error(
                 key,
-                format!("must be between {} and {}, found {}", units::format_size(min), units::format_size(max), units::format_size(v)),
+                format!(
+                    "must be between {} and {}, found {}",
+                    units::format_size(min),
+                    units::format_size(max),
+                    units::format_size(v)
+                ),
             );
             default
         }

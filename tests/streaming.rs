@@ -1,0 +1,158 @@
+//! Bodies stream with bounded memory: 2 GiB up and 2 GiB down through the
+//! real `portcullis` binary, whose peak RSS must stay under 64 MiB.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use support::*;
+
+const TOTAL: u64 = 2 << 30;
+const CHUNK: usize = 256 << 10;
+const RSS_LIMIT_KIB: u64 = 64 << 10;
+
+/// A generated body of `total` bytes: the same chunk over and over, so the
+/// test itself holds no more than one chunk.
+fn generated(total: u64) -> TestBody {
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let count = total / CHUNK as u64;
+    let frames = (0..count).map(move |_| Ok::<_, BoxError>(Frame::data(chunk.clone())));
+    StreamBody::new(futures_util::stream::iter(frames)).boxed()
+}
+
+/// The proxy binary, killed when dropped.
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ProxyProcess {
+    fn start(config: &str) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "-c", path.to_str().expect("path")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start portcullis");
+        // Readiness: the "listening" log line carries the bound address.
+        let stderr = child.stderr.take().expect("stderr");
+        // Killed on every exit path, including a failed assertion below.
+        let mut process = ProxyProcess {
+            child,
+            addr: "0.0.0.0:0".parse().expect("placeholder"),
+            _dir: dir,
+        };
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("proxy exited before listening")
+                .expect("read stderr");
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let text = rest.split_whitespace().next().unwrap_or("");
+                break text
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad address in log line: {line}"));
+            }
+        };
+        // Keep draining stderr so the proxy never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        process.addr = addr;
+        process
+    }
+
+    /// Peak resident set size, from /proc.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gib_up_and_two_gib_down_with_bounded_memory() {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let origin = origin(move |req| {
+        let counter = counter.clone();
+        async move {
+            if req.uri().path() == "/download" {
+                let mut r = Response::new(generated(TOTAL));
+                r.headers_mut().insert("content-length", HeaderValue::from(TOTAL));
+                return r;
+            }
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Some(data) = frame.expect("upload frame").data_ref() {
+                    n += data.len() as u64;
+                }
+            }
+            counter.store(n, Ordering::SeqCst);
+            text(200, &n.to_string())
+        }
+    })
+    .await;
+    let config = format!(
+        "[limits]\nmax_request_body_bytes = \"unlimited\"\n[timeouts]\nrequest = \"10m\"\n{}",
+        basic_config(origin.addr)
+    );
+    let proxy = ProxyProcess::start(&config);
+
+    // Upload, chunked (no Content-Length): the proxy cannot know the size.
+    let mut client = h1(proxy.addr).await;
+    let req = Request::post("/upload")
+        .header("host", "test.local")
+        .body(generated(TOTAL))
+        .expect("req");
+    let got = read(client.send_request(req).await.expect("upload")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.text(), TOTAL.to_string());
+    assert_eq!(received.load(Ordering::SeqCst), TOTAL);
+
+    // Download, counted as it arrives (never collected).
+    let req = Request::get("/download")
+        .header("host", "test.local")
+        .body(empty())
+        .expect("req");
+    let response = client.send_request(req).await.expect("download");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut downloaded = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame.expect("download frame").data_ref() {
+            downloaded += data.len() as u64;
+        }
+    }
+    assert_eq!(downloaded, TOTAL);
+
+    let peak = proxy.peak_rss_kib();
+    eprintln!("proxy peak RSS after 2 GiB up + 2 GiB down: {peak} KiB");
+    assert!(
+        peak < RSS_LIMIT_KIB,
+        "proxy peak RSS {peak} KiB exceeds {RSS_LIMIT_KIB} KiB"
+    );
+}
