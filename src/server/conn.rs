@@ -10,7 +10,14 @@
 //!
 //! [`WatchedIo`] stamps the first byte of each request; [`InFlight`] guards
 //! count requests in flight and stamp the start of idleness when the last
-//! response body is dropped. Both poke the watchdog through an `AtomicWaker`.
+//! response body is dropped. Nobody wakes the watchdog: it wakes by itself at
+//! least every `min(header_read, keepalive_idle)` and recomputes its deadline
+//! from those stamps. Since a stamp is never older than the watchdog's last
+//! wake-up, a deadline is never missed, and the request path pays for no
+//! wake-ups or timer resets, only for two clock reads per request.
+//!
+//! The watchdog and the shutdown signals are polled only when one of them
+//! woke the task ([`Gated`]), not on every socket event of the connection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +32,7 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use std::task::Waker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -52,8 +60,6 @@ pub struct ConnState {
     /// Set once a request arrived over HTTP/2, where the header timer does
     /// not apply (frames arrive between streams by design).
     is_h2: AtomicBool,
-    changed: AtomicBool,
-    waker: AtomicWaker,
 }
 
 impl ConnState {
@@ -67,8 +73,6 @@ impl ConnState {
             head_started: AtomicU64::new(0),
             awaiting_head: AtomicBool::new(true),
             is_h2: AtomicBool::new(false),
-            changed: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
         })
     }
 
@@ -76,21 +80,18 @@ impl ConnState {
         self.start.elapsed().as_millis() as u64
     }
 
-    fn poke(&self) {
-        self.changed.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
     fn on_read(&self) {
         if self.awaiting_head.load(Ordering::Relaxed) && self.head_started.load(Ordering::Relaxed) == NONE {
             self.head_started.store(self.now_ms(), Ordering::Relaxed);
-            self.poke();
         }
     }
 
     /// Waits until a timer of the connection expires.
     async fn expired(&self, header_read: Duration, idle: Duration) -> Expiry {
-        let mut sleep = Box::pin(tokio::time::sleep(Duration::ZERO));
+        let header_ms = header_read.as_millis() as u64;
+        let idle_ms = idle.as_millis() as u64;
+        // Never sleep longer than this: see the module doc.
+        let period_ms = header_ms.min(idle_ms);
         loop {
             let now = self.now_ms();
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
@@ -98,30 +99,81 @@ impl ConnState {
             } else {
                 let head = self.head_started.load(Ordering::Relaxed);
                 if head != NONE && !self.is_h2.load(Ordering::Relaxed) {
-                    Some((head + header_read.as_millis() as u64, Expiry::HeaderTimeout))
+                    Some((head + header_ms, Expiry::HeaderTimeout))
                 } else {
-                    Some((
-                        self.idle_since.load(Ordering::Relaxed) + idle.as_millis() as u64,
-                        Expiry::Idle,
-                    ))
+                    Some((self.idle_since.load(Ordering::Relaxed) + idle_ms, Expiry::Idle))
                 }
             };
-            if let Some((at, kind)) = deadline {
-                if now >= at {
-                    return kind;
-                }
-                sleep.as_mut().reset(self.start + Duration::from_millis(at));
-            }
-            let timed = deadline.is_some();
-            std::future::poll_fn(|cx| {
-                self.waker.register(cx.waker());
-                if self.changed.swap(false, Ordering::AcqRel) {
-                    return Poll::Ready(());
-                }
-                if timed { sleep.as_mut().poll(cx) } else { Poll::Pending }
-            })
-            .await;
+            let wake_at = match deadline {
+                Some((at, kind)) if now >= at => return kind,
+                Some((at, _)) => at.min(now + period_ms),
+                None => now + period_ms,
+            };
+            tokio::time::sleep_until(self.start + Duration::from_millis(wake_at)).await;
         }
+    }
+}
+
+/// Why the control future of a connection fired.
+enum Control {
+    /// Shutdown or idle: finish what is in flight, then close.
+    Drain,
+    /// The drain deadline passed.
+    Cut,
+    HeaderTimeout,
+}
+
+pin_project_lite::pin_project! {
+    /// Polls its inner future only after the inner future's own waker fired,
+    /// so a connection task woken by socket events does not re-poll timers
+    /// and cancellation tokens (each poll of those takes locks).
+    struct Gated<F> {
+        #[pin]
+        inner: F,
+        gate: Arc<Gate>,
+    }
+}
+
+struct Gate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Gated<F> {
+    fn new(inner: F) -> Self {
+        // Starts open: the inner future must be polled once to register.
+        Gated {
+            inner,
+            gate: Arc::new(Gate {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.gate.task.register(cx.waker());
+        if !this.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.gate.clone());
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 
@@ -153,7 +205,6 @@ impl Drop for InFlight {
         if self.state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.state.idle_since.store(self.state.now_ms(), Ordering::Relaxed);
             self.state.awaiting_head.store(true, Ordering::Relaxed);
-            self.state.poke();
         }
     }
 }
@@ -241,6 +292,23 @@ pub(super) async fn serve(
             Ok::<_, std::convert::Infallible>(response)
         }
     });
+    // What can end or drain the connection besides the client: shutdown,
+    // the drain deadline, the watchdog. Polled only when one of them fires.
+    let control = Gated::new(async {
+        tokio::select! {
+            _ = shutdown.cancelled() => Control::Drain,
+            _ = info.hard_stop.cancelled() => Control::Cut,
+            expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle) => match expiry {
+                Expiry::Idle => Control::Drain,
+                Expiry::HeaderTimeout => Control::HeaderTimeout,
+            },
+        }
+    });
+    tokio::pin!(control);
+    // After a drain starts, only the drain deadline still matters.
+    let cut = Gated::new(info.hard_stop.cancelled());
+    tokio::pin!(cut);
+
     // The same drive loop for each connection type hyper offers.
     macro_rules! drive {
         ($conn:expr) => {{
@@ -249,27 +317,25 @@ pub(super) async fn serve(
             let mut draining = false;
             loop {
                 tokio::select! {
+                    biased;
                     result = conn.as_mut() => {
                         if let Err(e) = result {
                             tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
                         }
                         return;
                     }
-                    _ = shutdown.cancelled(), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = info.hard_stop.cancelled() => return,
-                    expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle), if !draining => match expiry {
-                        Expiry::Idle => {
+                    signal = control.as_mut(), if !draining => match signal {
+                        Control::Drain => {
                             draining = true;
                             conn.as_mut().graceful_shutdown();
                         }
-                        Expiry::HeaderTimeout => {
+                        Control::Cut => return,
+                        Control::HeaderTimeout => {
                             tracing::debug!(peer = %info.peer, "request header read timed out; closing");
                             return;
                         }
                     },
+                    _ = cut.as_mut(), if draining => return,
                 }
             }
         }};
