@@ -9,7 +9,6 @@
 //!   extended when the peer is a trusted proxy and replaced otherwise, so a
 //!   client cannot forge its address.
 
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
@@ -26,50 +25,92 @@ pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `Connection: upgrade` so the next hop sees the upgrade request.
 /// Returns whether the sender accepted trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
-    // Fields named by Connection go first: they may be anything.
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .collect();
+    const CONN: u8 = 1;
+    const TE_: u8 = 2;
+    const TRANSFER: u8 = 4;
+    const UPGRADE_: u8 = 8;
+    const KEEP: u8 = 16;
+    const PROXY_CONN: u8 = 32;
+    // One pass over the names (cheap comparisons, no hashing) finds which
+    // hop-by-hop fields are present; most messages carry none or one, and
+    // each absent one would otherwise cost a hash lookup to remove.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        present |= if name == CONNECTION {
+            CONN
+        } else if name == TE {
+            TE_
+        } else if name == TRANSFER_ENCODING {
+            TRANSFER
+        } else if name == UPGRADE {
+            UPGRADE_
+        } else if name == KEEP_ALIVE {
+            KEEP
+        } else if name == PROXY_CONNECTION {
+            PROXY_CONN
+        } else {
+            0
+        };
+    }
+    if present & CONN != 0 {
+        // Fields named by Connection may be anything. The usual tokens
+        // (close, keep-alive, upgrade) name nothing else to remove.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(CONNECTION) {
+            let Ok(text) = value.to_str() else { continue };
+            for token in text.split(',').map(str::trim) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("upgrade")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    // Never let Connection strip what the proxy relies on.
+                    if name != header::HOST && name != header::CONTENT_LENGTH {
+                        named.push(name);
+                    }
+                }
+            }
+        }
         for name in named {
-            if upgrade && name == UPGRADE {
-                continue;
-            }
-            // Never let Connection strip what the proxy itself relies on.
-            if name == header::HOST || name == header::CONTENT_LENGTH {
-                continue;
-            }
             headers.remove(&name);
         }
         headers.remove(CONNECTION);
     }
-    let trailers = headers.get_all(TE).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',').any(|t| {
-                    t.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .eq_ignore_ascii_case("trailers")
+    let mut trailers = false;
+    if present & TE_ != 0 {
+        trailers = headers.get_all(TE).iter().any(|v| {
+            v.to_str()
+                .map(|s| {
+                    s.split(',').any(|t| {
+                        t.split(';')
+                            .next()
+                            .unwrap_or("")
+                            .trim()
+                            .eq_ignore_ascii_case("trailers")
+                    })
                 })
-            })
-            .unwrap_or(false)
-    });
-    headers.remove(TE);
-    if trailers {
-        headers.insert(TE, HeaderValue::from_static("trailers"));
+                .unwrap_or(false)
+        });
+        headers.remove(TE);
+        if trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
+    if present & KEEP != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & PROXY_CONN != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & TRANSFER != 0 {
+        headers.remove(TRANSFER_ENCODING);
+    }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & UPGRADE_ != 0 {
         headers.remove(UPGRADE);
     }
     trailers
@@ -90,9 +131,32 @@ pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
     headers.append(header::VIA, via.clone());
 }
 
+/// The client side of a hop, computed once per connection.
+pub struct Peer {
+    pub ip: IpAddr,
+    /// The peer address as an `X-Forwarded-For` value.
+    pub xff: HeaderValue,
+    /// `for=...` of a `Forwarded` element (IPv6 quoted and bracketed).
+    pub forwarded_for: String,
+}
+
+impl Peer {
+    pub fn new(ip: IpAddr) -> Peer {
+        let ip = ip.to_canonical();
+        let text = ip.to_string();
+        let forwarded_for = match ip {
+            IpAddr::V4(_) => format!("for={text}"),
+            IpAddr::V6(_) => format!("for=\"[{text}]\""),
+        };
+        // An IP address is always a valid header value.
+        let xff = HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { ip, xff, forwarded_for }
+    }
+}
+
 /// What the proxy knows about the hop it received the request on.
 pub struct Hop<'a> {
-    pub peer: IpAddr,
+    pub peer: &'a Peer,
     /// The peer is a configured trusted proxy: its forwarding headers stand.
     pub trusted: bool,
     /// `http` or `https`.
@@ -102,26 +166,25 @@ pub struct Hop<'a> {
 }
 
 /// Sets `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
-/// `Forwarded` for the next hop.
+/// `Forwarded` for the next hop. From an untrusted peer each is replaced
+/// (`insert` drops every earlier value); from a trusted one each is extended.
 pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
-    let mut peer = String::with_capacity(48);
-    let _ = write!(peer, "{}", hop.peer);
-
-    // X-Forwarded-For: the chain so far (if trusted) plus this peer.
+    let peer = hop.peer;
     let xff = if hop.trusted {
         joined(headers, &X_FORWARDED_FOR)
     } else {
         None
     };
-    let value = match xff {
+    match xff {
         Some(mut chain) => {
             chain.push_str(", ");
-            chain.push_str(&peer);
-            chain
+            chain.push_str(peer.xff.to_str().unwrap_or(""));
+            insert_string(headers, &X_FORWARDED_FOR, chain);
         }
-        None => peer.clone(),
-    };
-    insert_str(headers, &X_FORWARDED_FOR, &value);
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), peer.xff.clone());
+        }
+    }
 
     if !hop.trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(hop.proto));
@@ -138,29 +201,23 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
     }
 
     // Forwarded (RFC 7239): for=node;host="...";proto=...
-    let mut element = String::with_capacity(64);
-    element.push_str("for=");
-    match hop.peer {
-        IpAddr::V4(_) => element.push_str(&peer),
-        IpAddr::V6(_) => {
-            let _ = write!(element, "\"[{peer}]\"");
-        }
+    let earlier = if hop.trusted { joined(headers, &FORWARDED) } else { None };
+    let host = hop.host.and_then(|h| h.to_str().ok());
+    let mut value = String::with_capacity(
+        earlier.as_ref().map_or(0, |e| e.len() + 2) + peer.forwarded_for.len() + host.map_or(0, str::len) + 24,
+    );
+    if let Some(earlier) = &earlier {
+        value.push_str(earlier);
+        value.push_str(", ");
     }
-    if let Some(host) = hop.host.and_then(|h| h.to_str().ok()) {
-        element.push_str(";host=");
-        quoted(&mut element, host);
+    value.push_str(&peer.forwarded_for);
+    if let Some(host) = host {
+        value.push_str(";host=");
+        quoted(&mut value, host);
     }
-    element.push_str(";proto=");
-    element.push_str(hop.proto);
-    let forwarded = match if hop.trusted { joined(headers, &FORWARDED) } else { None } {
-        Some(mut chain) => {
-            chain.push_str(", ");
-            chain.push_str(&element);
-            chain
-        }
-        None => element,
-    };
-    insert_str(headers, &FORWARDED, &forwarded);
+    value.push_str(";proto=");
+    value.push_str(hop.proto);
+    insert_string(headers, &FORWARDED, value);
 }
 
 /// All values of a field joined with ", " (None if absent or not text).
@@ -182,8 +239,9 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     out
 }
 
-fn insert_str(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
+/// Inserts a value built in a `String` without copying it again.
+fn insert_string(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         Ok(v) => {
             headers.insert(name.clone(), v);
         }
@@ -195,6 +253,12 @@ fn insert_str(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
 
 /// Writes an RFC 9110 quoted-string.
 fn quoted(out: &mut String, text: &str) {
+    if !text.contains(['"', '\\']) {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     out.push('"');
     for c in text.chars() {
         if c == '"' || c == '\\' {
@@ -240,6 +304,20 @@ mod tests {
     }
 
     #[test]
+    fn connection_tokens_are_case_insensitive_and_may_repeat() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive"),
+            ("connection", " X-A ,x-b"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+        ]);
+        assert!(!strip_hop_by_hop(&mut h, false));
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-c"]);
+    }
+
+    #[test]
     fn upgrade_keeps_upgrade_and_connection() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert!(is_upgrade_request(&h));
@@ -271,7 +349,7 @@ mod tests {
         set_forwarding(
             &mut h,
             &Hop {
-                peer: "10.1.2.3".parse().expect("ip"),
+                peer: &Peer::new("10.1.2.3".parse().expect("ip")),
                 trusted: false,
                 proto: "http",
                 host: Some(&host),
@@ -295,7 +373,7 @@ mod tests {
         set_forwarding(
             &mut h,
             &Hop {
-                peer: "::1".parse().expect("ip"),
+                peer: &Peer::new("::1".parse().expect("ip")),
                 trusted: true,
                 proto: "http",
                 host: Some(&host),

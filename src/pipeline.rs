@@ -110,7 +110,7 @@ async fn forward(
     forwarding::set_forwarding(
         &mut parts.headers,
         &Hop {
-            peer: conn.peer.ip().to_canonical(),
+            peer: &conn.forwarded,
             trusted: conn.trusted,
             proto: "http",
             host: host.as_ref(),

@@ -259,6 +259,8 @@ impl AsyncWrite for WatchedIo {
 /// What a request knows about the connection it came on.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer as the forwarding headers write it, formatted once.
+    pub forwarded: crate::forwarding::Peer,
     pub local: SocketAddr,
     /// The peer is in `server.trusted_proxies` (decided once at accept).
     pub trusted: bool,

@@ -224,6 +224,7 @@ async fn accept_loop(
         };
         let info = Arc::new(conn::ConnInfo {
             peer,
+            forwarded: crate::forwarding::Peer::new(peer.ip()),
             local: local.unwrap_or(peer),
             trusted,
             tasks: tasks.clone(),
