@@ -69,7 +69,8 @@ async fn forward(
     // validate
     validate(&req, &config.limits)?;
     let host = request_host(&req)?;
-    let is_connect = req.method() == Method::CONNECT;
+    let kind = exchange_kind(&req);
+    let is_connect = kind == Exchange::Connect;
 
     // route
     let path = req.uri().path();
@@ -92,9 +93,10 @@ async fn forward(
     }
 
     let upstream = &snapshot.upstreams[route.upstream];
-    let upgrade = is_connect || (req.version() <= Version::HTTP_11 && forwarding::is_upgrade_request(req.headers()));
+    let upgrade = kind != Exchange::Plain;
     if upgrade && upstream.config.protocol == UpstreamProtocol::H2c {
-        // An HTTP/1.1 upgrade cannot ride an HTTP/2 upstream connection.
+        // Tunnels to HTTP/2 upstreams would need extended CONNECT upstream,
+        // which origins rarely enable: refused plainly instead.
         return Err(ProxyError::UpgradeFailed);
     }
     let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -105,8 +107,11 @@ async fn forward(
     // rewrite
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
-    forwarding::strip_hop_by_hop(&mut parts.headers, upgrade && !is_connect);
+    forwarding::strip_hop_by_hop(&mut parts.headers, kind == Exchange::Upgrade);
     parts.headers.remove(header::EXPECT);
+    if kind == Exchange::ExtendedConnect {
+        extended_connect_to_upgrade(&mut parts);
+    }
     forwarding::set_forwarding(
         &mut parts.headers,
         &Hop {
@@ -173,15 +178,23 @@ async fn forward(
 
     // respond
     let status = response.status();
-    let tunnel =
-        client_upgrade.is_some() && (status == StatusCode::SWITCHING_PROTOCOLS || (is_connect && status.is_success()));
+    let tunnel = match kind {
+        Exchange::Plain => false,
+        Exchange::Upgrade | Exchange::ExtendedConnect => status == StatusCode::SWITCHING_PROTOCOLS,
+        Exchange::Connect => status.is_success(),
+    };
     if let (true, Some(client_side)) = (tunnel, client_upgrade) {
         let upstream_side = hyper::upgrade::on(&mut response);
         conn.tasks
             .spawn(run_tunnel(client_side, upstream_side, conn.hard_stop.clone()));
     }
     let (mut parts, body) = response.into_parts();
-    forwarding::strip_hop_by_hop(&mut parts.headers, tunnel && !is_connect);
+    forwarding::strip_hop_by_hop(&mut parts.headers, tunnel && kind == Exchange::Upgrade);
+    if tunnel && kind == Exchange::ExtendedConnect {
+        // RFC 8441: the HTTP/2 side of a WebSocket is a 200 to the CONNECT.
+        parts.status = StatusCode::OK;
+        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    }
     if let Some(via) = &snapshot.via {
         forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);
     }
@@ -193,6 +206,79 @@ async fn forward(
         ProxyBody::upstream(body, lease, Some(deadline))
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// What kind of exchange a request starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exchange {
+    Plain,
+    /// HTTP/1.1 `Upgrade` (WebSocket and others): 101, then a tunnel.
+    Upgrade,
+    /// Classic `CONNECT host:port`: 2xx, then a tunnel.
+    Connect,
+    /// RFC 8441 / 9220 extended CONNECT over HTTP/2 (`:protocol`), carried to
+    /// an HTTP/1.1 upstream as an `Upgrade` request.
+    ExtendedConnect,
+}
+
+fn exchange_kind(req: &Request<Incoming>) -> Exchange {
+    if req.method() == Method::CONNECT {
+        if req.extensions().get::<hyper::ext::Protocol>().is_some() {
+            Exchange::ExtendedConnect
+        } else {
+            Exchange::Connect
+        }
+    } else if req.version() <= Version::HTTP_11 && forwarding::is_upgrade_request(req.headers()) {
+        Exchange::Upgrade
+    } else {
+        Exchange::Plain
+    }
+}
+
+/// Rewrites an extended CONNECT into the HTTP/1.1 upgrade request it
+/// stands for (RFC 8441 section 5): `GET` with `Upgrade: <protocol>`, and
+/// for WebSocket a fresh `Sec-WebSocket-Key` (the HTTP/2 side has none).
+fn extended_connect_to_upgrade(parts: &mut http::request::Parts) {
+    let protocol = parts
+        .extensions
+        .remove::<hyper::ext::Protocol>()
+        .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
+        .unwrap_or(HeaderValue::from_static("websocket"));
+    parts.method = Method::GET;
+    if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+        parts.headers.insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+    }
+    parts.headers.insert(header::UPGRADE, protocol);
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+}
+
+/// A WebSocket handshake nonce: 16 unpredictable bytes, base64.
+fn websocket_key() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bytes = [0u8; 16];
+    for half in bytes.chunks_mut(8) {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(Instant::now().elapsed().as_nanos() as u64);
+        half.copy_from_slice(&hasher.finish().to_le_bytes());
+    }
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(24);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or(HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
 }
 
 fn via_index(version: Version) -> usize {
@@ -364,5 +450,19 @@ async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, hard_stop: tokio_uti
             }
         }
         _ = hard_stop.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64_and_differ() {
+        let a = websocket_key();
+        let b = websocket_key();
+        assert_eq!(a.len(), 24);
+        assert!(a.to_str().expect("ascii").ends_with("=="));
+        assert_ne!(a, b);
     }
 }

@@ -558,9 +558,14 @@ async fn listener_protocols_can_be_restricted() {
     assert!(!out.starts_with("HTTP/1.1 200"), "{out}");
 }
 
-#[tokio::test]
-async fn websocket_upgrade_carries_bytes_both_ways_until_close() {
-    let origin = origin(|mut req| async move {
+/// A WebSocket-style origin: answers an upgrade with 101 and echoes bytes
+/// prefixed with `echo:` until the client closes. Refuses requests without
+/// a `Sec-WebSocket-Key`.
+async fn websocket_origin() -> Origin {
+    origin(|mut req| async move {
+        if req.headers().get("sec-websocket-key").is_none() {
+            return text(400, "no key");
+        }
         let asked = req.headers().get("upgrade").cloned();
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -591,7 +596,12 @@ async fn websocket_upgrade_carries_bytes_both_ways_until_close() {
         );
         r
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn websocket_upgrade_carries_bytes_both_ways_until_close() {
+    let origin = websocket_origin().await;
     let proxy = proxy_to(origin.addr).await;
     let mut client = h1(proxy.addr).await;
     let req = request(
@@ -703,4 +713,35 @@ async fn idle_pool_is_bounded_by_pool_size() {
     let pool = &snapshot.upstreams[0].servers[0].pool;
     assert_eq!(origin.connections(), 6);
     assert!(pool.idle_count() <= 2, "idle {}", pool.idle_count());
+}
+
+#[tokio::test]
+async fn http2_extended_connect_reaches_an_http1_websocket_origin() {
+    let origin = websocket_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    let mut client = h2(proxy.addr).await;
+    // A first request makes sure the server's SETTINGS (with
+    // ENABLE_CONNECT_PROTOCOL) have arrived.
+    let got = read(
+        client
+            .send_request(Request::get("http://test.local/").body(empty()).expect("req"))
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST, "a plain GET is not an upgrade");
+    let mut req = Request::connect("http://test.local/chat")
+        .header("sec-websocket-version", "13")
+        .body(empty())
+        .expect("req");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = client.send_request(req).await.expect("send");
+    assert_eq!(response.status(), StatusCode::OK, "RFC 8441: 200 on the HTTP/2 side");
+    assert!(response.headers().get("sec-websocket-accept").is_none());
+    let mut ws = TokioIo::new(hyper::upgrade::on(response).await.expect("client upgrade"));
+    ws.write_all(b"over h2").await.expect("write");
+    let mut buf = [0u8; 12];
+    ws.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"echo:over h2");
 }

@@ -79,7 +79,8 @@ impl ListenerRuntime {
             .max_header_list_size(limits.max_request_header_bytes as u32)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+            .enable_connect_protocol();
 
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
@@ -93,7 +94,8 @@ impl ListenerRuntime {
             .max_header_list_size(limits.max_request_header_bytes as u32)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
+            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+            .enable_connect_protocol();
 
         ListenerRuntime {
             name: listener.name.clone(),

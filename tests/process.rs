@@ -1,5 +1,5 @@
-//! Bodies stream with bounded memory: 2 GiB up and 2 GiB down through the
-//! real `portcullis` binary, whose peak RSS must stay under 64 MiB.
+//! The real `portcullis` binary: bodies stream with bounded memory (2 GiB up
+//! and 2 GiB down, peak RSS under 64 MiB) and SIGTERM drains, then exits 0.
 
 mod support;
 
@@ -155,4 +155,47 @@ async fn two_gib_up_and_two_gib_down_with_bounded_memory() {
         peak < RSS_LIMIT_KIB,
         "proxy peak RSS {peak} KiB exceeds {RSS_LIMIT_KIB} KiB"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let (release, released) = tokio::sync::watch::channel(false);
+    let origin = origin(move |_| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            text(200, "done")
+        }
+    })
+    .await;
+    let mut proxy = ProxyProcess::start(&basic_config(origin.addr));
+    let addr = proxy.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/slow").await });
+    while origin.requests() < 1 {
+        tokio::task::yield_now().await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &proxy.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // Listeners close at once: wait (bounded) until a connect is refused.
+    let mut refused = false;
+    for _ in 0..20_000 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(refused, "still accepting after SIGTERM");
+    release.send(true).expect("release");
+    let got = in_flight.await.expect("client");
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.text(), "done");
+    let exit = tokio::task::spawn_blocking(move || proxy.child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
 }
