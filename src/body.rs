@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::server::conn::InFlight;
+use crate::upstream::ServerGuard;
 use crate::upstream::pool::Lease;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -103,6 +104,8 @@ pub struct ProxyBody {
     /// Released when the body is dropped: marks the request done for the
     /// connection's idle / header timers.
     in_flight: Option<InFlight>,
+    /// Counts the request against its upstream server until the body ends.
+    server: Option<ServerGuard>,
 }
 
 enum Kind {
@@ -128,6 +131,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(Some(bytes.into())),
             in_flight: None,
+            server: None,
         }
     }
 
@@ -135,6 +139,7 @@ impl ProxyBody {
         ProxyBody {
             kind: Kind::Full(None),
             in_flight: None,
+            server: None,
         }
     }
 
@@ -148,11 +153,16 @@ impl ProxyBody {
                 sleep: None,
             }),
             in_flight: None,
+            server: None,
         }
     }
 
     pub fn set_in_flight(&mut self, guard: InFlight) {
         self.in_flight = Some(guard);
+    }
+
+    pub fn set_server_guard(&mut self, guard: ServerGuard) {
+        self.server = Some(guard);
     }
 }
 

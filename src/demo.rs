@@ -129,6 +129,7 @@ upstream = "app"
 
 [upstreams.app]
 servers = ["{}", "{}"]
+algorithm = "round_robin"
 
 [upstreams.api]
 servers = ["{api}"]

@@ -42,6 +42,10 @@ pub enum ProxyError {
     UpstreamProtocol,
     #[error("upstream refused the upgrade")]
     UpgradeFailed,
+    #[error("no healthy server in the upstream group")]
+    NoHealthyServer,
+    #[error("upstream group or server at its request limit")]
+    ConnectionLimit,
 
     // Internal.
     #[error("proxy internal error")]
@@ -68,6 +72,8 @@ impl ProxyError {
             ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
             UpstreamProtocol => (StatusCode::BAD_GATEWAY, Some("http_protocol_error")),
             UpgradeFailed => (StatusCode::BAD_GATEWAY, Some("http_upgrade_failed")),
+            NoHealthyServer => (StatusCode::SERVICE_UNAVAILABLE, Some("destination_unavailable")),
+            ConnectionLimit => (StatusCode::SERVICE_UNAVAILABLE, Some("connection_limit_reached")),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, Some("proxy_internal_error")),
         }
     }

@@ -33,6 +33,7 @@ use crate::forwarding::{self, Hop};
 use crate::server::conn::ConnInfo;
 use crate::state::Snapshot;
 use crate::upstream::pool::SendError;
+use crate::upstream::{Outcome, PickContext, balance};
 
 /// Serves one request: the upstream's response, or the proxy's error.
 pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, snapshot: &Arc<Snapshot>) -> Response<ProxyBody> {
@@ -101,10 +102,7 @@ async fn forward(
     }
     let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    // select
-    let server = upstream.pick().ok_or(ProxyError::DestinationUnavailable)?;
-
-    // rewrite
+    // rewrite (what does not depend on the server chosen)
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
     forwarding::strip_hop_by_hop(&mut parts.headers, kind == Exchange::Upgrade);
@@ -125,55 +123,127 @@ async fn forward(
         forwarding::append_via(&mut parts.headers, &via[via_index(downstream_version)]);
     }
     route.request_headers.apply(&mut parts.headers);
-    let upstream_host = if route.preserve_host {
-        host.clone()
-    } else {
-        Some(server.host_header.clone())
+    parts.uri = upstream_uri(&parts.uri, route, upstream.config.protocol, host.as_ref(), is_connect)?;
+    parts.version = match upstream.config.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::H2c => Version::HTTP_2,
     };
-    parts.uri = upstream_uri(
-        &parts.uri,
-        route,
-        upstream.config.protocol,
-        upstream_host.as_ref(),
-        is_connect,
-    )?;
-    match upstream.config.protocol {
-        UpstreamProtocol::Http1 => {
-            parts.version = Version::HTTP_11;
-            match upstream_host {
-                Some(h) => {
-                    parts.headers.insert(header::HOST, h);
-                }
-                None => {
-                    parts.headers.remove(header::HOST);
-                }
-            }
-        }
-        UpstreamProtocol::H2c => {
-            parts.version = Version::HTTP_2;
-            // :authority carries the host on HTTP/2.
-            parts.headers.remove(header::HOST);
-        }
-    }
+    set_upstream_host(&mut parts, upstream.config.protocol, host.as_ref());
+    // A request can be sent again after a failed exchange only if it is
+    // idempotent and has no body to replay (bodies stream, they are not kept).
+    // Connect failures need no copy: the pool hands the request back.
+    let replay = (upstream.servers.len() > 1
+        && upstream.config.retry.max_retries > 0
+        && !upgrade
+        && http_body::Body::is_end_stream(&body)
+        && is_idempotent(&parts.method))
+    .then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        )
+    });
     let body = if upgrade {
         RequestBody::empty()
     } else {
         RequestBody::new(body, config.limits.max_request_body_bytes)
     };
-    let upstream_req = Request::from_parts(parts, body);
-
-    // send
-    let deadline = started + config.timeouts.request;
-    let head_timeout = upstream
+    // The server the client is pinned to, if sticky sessions are on.
+    let pinned: Option<String> = upstream
         .config
-        .response_header_timeout
-        .min(deadline.saturating_duration_since(Instant::now()));
-    let addrs = server.resolved.load_full();
-    let (mut response, lease) = match tokio::time::timeout(head_timeout, server.pool.send(upstream_req, &addrs)).await {
-        Err(_) => return Err(ProxyError::ResponseTimeout),
-        Ok(Err(SendError::Connect(e))) => return Err(e),
-        Ok(Err(SendError::Exchange(e))) => return Err(classify(&e)),
-        Ok(Ok(pair)) => pair,
+        .sticky_cookie
+        .as_deref()
+        .and_then(|name| balance::cookie(&parts.headers, name).map(str::to_owned));
+    let mut pending = Some(Request::from_parts(parts, body));
+
+    // select + send, retrying on another server when that is safe
+    let deadline = started + config.timeouts.request;
+    upstream.budget.record_request(crate::upstream::health::now_ms());
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = ProxyError::NoHealthyServer;
+    let (mut response, lease, server_guard, chosen) = loop {
+        let mut upstream_req = match pending.take() {
+            Some(r) => r,
+            None => match &replay {
+                Some((method, uri, version, headers)) => {
+                    let mut r = Request::new(RequestBody::empty());
+                    *r.method_mut() = method.clone();
+                    *r.uri_mut() = uri.clone();
+                    *r.version_mut() = *version;
+                    *r.headers_mut() = headers.clone();
+                    r
+                }
+                None => return Err(last_error),
+            },
+        };
+        let picked = upstream.select(&PickContext {
+            client: conn.forwarded.ip,
+            headers: upstream_req.headers(),
+            path: upstream_req.uri().path(),
+            tried: &tried,
+        });
+        let (index, guard) = match picked {
+            Ok(pair) => pair,
+            // Nothing left to retry on: the previous failure is the answer.
+            Err(e) => return Err(if tried.is_empty() { e } else { last_error }),
+        };
+        let server = &upstream.servers[index];
+        if !route.preserve_host {
+            set_server_host(&mut upstream_req, upstream.config.protocol, &server.host_header);
+        }
+        let try_started = Instant::now();
+        let try_timeout = upstream
+            .config
+            .per_try_timeout
+            .min(deadline.saturating_duration_since(try_started));
+        let addrs = server.resolved.load_full();
+        let may_retry = |tried: &Vec<usize>| {
+            tried.len() < upstream.config.retry.max_retries as usize
+                && upstream.budget.try_retry(crate::upstream::health::now_ms())
+        };
+        match tokio::time::timeout(try_timeout, server.pool.send(upstream_req, &addrs)).await {
+            Ok(Ok((response, lease))) => {
+                upstream.record(
+                    index,
+                    Outcome::Response {
+                        status: response.status().as_u16(),
+                        latency: try_started.elapsed(),
+                    },
+                );
+                break (response, lease, guard, index);
+            }
+            Err(_) => {
+                // The origin may be working on it: never retried.
+                upstream.record(index, Outcome::Failed);
+                return Err(ProxyError::ResponseTimeout);
+            }
+            Ok(Err(SendError::Connect(e, returned))) => {
+                upstream.record(index, Outcome::Failed);
+                tracing::debug!(upstream = %upstream.config.name, server = %server.addr, error = %e, "connect failed");
+                last_error = e;
+                if !may_retry(&tried) {
+                    return Err(e);
+                }
+                tried.push(index);
+                pending = Some(*returned);
+            }
+            Ok(Err(SendError::Exchange(err))) => {
+                let e = classify(&err);
+                if matches!(e, ProxyError::BodyTooLarge | ProxyError::BadRequest) {
+                    // The client's fault, not the server's.
+                    return Err(e);
+                }
+                upstream.record(index, Outcome::Failed);
+                tracing::debug!(upstream = %upstream.config.name, server = %server.addr, error = %err, "exchange failed");
+                last_error = e;
+                if replay.is_none() || e != ProxyError::ConnectionTerminated || !may_retry(&tried) {
+                    return Err(e);
+                }
+                tried.push(index);
+            }
+        }
     };
 
     // respond
@@ -199,13 +269,61 @@ async fn forward(
         forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);
     }
     route.response_headers.apply(&mut parts.headers);
+    if let Some(cookie) = &upstream.config.sticky_cookie {
+        let id = &upstream.servers[chosen].sticky_id;
+        if pinned.as_deref() != Some(id.as_str()) {
+            if let Ok(v) = HeaderValue::from_str(&format!("{cookie}={id}; Path=/; HttpOnly; SameSite=Lax")) {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+        }
+    }
     parts.version = downstream_version;
     let body = if tunnel {
         ProxyBody::empty()
     } else {
-        ProxyBody::upstream(body, lease, Some(deadline))
+        let mut body = ProxyBody::upstream(body, lease, Some(deadline));
+        body.set_server_guard(server_guard);
+        body
     };
     Ok(Response::from_parts(parts, body))
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Sets `Host` (HTTP/1.1) for the client's host; HTTP/2 carries it in the
+/// URI's authority, set by [`upstream_uri`].
+fn set_upstream_host(parts: &mut http::request::Parts, protocol: UpstreamProtocol, host: Option<&HeaderValue>) {
+    match (protocol, host) {
+        (UpstreamProtocol::Http1, Some(h)) => {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        (UpstreamProtocol::Http1, None) | (UpstreamProtocol::H2c, _) => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+}
+
+/// `preserve_host = false`: the chosen server's `host:port` instead.
+fn set_server_host(req: &mut Request<RequestBody>, protocol: UpstreamProtocol, server_host: &HeaderValue) {
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            req.headers_mut().insert(header::HOST, server_host.clone());
+        }
+        UpstreamProtocol::H2c => {
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(authority) = http::uri::Authority::try_from(server_host.as_bytes()) {
+                parts.authority = Some(authority);
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
 }
 
 /// What kind of exchange a request starts.

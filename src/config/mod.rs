@@ -21,6 +21,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 
+pub use crate::upstream::balance::{Algorithm, HashKey};
+pub use crate::upstream::health::{CheckKind, CheckSettings, OutlierSettings, RetrySettings};
 pub use parse::parse;
 pub use reader::{ConfigError, ConfigErrors};
 
@@ -163,6 +165,8 @@ pub struct ServerAddr {
     pub port: u16,
     /// Set when `host` is an IP literal: no resolution needed.
     pub literal: Option<SocketAddr>,
+    /// Relative share of traffic (default 1).
+    pub weight: u32,
 }
 
 impl std::fmt::Display for ServerAddr {
@@ -186,6 +190,19 @@ pub struct UpstreamConfig {
     pub resolve_interval: Duration,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
+    pub algorithm: Algorithm,
+    /// Name of the cookie that pins a client to a server, if any.
+    pub sticky_cookie: Option<String>,
+    pub health_check: Option<CheckSettings>,
+    pub outlier: OutlierSettings,
+    /// Weight ramp after a server (re)joins; zero means none.
+    pub slow_start: Duration,
+    pub retry: RetrySettings,
+    /// Timeout of each try (at most the response header timeout).
+    pub per_try_timeout: Duration,
+    /// Circuit breakers: most requests in flight to the group / one server.
+    pub max_requests: Option<u32>,
+    pub max_requests_per_server: Option<u32>,
 }
 
 impl Config {

@@ -31,6 +31,17 @@ pub mod defaults {
     pub const POOL_SIZE: u64 = 64;
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const OUTLIER_CONSECUTIVE_FAILURES: u64 = 5;
+    pub const OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(30);
+    pub const OUTLIER_MAX_EJECTION: Duration = Duration::from_secs(300);
+    pub const OUTLIER_MAX_EJECTED_PERCENT: u64 = 50;
+    pub const MAX_RETRIES: u64 = 2;
+    pub const RETRY_BUDGET_PERCENT: u64 = 20;
+    pub const RETRY_MIN_PER_SECOND: u64 = 3;
+    pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
+    pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const CHECK_HEALTHY_THRESHOLD: u64 = 2;
+    pub const CHECK_UNHEALTHY_THRESHOLD: u64 = 3;
 }
 
 /// Walks the whole tree and returns the config or every error found.
@@ -275,24 +286,7 @@ fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<
                 &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)],
             )
             .unwrap_or(UpstreamProtocol::Http1);
-        let mut servers = Vec::new();
-        match t.str_or_strs("servers") {
-            None if t.get("servers").is_none() => {
-                t.error("servers", "required: a list of servers such as [\"10.0.0.1:8080\"]")
-            }
-            None => {}
-            Some(list) => {
-                if list.is_empty() {
-                    t.error("servers", "must list at least one server");
-                }
-                for (server_path, text) in list {
-                    match parse_server(text) {
-                        Ok(addr) => servers.push(addr),
-                        Err(why) => errors.push(server_path, why),
-                    }
-                }
-            }
-        }
+        let servers = read_servers(&t, errors);
         let pool_size = match t.uint("pool_size") {
             Some(n) if n > 100_000 => {
                 t.error("pool_size", format!("must be at most 100000, found {n}"));
@@ -301,6 +295,21 @@ fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<
             Some(n) => n,
             None => defaults::POOL_SIZE,
         } as usize;
+        let response_header_timeout =
+            positive_duration(&t, "response_header_timeout", timeouts.upstream_response_header);
+        let algorithm = read_algorithm(&t);
+        let sticky_cookie = t.str("sticky_cookie").and_then(|c| {
+            if c.is_empty() || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                t.error(
+                    "sticky_cookie",
+                    format!("\"{c}\" is not a cookie name (letters, digits, '_', '-')"),
+                );
+                None
+            } else {
+                Some(c.to_owned())
+            }
+        });
+        let (retry, per_try_timeout) = read_retry(t.table("retry"), response_header_timeout);
         let upstream = UpstreamConfig {
             name: name.clone(),
             servers,
@@ -309,16 +318,263 @@ fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<
             idle_timeout: positive_duration(&t, "idle_timeout", defaults::POOL_IDLE_TIMEOUT),
             resolve_interval: positive_duration(&t, "resolve_interval", defaults::RESOLVE_INTERVAL),
             connect_timeout: positive_duration(&t, "connect_timeout", timeouts.connect),
-            response_header_timeout: positive_duration(
-                &t,
-                "response_header_timeout",
-                timeouts.upstream_response_header,
-            ),
+            response_header_timeout,
+            algorithm,
+            sticky_cookie,
+            health_check: t.table("health_check").map(read_health_check),
+            outlier: read_outlier(t.table("outlier")),
+            slow_start: t.duration("slow_start").unwrap_or(Duration::ZERO),
+            retry,
+            per_try_timeout,
+            max_requests: optional_limit(&t, "max_requests"),
+            max_requests_per_server: optional_limit(&t, "max_requests_per_server"),
         };
         t.finish();
         upstreams.push(upstream);
     }
     upstreams
+}
+
+/// `servers = ["a:80", { address = "b:80", weight = 3 }]`.
+fn read_servers(t: &Table<'_>, errors: &Errors) -> Vec<ServerAddr> {
+    let mut servers = Vec::new();
+    let Some(value) = t.get("servers") else {
+        t.error("servers", "required: a list of servers such as [\"10.0.0.1:8080\"]");
+        return servers;
+    };
+    let path = t.path_of("servers");
+    let items: Vec<&Value> = match value {
+        Value::String(_) => vec![value],
+        Value::Array(items) => items.iter().collect(),
+        other => {
+            errors.push(
+                path,
+                format!("expected an array of servers, found {}", other.type_str()),
+            );
+            return servers;
+        }
+    };
+    if items.is_empty() {
+        errors.push(&path, "must list at least one server");
+    }
+    for (i, item) in items.into_iter().enumerate() {
+        let item_path = format!("{path}[{i}]");
+        let (text, weight) = match item {
+            Value::String(s) => (s.as_str(), 1),
+            Value::Table(_) => {
+                let Some(st) = Table::new(item, item_path.clone(), errors) else {
+                    continue;
+                };
+                let address = st.str("address");
+                let weight = match st.uint("weight") {
+                    Some(w) if w == 0 || w > 10_000 => {
+                        st.error("weight", format!("must be between 1 and 10000, found {w}"));
+                        1
+                    }
+                    Some(w) => w as u32,
+                    None => 1,
+                };
+                if address.is_none() && st.get("address").is_none() {
+                    st.error("address", "required: host:port of the server");
+                }
+                st.finish();
+                match address {
+                    Some(a) => (a, weight),
+                    None => continue,
+                }
+            }
+            other => {
+                errors.push(
+                    item_path,
+                    format!("expected a string or a table, found {}", other.type_str()),
+                );
+                continue;
+            }
+        };
+        match parse_server(text) {
+            Ok(mut addr) => {
+                addr.weight = weight;
+                if servers
+                    .iter()
+                    .any(|s: &ServerAddr| s.host == addr.host && s.port == addr.port)
+                {
+                    errors.push(item_path, format!("server \"{text}\" is listed twice"));
+                } else {
+                    servers.push(addr);
+                }
+            }
+            Err(why) => errors.push(item_path, why),
+        }
+    }
+    servers
+}
+
+fn read_algorithm(t: &Table<'_>) -> Algorithm {
+    let choices = [
+        ("p2c_ewma", 0u8),
+        ("round_robin", 1),
+        ("least_requests", 2),
+        ("random", 3),
+        ("consistent_hash", 4),
+    ];
+    let key = t.str("hash_key");
+    let algorithm = match t.choice("algorithm", &choices).unwrap_or(0) {
+        1 => Algorithm::RoundRobin,
+        2 => Algorithm::LeastRequests,
+        3 => Algorithm::Random,
+        4 => {
+            let hash_key = match key {
+                None => {
+                    t.error("hash_key", "required with algorithm = \"consistent_hash\": \"client_ip\", \"path\", \"header:NAME\" or \"cookie:NAME\"");
+                    HashKey::ClientIp
+                }
+                Some(k) => parse_hash_key(k).unwrap_or_else(|why| {
+                    t.error("hash_key", why);
+                    HashKey::ClientIp
+                }),
+            };
+            return Algorithm::ConsistentHash(hash_key);
+        }
+        _ => Algorithm::P2cEwma,
+    };
+    if key.is_some() {
+        t.error("hash_key", "only applies to algorithm = \"consistent_hash\"");
+    }
+    algorithm
+}
+
+fn parse_hash_key(text: &str) -> Result<HashKey, String> {
+    match text.split_once(':') {
+        None if text == "client_ip" => Ok(HashKey::ClientIp),
+        None if text == "path" => Ok(HashKey::Path),
+        Some(("header", name)) => HeaderName::from_bytes(name.trim().as_bytes())
+            .map(HashKey::Header)
+            .map_err(|_| format!("invalid header name \"{name}\"")),
+        Some(("cookie", name)) if !name.trim().is_empty() => Ok(HashKey::Cookie(name.trim().to_owned())),
+        _ => Err(format!(
+            "unknown hash key \"{text}\", expected \"client_ip\", \"path\", \"header:NAME\" or \"cookie:NAME\""
+        )),
+    }
+}
+
+fn read_retry(table: Option<Table<'_>>, response_header_timeout: Duration) -> (RetrySettings, Duration) {
+    let mut retry = RetrySettings {
+        max_retries: defaults::MAX_RETRIES as u32,
+        budget_percent: defaults::RETRY_BUDGET_PERCENT as u32,
+        min_per_second: defaults::RETRY_MIN_PER_SECOND as u32,
+    };
+    let Some(t) = table else {
+        return (retry, response_header_timeout);
+    };
+    retry.max_retries = bounded(&t, "max_retries", defaults::MAX_RETRIES, 0, 10) as u32;
+    retry.budget_percent = bounded(&t, "budget_percent", defaults::RETRY_BUDGET_PERCENT, 0, 100) as u32;
+    retry.min_per_second = bounded(&t, "min_per_second", defaults::RETRY_MIN_PER_SECOND, 0, 10_000) as u32;
+    let per_try = positive_duration(&t, "per_try_timeout", response_header_timeout).min(response_header_timeout);
+    t.finish();
+    (retry, per_try)
+}
+
+fn read_outlier(table: Option<Table<'_>>) -> OutlierSettings {
+    let mut outlier = OutlierSettings {
+        consecutive_failures: defaults::OUTLIER_CONSECUTIVE_FAILURES as u32,
+        base_ejection: defaults::OUTLIER_BASE_EJECTION,
+        max_ejection: defaults::OUTLIER_MAX_EJECTION,
+        max_ejected_percent: defaults::OUTLIER_MAX_EJECTED_PERCENT as u32,
+    };
+    let Some(t) = table else { return outlier };
+    outlier.consecutive_failures = bounded(
+        &t,
+        "consecutive_failures",
+        defaults::OUTLIER_CONSECUTIVE_FAILURES,
+        0,
+        1000,
+    ) as u32;
+    outlier.base_ejection = positive_duration(&t, "base_ejection_time", outlier.base_ejection);
+    outlier.max_ejection = positive_duration(&t, "max_ejection_time", outlier.max_ejection);
+    if outlier.max_ejection < outlier.base_ejection {
+        t.error("max_ejection_time", "must not be shorter than base_ejection_time");
+    }
+    outlier.max_ejected_percent =
+        bounded(&t, "max_ejected_percent", defaults::OUTLIER_MAX_EJECTED_PERCENT, 0, 100) as u32;
+    t.finish();
+    outlier
+}
+
+fn read_health_check(t: Table<'_>) -> CheckSettings {
+    let kind = t.choice("type", &[("http", true), ("tcp", false)]).unwrap_or(true);
+    let kind = if kind {
+        let method = match t.str("method") {
+            Some(m) => http::Method::from_bytes(m.as_bytes()).unwrap_or_else(|_| {
+                t.error("method", format!("invalid method \"{m}\""));
+                http::Method::GET
+            }),
+            None => http::Method::GET,
+        };
+        let path = match t.str("path") {
+            Some(p) if p.starts_with('/') && http::uri::PathAndQuery::try_from(p).is_ok() => p.to_owned(),
+            Some(p) => {
+                t.error("path", format!("\"{p}\" must be a path starting with \"/\""));
+                "/".to_owned()
+            }
+            None => "/".to_owned(),
+        };
+        let status = match t.get("expected_status") {
+            None => (200, 399),
+            Some(Value::Integer(n)) if (100..=599).contains(n) => (*n as u16, *n as u16),
+            Some(Value::String(range)) => match range
+                .split_once('-')
+                .map(|(a, b)| (a.trim().parse::<u16>(), b.trim().parse::<u16>()))
+            {
+                Some((Ok(a), Ok(b))) if (100..=599).contains(&a) && (a..=599).contains(&b) => (a, b),
+                _ => {
+                    t.error(
+                        "expected_status",
+                        format!("\"{range}\" is not a status range such as \"200-399\""),
+                    );
+                    (200, 399)
+                }
+            },
+            Some(other) => {
+                t.error(
+                    "expected_status",
+                    format!(
+                        "expected a status (200) or a range (\"200-399\"), found {}",
+                        other.type_str()
+                    ),
+                );
+                (200, 399)
+            }
+        };
+        CheckKind::Http {
+            method,
+            path,
+            host: t.str("host").map(str::to_owned),
+            status,
+            body_contains: t.str("body_contains").map(str::to_owned),
+        }
+    } else {
+        CheckKind::Tcp
+    };
+    let settings = CheckSettings {
+        kind,
+        interval: positive_duration(&t, "interval", defaults::CHECK_INTERVAL),
+        timeout: positive_duration(&t, "timeout", defaults::CHECK_TIMEOUT),
+        healthy_threshold: bounded(&t, "healthy_threshold", defaults::CHECK_HEALTHY_THRESHOLD, 1, 100) as u32,
+        unhealthy_threshold: bounded(&t, "unhealthy_threshold", defaults::CHECK_UNHEALTHY_THRESHOLD, 1, 100) as u32,
+    };
+    t.finish();
+    settings
+}
+
+fn optional_limit(t: &Table<'_>, key: &'static str) -> Option<u32> {
+    match t.uint(key) {
+        Some(0) => {
+            t.error(key, "must be at least 1 (leave it out for no limit)");
+            None
+        }
+        Some(n) => Some(n.min(u64::from(u32::MAX)) as u32),
+        None => None,
+    }
 }
 
 fn check_name(name: &str) -> Result<(), String> {
@@ -344,6 +600,7 @@ pub fn parse_server(text: &str) -> Result<ServerAddr, String> {
             host: addr.ip().to_string(),
             port: addr.port(),
             literal: Some(addr),
+            weight: 1,
         });
     }
     let Some((host, port)) = text.rsplit_once(':') else {
@@ -373,6 +630,7 @@ pub fn parse_server(text: &str) -> Result<ServerAddr, String> {
         host: host.to_ascii_lowercase(),
         port,
         literal: None,
+        weight: 1,
     })
 }
 

@@ -4,19 +4,32 @@
 //! An [`Upstream`] is built from an [`UpstreamConfig`] when a snapshot is
 //! built. Servers given by DNS name are resolved then (an unresolvable name
 //! fails the load) and again every `resolve_interval` by a background task
-//! that also sweeps idle connections; the task holds only a weak reference
-//! and ends when the snapshot is dropped.
+//! that also sweeps idle connections; active health checks run in one task
+//! per server. Every task ends when the group is dropped (its
+//! `CancellationToken` is cancelled on drop), so a reload leaks none.
+//!
+//! [`Upstream::select`] picks a server for a request: candidates are the
+//! servers that are healthy, not ejected, not draining, not full and not
+//! yet tried by this request; [`balance::pick`] chooses among them.
+//! [`Upstream::record`] feeds each outcome back (latency, passive health).
 
+pub mod balance;
+pub mod health;
 pub mod pool;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, ServerAddr, UpstreamConfig};
+use crate::error::ProxyError;
+use balance::{Algorithm, Candidate, Ring, Rng, RoundRobinState};
+use health::{RetryBudget, ServerHealth, ServerSettings, ServerStatus, now_ms};
 use pool::{PoolSettings, ServerPool};
 
 /// One server of a group.
@@ -27,13 +40,57 @@ pub struct Server {
     /// The addresses the name resolved to, most recent resolution.
     pub resolved: ArcSwap<Vec<SocketAddr>>,
     pub pool: Arc<ServerPool>,
+    pub health: Arc<ServerHealth>,
+    /// Opaque id for sticky cookies: a hash, never the address.
+    pub sticky_id: String,
+    settings: ServerSettings,
 }
 
 /// An upstream group of one snapshot.
 pub struct Upstream {
     pub config: UpstreamConfig,
     pub servers: Vec<Arc<Server>>,
-    next: AtomicUsize,
+    pub budget: RetryBudget,
+    ring: Ring,
+    round_robin: Mutex<RoundRobinState>,
+    in_flight: std::sync::atomic::AtomicU32,
+    /// Cancelled when the group is dropped: ends its background tasks.
+    tasks: CancellationToken,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.tasks.cancel();
+    }
+}
+
+/// What a request offers the balancer.
+pub struct PickContext<'a> {
+    pub client: IpAddr,
+    pub headers: &'a http::HeaderMap,
+    pub path: &'a str,
+    /// Servers this request already tried (retries go elsewhere).
+    pub tried: &'a [usize],
+}
+
+/// A request in flight to a server: counted until dropped (it rides in the
+/// response body, so least-requests sees requests until they finish).
+pub struct ServerGuard {
+    upstream: Arc<Upstream>,
+    server: usize,
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.upstream.servers.get(self.server) {
+            s.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.upstream.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::from_entropy());
 }
 
 impl Upstream {
@@ -60,33 +117,185 @@ impl Upstream {
             };
             let host_header =
                 HeaderValue::from_str(&addr.to_string()).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+            let sticky_id = format!("{:016x}", balance::hash64(format!("{}|{addr}", config.name).as_bytes()));
             servers.push(Arc::new(Server {
                 addr: addr.clone(),
                 host_header,
                 resolved: ArcSwap::from_pointee(resolved),
                 pool: Arc::new(ServerPool::new(settings.clone())),
+                health: Arc::new(ServerHealth::default()),
+                sticky_id,
+                settings: ServerSettings {
+                    weight: addr.weight,
+                    slow_start: config.slow_start,
+                },
             }));
         }
         if !errors.is_empty() {
             return Err(errors);
         }
+        let ring = match config.algorithm {
+            Algorithm::ConsistentHash(_) => Ring::new(
+                &servers
+                    .iter()
+                    .map(|s| (s.addr.to_string(), s.addr.weight))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => Ring::default(),
+        };
         let upstream = Arc::new(Upstream {
             config: config.clone(),
             servers,
-            next: AtomicUsize::new(0),
+            budget: RetryBudget::new(config.retry),
+            ring,
+            round_robin: Mutex::new(RoundRobinState::default()),
+            in_flight: std::sync::atomic::AtomicU32::new(0),
+            tasks: CancellationToken::new(),
         });
-        tokio::spawn(maintain(Arc::downgrade(&upstream)));
+        tokio::spawn(maintain(Arc::downgrade(&upstream), upstream.tasks.clone()));
+        if let Some(check) = &config.health_check {
+            for (index, server) in upstream.servers.iter().enumerate() {
+                tokio::spawn(health_check_loop(
+                    upstream.config.name.clone(),
+                    index,
+                    server.clone(),
+                    check.clone(),
+                    upstream.tasks.clone(),
+                ));
+            }
+        }
         Ok(upstream)
     }
 
-    /// Picks the next server, round robin.
-    pub fn pick(&self) -> Option<&Arc<Server>> {
-        if self.servers.is_empty() {
-            return None;
+    /// Chooses a server for a request and counts it in flight.
+    pub fn select(self: &Arc<Self>, ctx: &PickContext<'_>) -> Result<(usize, ServerGuard), ProxyError> {
+        if let Some(max) = self.config.max_requests {
+            if self.in_flight.load(Ordering::Relaxed) >= max {
+                return Err(ProxyError::ConnectionLimit);
+            }
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
-        self.servers.get(i)
+        let now = now_ms();
+        let mut candidates = Vec::with_capacity(self.servers.len());
+        let mut full = false;
+        for (index, server) in self.servers.iter().enumerate() {
+            if ctx.tried.contains(&index) || server.health.status(now) != ServerStatus::Healthy {
+                continue;
+            }
+            let in_flight = server.health.in_flight.load(Ordering::Relaxed);
+            if self.config.max_requests_per_server.is_some_and(|max| in_flight >= max) {
+                full = true;
+                continue;
+            }
+            candidates.push(Candidate {
+                index,
+                weight: server.health.effective_weight(&server.settings, now),
+                in_flight,
+                latency_us: server.health.latency_us(),
+            });
+        }
+        if candidates.is_empty() {
+            return Err(if full {
+                ProxyError::ConnectionLimit
+            } else {
+                ProxyError::NoHealthyServer
+            });
+        }
+        let sticky = self.config.sticky_cookie.as_deref().and_then(|name| {
+            let id = balance::cookie(ctx.headers, name)?;
+            candidates
+                .iter()
+                .find(|c| self.servers[c.index].sticky_id == id)
+                .map(|c| c.index)
+        });
+        let chosen = match sticky {
+            Some(index) => index,
+            None => {
+                let hash = match &self.config.algorithm {
+                    Algorithm::ConsistentHash(key) => balance::request_hash(key, ctx.client, ctx.headers, ctx.path),
+                    _ => None,
+                };
+                let mut rr = self.round_robin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                RNG.with(|rng| {
+                    balance::pick(
+                        &self.config.algorithm,
+                        &candidates,
+                        &mut rr,
+                        &self.ring,
+                        hash,
+                        &mut rng.borrow_mut(),
+                    )
+                })
+                .ok_or(ProxyError::NoHealthyServer)?
+            }
+        };
+        self.servers[chosen].health.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok((
+            chosen,
+            ServerGuard {
+                upstream: self.clone(),
+                server: chosen,
+            },
+        ))
     }
+
+    /// Feeds the outcome of one try back: latency of a response head, and
+    /// passive health (a connect failure or a 5xx counts against the server).
+    pub fn record(&self, server: usize, outcome: Outcome) {
+        let Some(s) = self.servers.get(server) else { return };
+        let now = now_ms();
+        match outcome {
+            Outcome::Response { status, latency } => {
+                s.health.observe_latency(latency.as_secs_f64() * 1e6, now);
+                if matches!(status, 500 | 502 | 503 | 504) {
+                    self.failure(server, now);
+                } else {
+                    s.health.record_success();
+                }
+            }
+            Outcome::Failed => self.failure(server, now),
+        }
+    }
+
+    fn failure(&self, server: usize, now: u64) {
+        let ejected = self
+            .servers
+            .iter()
+            .filter(|s| s.health.status(now) == ServerStatus::Ejected)
+            .count();
+        let allowed = health::may_eject(self.servers.len(), ejected, self.config.outlier.max_ejected_percent);
+        let s = &self.servers[server];
+        if let Some(duration) = s.health.record_failure(&self.config.outlier, now, allowed) {
+            tracing::warn!(
+                upstream = %self.config.name,
+                server = %s.addr,
+                ejections = s.health.ejections(),
+                "server ejected for {:?} after {} consecutive failures",
+                duration,
+                self.config.outlier.consecutive_failures
+            );
+        }
+    }
+
+    /// Status of every server, for tests, metrics and the admin API.
+    pub fn statuses(&self) -> Vec<(String, ServerStatus)> {
+        let now = now_ms();
+        self.servers
+            .iter()
+            .map(|s| (s.addr.to_string(), s.health.status(now)))
+            .collect()
+    }
+}
+
+/// How one try ended, for [`Upstream::record`].
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Response {
+        status: u16,
+        latency: Duration,
+    },
+    /// Connect failure, reset, timeout or invalid response.
+    Failed,
 }
 
 /// Resolves a server: a literal is returned as is.
@@ -108,7 +317,14 @@ async fn resolve(addr: &ServerAddr) -> Result<Vec<SocketAddr>, String> {
 }
 
 /// Re-resolves names and sweeps idle connections until the group is dropped.
-async fn maintain(upstream: Weak<Upstream>) {
+async fn maintain(upstream: Weak<Upstream>, cancel: CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = maintain_loop(upstream) => {}
+    }
+}
+
+async fn maintain_loop(upstream: Weak<Upstream>) {
     let Some(first) = upstream.upgrade() else { return };
     let period = first.config.resolve_interval.min(first.config.idle_timeout);
     let has_names = first.servers.iter().any(|s| s.addr.literal.is_none());
@@ -139,6 +355,52 @@ async fn maintain(upstream: Weak<Upstream>) {
                     Err(why) => tracing::warn!(upstream = %up.config.name, "{why}; keeping previous addresses"),
                 }
             }
+        }
+    }
+}
+
+/// Runs one server's active health check until the group is dropped.
+async fn health_check_loop(
+    upstream: String,
+    index: usize,
+    server: Arc<Server>,
+    settings: health::CheckSettings,
+    cancel: CancellationToken,
+) {
+    let mut counter = health::CheckCounter::default();
+    // Each server starts at its own offset, and every interval varies by up
+    // to 10%, so checks from many proxies do not arrive in step.
+    let mut rng = Rng::seeded(balance::hash64(
+        format!("{upstream}{index}{:?}", std::time::Instant::now()).as_bytes(),
+    ));
+    let jitter = |rng: &mut Rng, base: Duration| {
+        let spread = (base.as_millis() as u64 / 10).max(1);
+        base - Duration::from_millis(spread / 2) + Duration::from_millis(rng.below(spread))
+    };
+    let first = Duration::from_millis(rng.below((settings.interval.as_millis() as u64 / 10).max(1)));
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = tokio::time::sleep(first) => {}
+    }
+    loop {
+        let addrs = server.resolved.load_full();
+        let ok = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ok = health::run_check(&settings, &addrs, &server.addr) => ok,
+        };
+        let healthy = server.health.checked_healthy.load(Ordering::Relaxed);
+        if let Some(now_healthy) = counter.record(ok, healthy, &settings) {
+            server.health.checked_healthy.store(now_healthy, Ordering::Relaxed);
+            if now_healthy {
+                server.health.rejoined(now_ms());
+                tracing::info!(%upstream, server = %server.addr, "server passed its health checks: back in rotation");
+            } else {
+                tracing::warn!(%upstream, server = %server.addr, "server failed its health checks: out of rotation");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(jitter(&mut rng, settings.interval)) => {}
         }
     }
 }

@@ -159,11 +159,14 @@ impl ServerPool {
                 },
             }
         }
-        let stream = self.connect(addrs).await?;
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|_| SendError::Connect(ProxyError::UpstreamProtocol))?;
+        let stream = match self.connect(addrs).await {
+            Ok(stream) => stream,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
+        let (mut sender, conn) = match http1::Builder::new().handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(_) => return Err(SendError::Connect(ProxyError::UpstreamProtocol, Box::new(req))),
+        };
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");
@@ -182,11 +185,14 @@ impl ServerPool {
     }
 
     async fn send_h2(&self, req: Request<RequestBody>, addrs: &[SocketAddr]) -> Result<Response<Incoming>, SendError> {
-        let mut sender = self.h2_sender(addrs).await?;
+        let mut sender = match self.h2_sender(addrs).await {
+            Ok(sender) => sender,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
         sender.send_request(req).await.map_err(SendError::Exchange)
     }
 
-    async fn h2_sender(&self, addrs: &[SocketAddr]) -> Result<http2::SendRequest<RequestBody>, SendError> {
+    async fn h2_sender(&self, addrs: &[SocketAddr]) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         if let Some(sender) = self.live_h2() {
             return Ok(sender);
         }
@@ -201,7 +207,7 @@ impl ServerPool {
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|_| SendError::Connect(ProxyError::UpstreamProtocol))?;
+            .map_err(|_| ProxyError::UpstreamProtocol)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection closed with an error");
@@ -219,7 +225,7 @@ impl ServerPool {
     }
 
     /// Opens a TCP connection to the first address that accepts one.
-    async fn connect(&self, addrs: &[SocketAddr]) -> Result<TcpStream, SendError> {
+    async fn connect(&self, addrs: &[SocketAddr]) -> Result<TcpStream, ProxyError> {
         let mut last = ProxyError::DnsError;
         for addr in addrs {
             match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr)).await {
@@ -245,14 +251,14 @@ impl ServerPool {
                 }
             }
         }
-        Err(SendError::Connect(last))
+        Err(last)
     }
 }
 
 /// Why a send failed: before a connection existed, or during the exchange.
-#[derive(Debug)]
 pub enum SendError {
-    /// No byte of the request was sent: safe to try another server.
-    Connect(ProxyError),
+    /// No byte of the request was sent: the request comes back, and may be
+    /// tried on another server whatever its method.
+    Connect(ProxyError, Box<Request<RequestBody>>),
     Exchange(hyper::Error),
 }

@@ -56,9 +56,15 @@ pub struct Origin {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Origin {
+    /// Stops listening and cuts every open connection, like a crash.
+    pub fn kill(&self) {
+        self.stop.cancel();
+    }
+
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
@@ -82,20 +88,34 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<TestBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    origin_on("127.0.0.1:0".parse().expect("addr"), proto, handler).await
+}
+
+/// An origin on a given address (to bring a killed one back on its port).
+pub async fn origin_on<F, Fut>(bind: SocketAddr, proto: Proto, handler: F) -> Origin
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind(bind).await.expect("bind origin");
     let addr = listener.local_addr().expect("origin addr");
     let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let handler = Arc::new(handler);
     let (c, r) = (connections.clone(), requests.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let accept_stop = stop.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let accepted = tokio::select! {
+                _ = accept_stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
             };
+            let Ok((stream, _)) = accepted else { continue };
             c.fetch_add(1, Ordering::SeqCst);
             let handler = handler.clone();
             let r = r.clone();
+            let conn_stop = accept_stop.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     r.fetch_add(1, Ordering::SeqCst);
@@ -107,9 +127,10 @@ where
                     Proto::Http1 => builder.http1_only(),
                     Proto::H2 => builder.http2_only(),
                 };
-                let _ = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
+                tokio::select! {
+                    _ = conn_stop.cancelled() => {}
+                    _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service) => {}
+                }
             });
         }
     });
@@ -117,6 +138,7 @@ where
         addr,
         connections,
         requests,
+        stop,
     }
 }
 
