@@ -394,3 +394,17 @@ async fn consistent_hash_sends_a_key_to_one_server() {
     let distinct: std::collections::HashSet<&String> = seen.values().collect();
     assert!(distinct.len() >= 2, "30 keys should spread over several servers");
 }
+
+#[tokio::test]
+async fn background_tasks_end_with_their_snapshot() {
+    let a = named("a").await;
+    let config = group_config(&[a.addr], "[upstreams.app.health_check]\ninterval = \"20ms\"");
+    let proxy = start_proxy(&config).await;
+    let tasks = proxy.snapshot.load().upstreams[0].background_tasks();
+    assert!(!tasks.is_cancelled());
+    proxy.shutdown().await;
+    assert!(
+        tasks.is_cancelled(),
+        "dropping the snapshot ends its health checks and maintenance"
+    );
+}

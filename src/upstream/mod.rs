@@ -277,6 +277,12 @@ impl Upstream {
         }
     }
 
+    /// The token that ends this group's background tasks (cancelled when the
+    /// group is dropped); for tests and the admin API.
+    pub fn background_tasks(&self) -> CancellationToken {
+        self.tasks.clone()
+    }
+
     /// Status of every server, for tests, metrics and the admin API.
     pub fn statuses(&self) -> Vec<(String, ServerStatus)> {
         let now = now_ms();
