@@ -107,8 +107,35 @@ fn escape(text: &str) -> String {
         .collect()
 }
 
-/// The demo's config: `listen` in front of the three origins.
-pub fn config(listen: SocketAddr, app: [SocketAddr; 2], api: SocketAddr) -> Result<Config, ConfigErrors> {
+/// Writes a fresh self-signed certificate for `localhost` and `127.0.0.1`
+/// into `dir`; returns the certificate and key paths.
+pub fn self_signed_certificate(dir: &std::path::Path) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(dir)?;
+    let cert = dir.join("demo-cert.pem");
+    let key = dir.join("demo-key.pem");
+    std::fs::write(&cert, generated.cert.pem())?;
+    std::fs::write(&key, generated.signing_key.serialize_pem())?;
+    Ok((cert, key))
+}
+
+/// The demo's config: `listen` (and, with `tls`, an HTTPS listener) in front
+/// of the three origins.
+pub fn config(
+    listen: SocketAddr,
+    tls: Option<(SocketAddr, &std::path::Path, &std::path::Path)>,
+    app: [SocketAddr; 2],
+    api: SocketAddr,
+) -> Result<Config, ConfigErrors> {
+    let tls_listener = match tls {
+        Some((addr, cert, key)) => format!(
+            "[[listeners]]\nname = \"https\"\nbind = \"{addr}\"\n[listeners.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+        None => String::new(),
+    };
     let text = format!(
         r#"
 [server]
@@ -117,6 +144,8 @@ drain_timeout = "5s"
 [[listeners]]
 bind = "{listen}"
 protocol = "auto"
+
+{tls_listener}
 
 [[routes]]
 path = "/api/"

@@ -38,9 +38,13 @@ enum Command {
     },
     /// Run the proxy in front of three built-in demo origins.
     Demo {
-        /// Where the proxy listens.
+        /// Where the proxy listens (cleartext HTTP/1.1 and h2c).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
+        /// Where the proxy listens with TLS (a self-signed certificate made
+        /// at start).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        tls_listen: std::net::SocketAddr,
     },
 }
 
@@ -58,7 +62,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => return Ok(check(config).await),
-            Command::Demo { listen } => demo(listen).await,
+            Command::Demo { listen, tls_listen } => demo(listen, tls_listen).await,
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -100,7 +104,18 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 /// error (one per line, with its path) when not.
 async fn check(path: PathBuf) -> ExitCode {
     let result = match Config::load(&path) {
-        Ok(config) => portcullis::state::Snapshot::build(config.clone()).await.map(|_| config),
+        Ok(config) => {
+            let certs = portcullis::server::load_certificates(&config).map(|_| ());
+            let built = portcullis::state::Snapshot::build(config.clone()).await.map(|_| ());
+            match (certs, built) {
+                (Ok(()), Ok(())) => Ok(config),
+                (Err(mut a), Err(b)) => {
+                    a.0.extend(b.0);
+                    Err(a)
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            }
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -124,7 +139,7 @@ async fn check(path: PathBuf) -> ExitCode {
     }
 }
 
-async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn demo(listen: std::net::SocketAddr, tls_listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let app1 = portcullis::demo::start_origin("app-1")
         .await
         .context("cannot start demo origin")?;
@@ -134,11 +149,31 @@ async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let api = portcullis::demo::start_origin("api")
         .await
         .context("cannot start demo origin")?;
-    let config = portcullis::demo::config(listen, [app1.addr, app2.addr], api.addr)
-        .map_err(|e| anyhow::anyhow!("demo config is invalid (a bug):\n{e}"))?;
+    let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
+    let (cert, key) = portcullis::demo::self_signed_certificate(&dir).context("cannot write the demo certificate")?;
+    let config = portcullis::demo::config(
+        listen,
+        Some((tls_listen, &cert, &key)),
+        [app1.addr, app2.addr],
+        api.addr,
+    )
+    .map_err(|e| anyhow::anyhow!("demo config is invalid (a bug):\n{e}"))?;
     let proxy = Proxy::bind(config).await.context("cannot start the demo proxy")?;
-    let addr = proxy.local_addrs().first().copied().unwrap_or(listen);
-    println!("Portcullis demo: the proxy listens on http://{addr}");
+    let addrs = proxy.local_addrs();
+    let addr = addrs.first().copied().unwrap_or(listen);
+    let tls_addr = addrs.get(1).copied().unwrap_or(tls_listen);
+    let fingerprint = proxy
+        .certificates()
+        .stores()
+        .first()
+        .and_then(|s| s.current().fingerprints.first().cloned())
+        .unwrap_or_default();
+    println!("Portcullis demo: the proxy listens on http://{addr} and https://{tls_addr}");
+    println!(
+        "  TLS certificate: self-signed for localhost, made just now ({})",
+        cert.display()
+    );
+    println!("  SHA-256 fingerprint: {fingerprint}");
     for origin in [&app1, &app2, &api] {
         println!("  origin {:<6} on http://{}", origin.name, origin.addr);
     }
@@ -147,9 +182,11 @@ async fn demo(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     println!("  curl -i http://{addr}/              # round robin over app-1 and app-2 (repeat it)");
     println!("  curl -i http://{addr}/api/users     # routed to api, /api/ rewritten to /");
     println!("  curl -i --http2-prior-knowledge http://{addr}/   # HTTP/2 cleartext");
+    println!("  curl -k -i --http2 https://{tls_addr}/        # HTTPS, HTTP/2 by ALPN");
     println!();
     println!("Press Ctrl-C to stop.");
     proxy.run(shutdown_signal()).await;
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

@@ -38,6 +38,24 @@ use crate::upstream::{Outcome, PickContext, balance};
 /// Serves one request: the upstream's response, or the proxy's error.
 pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, snapshot: &Arc<Snapshot>) -> Response<ProxyBody> {
     let method = req.method().clone();
+    if let Some(port) = conn.redirect_https_port {
+        return redirect_to_https(&req, port);
+    }
+    let mut response = handle_inner(req, conn, snapshot, &method).await;
+    if let Some(hsts) = &conn.hsts {
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
+    response
+}
+
+async fn handle_inner(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: &Arc<Snapshot>,
+    method: &Method,
+) -> Response<ProxyBody> {
     match forward(req, conn, snapshot).await {
         Ok(response) => response,
         Err(error) => {
@@ -115,7 +133,7 @@ async fn forward(
         &Hop {
             peer: &conn.forwarded,
             trusted: conn.trusted,
-            proto: "http",
+            proto: conn.scheme,
             host: host.as_ref(),
         },
     );
@@ -286,6 +304,41 @@ async fn forward(
         body
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// `308 Permanent Redirect` to the same host, path and query over HTTPS
+/// (308 keeps the method and body, unlike 301).
+fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .map(|h| match h.rfind(':') {
+            Some(i) if !h.ends_with(']') => &h[..i],
+            _ => h,
+        });
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return ProxyError::BadRequest.response();
+    };
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{port}{target}")
+    };
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => return ProxyError::BadRequest.response(),
+    }
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    response
 }
 
 fn is_idempotent(method: &Method) -> bool {

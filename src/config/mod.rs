@@ -88,6 +88,31 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: Vec<SocketAddr>,
     pub protocol: ListenerProtocol,
+    /// TLS termination; `None` for a cleartext listener.
+    pub tls: Option<TlsConfig>,
+    /// Cleartext listener that answers every request with a 308 to
+    /// `https://` on this port.
+    pub redirect_https_port: Option<u16>,
+}
+
+/// `[listeners.tls]`.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub certificates: Vec<CertificateFiles>,
+    /// Clients without SNI get the first certificate, or are refused.
+    pub refuse_without_sni: bool,
+    pub handshake_timeout: Duration,
+    /// `Strict-Transport-Security: max-age=...` on every response.
+    pub hsts_max_age: Option<Duration>,
+}
+
+/// One certificate chain and its key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// Where it was configured (`listeners[0].tls.certificates[1]`), for errors.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -31,6 +31,7 @@ pub mod defaults {
     pub const POOL_SIZE: u64 = 64;
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const OUTLIER_CONSECUTIVE_FAILURES: u64 = 5;
     pub const OUTLIER_BASE_EJECTION: Duration = Duration::from_secs(30);
     pub const OUTLIER_MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -250,10 +251,90 @@ fn read_listeners(top: &Table<'_>, errors: &Errors) -> Vec<ListenerConfig> {
                 }
             }
         }
+        let tls = t.table("tls").map(read_tls);
+        let redirect_https_port = match (t.bool("redirect_to_https"), t.uint("https_port")) {
+            (Some(true), port) => {
+                let port = port.unwrap_or(443);
+                if port == 0 || port > 65535 {
+                    t.error(
+                        "https_port",
+                        format!("must be a port between 1 and 65535, found {port}"),
+                    );
+                }
+                Some(port.clamp(1, 65535) as u16)
+            }
+            (_, Some(_)) => {
+                t.error("https_port", "only applies with redirect_to_https = true");
+                None
+            }
+            _ => None,
+        };
+        if tls.is_some() && redirect_https_port.is_some() {
+            t.error("redirect_to_https", "a TLS listener cannot redirect to itself");
+        }
+        if tls.is_some() && protocol != ListenerProtocol::Auto {
+            t.error(
+                "protocol",
+                "a TLS listener chooses HTTP/2 or HTTP/1.1 by ALPN: leave protocol out",
+            );
+        }
         t.finish();
-        listeners.push(ListenerConfig { name, bind, protocol });
+        listeners.push(ListenerConfig {
+            name,
+            bind,
+            protocol,
+            tls,
+            redirect_https_port,
+        });
     }
     listeners
+}
+
+fn read_tls(t: Table<'_>) -> TlsConfig {
+    let mut certificates = Vec::new();
+    match t.array("certificates") {
+        None if t.get("certificates").is_none() => t.error(
+            "certificates",
+            "required: [{ cert = \"chain.pem\", key = \"key.pem\" }]",
+        ),
+        None => {}
+        Some([]) => t.error("certificates", "must list at least one certificate"),
+        Some(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let path = format!("{}[{i}]", t.path_of("certificates"));
+                let Some(c) = Table::new(item, path.clone(), t.errors()) else {
+                    continue;
+                };
+                let cert = c.str("cert");
+                let key = c.str("key");
+                if cert.is_none() && c.get("cert").is_none() {
+                    c.error("cert", "required: path of the PEM certificate chain (leaf first)");
+                }
+                if key.is_none() && c.get("key").is_none() {
+                    c.error("key", "required: path of the PEM private key");
+                }
+                c.finish();
+                if let (Some(cert), Some(key)) = (cert, key) {
+                    certificates.push(CertificateFiles {
+                        cert: cert.into(),
+                        key: key.into(),
+                        path,
+                    });
+                }
+            }
+        }
+    }
+    let refuse_without_sni = t
+        .choice("without_sni", &[("default", false), ("refuse", true)])
+        .unwrap_or(false);
+    let tls = TlsConfig {
+        certificates,
+        refuse_without_sni,
+        handshake_timeout: positive_duration(&t, "handshake_timeout", defaults::TLS_HANDSHAKE_TIMEOUT),
+        hsts_max_age: t.duration("hsts_max_age"),
+    };
+    t.finish();
+    tls
 }
 
 fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<UpstreamConfig> {

@@ -34,7 +34,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use std::task::Waker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -210,15 +209,16 @@ impl Drop for InFlight {
 }
 
 pin_project_lite::pin_project! {
-    /// The client socket, stamping the first byte of each request head.
-    pub struct WatchedIo {
+    /// The client stream (TCP or TLS), stamping the first byte of each
+    /// request head.
+    pub struct WatchedIo<S> {
         #[pin]
-        stream: TcpStream,
+        stream: S,
         state: Arc<ConnState>,
     }
 }
 
-impl AsyncRead for WatchedIo {
+impl<S: AsyncRead> AsyncRead for WatchedIo<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
@@ -230,7 +230,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<S: AsyncWrite> AsyncWrite for WatchedIo<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().stream.poll_write(cx, buf)
     }
@@ -259,6 +259,12 @@ impl AsyncWrite for WatchedIo {
 /// What a request knows about the connection it came on.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// `http` or `https`: what the client used, told to upstreams.
+    pub scheme: &'static str,
+    /// `Strict-Transport-Security` for every response (TLS listeners).
+    pub hsts: Option<http::HeaderValue>,
+    /// Cleartext listener redirecting everything to HTTPS on this port.
+    pub redirect_https_port: Option<u16>,
     /// The peer as the forwarding headers write it, formatted once.
     pub forwarded: crate::forwarding::Peer,
     pub local: SocketAddr,
@@ -269,13 +275,16 @@ pub struct ConnInfo {
 }
 
 /// Serves one accepted connection until it closes, drains or is cut.
-pub(super) async fn serve(
-    stream: TcpStream,
+pub(super) async fn serve<S>(
+    stream: S,
+    protocol: ListenerProtocol,
     info: Arc<ConnInfo>,
     listener: Arc<ListenerRuntime>,
     snapshot: SharedSnapshot,
     shutdown: CancellationToken,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let state = ConnState::new();
     let timeouts = snapshot.load().config.timeouts;
     let io = TokioIo::new(WatchedIo {
@@ -342,7 +351,7 @@ pub(super) async fn serve(
             }
         }};
     }
-    match listener.protocol {
+    match protocol {
         ListenerProtocol::Auto => drive!(listener.auto.serve_connection_with_upgrades(io, service)),
         ListenerProtocol::Http1 => drive!(listener.http1.serve_connection(io, service).with_upgrades()),
         ListenerProtocol::H2c => drive!(listener.http2.serve_connection(io, service)),

@@ -9,6 +9,7 @@
 //! 3. after `server.drain_timeout`, whatever is left is cut.
 
 pub mod conn;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +31,8 @@ use crate::state::{SharedSnapshot, Snapshot};
 pub enum StartError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot listen on {addr} ({listener}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -48,6 +51,11 @@ pub(crate) struct ListenerRuntime {
     pub http1: hyper::server::conn::http1::Builder,
     pub http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     pub auto: auto::Builder<TokioExecutor>,
+    /// TLS termination: the acceptor (whose resolver reads the reloadable
+    /// certificate store) and the handshake timeout.
+    pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    pub hsts: Option<http::HeaderValue>,
+    pub redirect_https_port: Option<u16>,
 }
 
 /// Most concurrent streams per HTTP/2 client connection.
@@ -103,7 +111,68 @@ impl ListenerRuntime {
             http1,
             http2,
             auto,
+            tls: None,
+            hsts: listener
+                .tls
+                .as_ref()
+                .and_then(|t| t.hsts_max_age)
+                .and_then(|age| http::HeaderValue::from_str(&format!("max-age={}", age.as_secs())).ok()),
+            redirect_https_port: listener.redirect_https_port,
         }
+    }
+}
+
+/// Loads the certificates of every TLS listener (used by `check` and bind).
+pub fn load_certificates(config: &Config) -> Result<Vec<Arc<tls::CertStore>>, ConfigErrors> {
+    let mut stores = Vec::new();
+    let mut errors = Vec::new();
+    for listener in &config.listeners {
+        if let Some(t) = &listener.tls {
+            match tls::CertStore::load(&listener.name, t) {
+                Ok(store) => stores.push(Arc::new(store)),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(stores)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Reloads the certificates of every TLS listener: new handshakes use the
+/// new files, established connections keep theirs, and a listener whose
+/// files fail keeps its old certificates. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct CertReloader {
+    stores: Arc<Vec<Arc<tls::CertStore>>>,
+}
+
+impl CertReloader {
+    /// Reloads every store; returns the errors of the ones that failed.
+    pub fn reload(&self) -> Result<usize, ConfigErrors> {
+        let mut errors = Vec::new();
+        for store in self.stores.iter() {
+            match store.reload() {
+                Ok(()) => {
+                    tracing::info!(listener = %store.listener, fingerprints = ?store.current().fingerprints, "certificates reloaded")
+                }
+                Err(mut e) => {
+                    tracing::error!(listener = %store.listener, "certificate reload failed; keeping the current certificates");
+                    errors.append(&mut e);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(self.stores.len())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    pub fn stores(&self) -> &[Arc<tls::CertStore>] {
+        &self.stores
     }
 }
 
@@ -111,14 +180,26 @@ impl ListenerRuntime {
 pub struct Proxy {
     snapshot: SharedSnapshot,
     listeners: Vec<(Arc<ListenerRuntime>, TcpListener)>,
+    certificates: CertReloader,
 }
 
 impl Proxy {
     /// Builds the runtime snapshot and binds every listener.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         let mut listeners = Vec::new();
+        let stores = load_certificates(&config)?;
+        let mut next_store = stores.iter();
         for listener in &config.listeners {
-            let runtime = Arc::new(ListenerRuntime::new(listener, &config));
+            let mut runtime = ListenerRuntime::new(listener, &config);
+            if let Some(t) = &listener.tls {
+                let store = next_store
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| StartError::Tls(format!("{}: certificates not loaded", listener.name)))?;
+                let server_config = tls::server_config(store).map_err(StartError::Tls)?;
+                runtime.tls = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
+            }
+            let runtime = Arc::new(runtime);
             for addr in &listener.bind {
                 let socket = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
                     addr: *addr,
@@ -132,7 +213,15 @@ impl Proxy {
         Ok(Proxy {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,
+            certificates: CertReloader {
+                stores: Arc::new(stores),
+            },
         })
+    }
+
+    /// The handle that reloads TLS certificates (SIGHUP, admin API).
+    pub fn certificates(&self) -> CertReloader {
+        self.certificates.clone()
     }
 
     /// Where each listener is bound, in config order.
@@ -226,19 +315,55 @@ async fn accept_loop(
         };
         let info = Arc::new(conn::ConnInfo {
             peer,
+            scheme: if runtime.tls.is_some() { "https" } else { "http" },
+            hsts: runtime.hsts.clone(),
+            redirect_https_port: runtime.redirect_https_port,
             forwarded: crate::forwarding::Peer::new(peer.ip()),
             local: local.unwrap_or(peer),
             trusted,
             tasks: tasks.clone(),
             hard_stop: hard_stop.clone(),
         });
-        tasks.spawn(conn::serve(
-            stream,
-            info,
-            runtime.clone(),
-            snapshot.clone(),
-            stop.clone(),
-        ));
+        match &runtime.tls {
+            None => {
+                tasks.spawn(conn::serve(
+                    stream,
+                    runtime.protocol,
+                    info,
+                    runtime.clone(),
+                    snapshot.clone(),
+                    stop.clone(),
+                ));
+            }
+            Some((acceptor, handshake_timeout)) => {
+                let acceptor = acceptor.clone();
+                let handshake_timeout = *handshake_timeout;
+                let (runtime, snapshot, stop) = (runtime.clone(), snapshot.clone(), stop.clone());
+                tasks.spawn(async move {
+                    let handshake = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => result,
+                    };
+                    let stream = match handshake {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %info.peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    // ALPN decides the protocol; no ALPN means HTTP/1.1.
+                    let protocol = match stream.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => ListenerProtocol::H2c,
+                        _ => ListenerProtocol::Http1,
+                    };
+                    conn::serve(stream, protocol, info, runtime, snapshot, stop).await;
+                });
+            }
+        }
     }
     // Dropping the listener here closes the socket: new connections are
     // refused from now on.

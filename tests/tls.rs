@@ -1,0 +1,475 @@
+//! TLS termination with certificates made at test time by rcgen: SNI,
+//! versions, ALPN, hot reload, redirect, HSTS, handshake hygiene and every
+//! certificate error.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    der: CertificateDer<'static>,
+}
+
+fn ca() -> Ca {
+    let key = KeyPair::generate().expect("ca key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, "Portcullis Test CA");
+    let cert = params.self_signed(&key).expect("ca cert");
+    Ca {
+        issuer: Issuer::new(params, key),
+        der: cert.der().clone(),
+    }
+}
+
+/// Writes a leaf for `names` signed by `ca` into `dir/<file>.pem` and
+/// `dir/<file>.key`; `expired` makes it end in 2021.
+fn leaf(ca: &Ca, dir: &Path, file: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+    let key = KeyPair::generate().expect("leaf key");
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
+    let cert_path = dir.join(format!("{file}.pem"));
+    let key_path = dir.join(format!("{file}.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (cert_path, key_path, cert.der().clone())
+}
+
+fn client_config(ca: &Ca, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).expect("root");
+    let mut config = rustls::ClientConfig::builder_with_provider(portcullis::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+async fn handshake(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    sni: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).expect("server name");
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+}
+
+fn served_cert(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().expect("peer certs")[0]
+        .clone()
+        .into_owned()
+}
+
+fn tls_config(origin: std::net::SocketAddr, certs: &[(&Path, &Path)], extra: &str) -> String {
+    let list: Vec<String> = certs
+        .iter()
+        .map(|(c, k)| {
+            format!(
+                "{{ cert = {:?}, key = {:?} }}",
+                c.display().to_string(),
+                k.display().to_string()
+            )
+        })
+        .collect();
+    format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[listeners.tls]\ncertificates = [{}]\n{extra}\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{origin}\"]\n",
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn sni_picks_exact_and_wildcard_certificates_and_a_default() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (dc, dk, default_der) = leaf(&ca, dir.path(), "default", &["default.test"], false);
+    let (ac, ak, api_der) = leaf(&ca, dir.path(), "api", &["api.example.test"], false);
+    let (wc, wk, wild_der) = leaf(&ca, dir.path(), "wild", &["*.example.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&dc, &dk), (&ac, &ak), (&wc, &wk)], "")).await;
+    let config = client_config(&ca, &[b"http/1.1"]);
+    for (sni, want) in [
+        ("api.example.test", &api_der),
+        ("www.example.test", &wild_der),
+        ("default.test", &default_der),
+    ] {
+        let stream = handshake(proxy.addr, config.clone(), sni).await.expect("handshake");
+        assert_eq!(&served_cert(&stream), want, "SNI {sni}");
+    }
+    // An IP address sends no SNI: the default certificate is served.
+    let mut insecure = rustls::ClientConfig::builder_with_provider(portcullis::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+        .with_no_client_auth();
+    insecure.enable_sni = false;
+    let stream = handshake(proxy.addr, Arc::new(insecure.clone()), "anything.test")
+        .await
+        .expect("no-SNI handshake");
+    assert_eq!(served_cert(&stream), default_der);
+
+    // Configured to refuse clients without SNI.
+    let strict = start_proxy(&tls_config(origin.addr, &[(&dc, &dk)], "without_sni = \"refuse\"")).await;
+    assert!(
+        handshake(strict.addr, Arc::new(insecure), "anything.test")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn alpn_h2_reaches_an_http1_origin_with_the_https_scheme() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, _) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&c, &k)], "hsts_max_age = \"365d\"")).await;
+    let stream = handshake(proxy.addr, client_config(&ca, &[b"h2", b"http/1.1"]), "site.test")
+        .await
+        .expect("tls");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("h2");
+    tokio::spawn(conn);
+    let got = read(
+        sender
+            .send_request(Request::get("https://site.test/x").body(empty()).expect("req"))
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = got.echoed();
+    assert_eq!(seen.line, "GET /x HTTP/1.1");
+    assert_eq!(seen.get("x-forwarded-proto"), Some("https"));
+    assert!(seen.get("forwarded").is_some_and(|f| f.ends_with("proto=https")));
+    assert_eq!(got.header("strict-transport-security"), Some("max-age=31536000"));
+
+    // Without ALPN: HTTP/1.1.
+    let stream = handshake(proxy.addr, client_config(&ca, &[]), "site.test")
+        .await
+        .expect("tls");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), None);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = Request::get("/y")
+        .header("host", "site.test")
+        .body(empty())
+        .expect("req");
+    let got = read(sender.send_request(req).await.expect("send")).await;
+    assert_eq!(got.echoed().line, "GET /y HTTP/1.1");
+}
+
+#[tokio::test]
+async fn old_tls_versions_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, _) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&c, &k)], "")).await;
+    let port = proxy.addr.port().to_string();
+    let target = format!("127.0.0.1:{port}");
+    let run = |flags: Vec<&str>| {
+        let target = target.clone();
+        let flags: Vec<String> = flags.into_iter().map(str::to_owned).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("openssl")
+                .args(["s_client", "-connect", &target, "-servername", "site.test"])
+                .args(&flags)
+                .stdin(std::process::Stdio::null())
+                .output()
+        })
+    };
+    let Ok(Ok(modern)) = run(vec!["-tls1_3"]).await else {
+        assert!(std::env::var("CI").is_err(), "openssl is required in CI");
+        eprintln!("openssl not found: skipping the old-version probes outside CI");
+        return;
+    };
+    assert!(
+        String::from_utf8_lossy(&modern.stdout).contains("TLSv1.3"),
+        "TLS 1.3 works"
+    );
+    for old in ["-tls1", "-tls1_1"] {
+        let out = run(vec![old, "-cipher", "DEFAULT@SECLEVEL=0"])
+            .await
+            .expect("join")
+            .expect("openssl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Cipher is (NONE)"), "{old} must be refused:\n{text}");
+    }
+    // A TLS 1.2 client offering only a suite without forward secrecy is refused.
+    let out = run(vec!["-tls1_2", "-cipher", "AES128-SHA256"])
+        .await
+        .expect("join")
+        .expect("openssl");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Cipher is (NONE)"));
+}
+
+#[tokio::test]
+async fn hot_reload_changes_new_handshakes_and_keeps_old_connections() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, first) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    let origin = echo_origin().await;
+    let config = portcullis::Config::from_toml(&tls_config(origin.addr, &[(&c, &k)], ""), "test").expect("config");
+    let proxy = portcullis::Proxy::bind(config).await.expect("bind");
+    let addr = proxy.local_addrs()[0];
+    let certificates = proxy.certificates();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(proxy.run(async move {
+        let _ = stopped.await;
+    }));
+    let client = client_config(&ca, &[b"http/1.1"]);
+
+    let old = handshake(addr, client.clone(), "site.test").await.expect("tls");
+    assert_eq!(served_cert(&old), first);
+    let (mut old_sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(old))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+
+    // New files in place, then reload.
+    let (_, _, second) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    assert_ne!(first, second);
+    certificates.reload().expect("reload");
+    // A fresh client config: no session to resume, so a full handshake.
+    let new = handshake(addr, client_config(&ca, &[b"http/1.1"]), "site.test")
+        .await
+        .expect("tls");
+    assert_eq!(served_cert(&new), second, "new handshakes get the new certificate");
+    let req = Request::get("/still")
+        .header("host", "site.test")
+        .body(empty())
+        .expect("req");
+    let got = read(old_sender.send_request(req).await.expect("old connection still works")).await;
+    assert_eq!(got.status, StatusCode::OK);
+
+    // A broken file: reload fails, the current certificate stays.
+    std::fs::write(&c, "not a certificate").expect("break");
+    let errors = certificates.reload().expect_err("broken reload");
+    assert!(errors.to_string().contains("holds no PEM certificate"), "{errors}");
+    let after = handshake(addr, client_config(&ca, &[b"http/1.1"]), "site.test")
+        .await
+        .expect("tls after a failed reload");
+    drop(client);
+    assert_eq!(served_cert(&after), second);
+    let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn plain_listener_redirects_to_https_with_308() {
+    let origin = echo_origin().await;
+    let config = format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\nredirect_to_https = true\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{}\"]\n",
+        origin.addr
+    );
+    let proxy = start_proxy(&config).await;
+    let mut client = h1(proxy.addr).await;
+    let req = Request::post("/cart?id=7")
+        .header("host", "shop.test:8080")
+        .body(full("x"))
+        .expect("req");
+    let got = read(client.send_request(req).await.expect("send")).await;
+    assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(got.header("location"), Some("https://shop.test/cart?id=7"));
+    assert_eq!(origin.requests(), 0);
+    let other_port = start_proxy(&config.replace(
+        "redirect_to_https = true",
+        "redirect_to_https = true\nhttps_port = 8443",
+    ))
+    .await;
+    let got = get(other_port.addr, "/a").await;
+    assert_eq!(got.header("location"), Some("https://test.local:8443/a"));
+}
+
+#[tokio::test]
+async fn garbage_and_plain_http_on_the_tls_port_do_not_disturb_a_good_client() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, _) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&c, &k)], "handshake_timeout = \"500ms\"")).await;
+    // A good client holds a connection open while the noise happens.
+    let good = handshake(proxy.addr, client_config(&ca, &[b"http/1.1"]), "site.test")
+        .await
+        .expect("tls");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(good))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let noise: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\nHost: site.test\r\n\r\n",
+        b"\x16\x03\x01\x00\x05\x01\x00", // truncated ClientHello
+        &[0xff; 300],
+        b"\x16\x03\x03\xff\xff garbage",
+    ];
+    for bytes in noise {
+        let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+        let _ = s.write_all(bytes).await;
+        let mut out = Vec::new();
+        // The proxy closes each one (at the latest after the handshake timeout).
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        assert!(closed.is_ok(), "a bad handshake was left open");
+        let req = Request::get("/ok")
+            .header("host", "site.test")
+            .body(empty())
+            .expect("req");
+        let got = read(sender.send_request(req).await.expect("good client")).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn certificate_problems_name_the_file_and_the_cause() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (good_c, good_k, _) = leaf(&ca, dir.path(), "good", &["good.test"], false);
+    let (exp_c, exp_k, _) = leaf(&ca, dir.path(), "expired", &["old.test"], true);
+    let (_, other_k, _) = leaf(&ca, dir.path(), "other", &["other.test"], false);
+    let not_pem = dir.path().join("garbage.pem");
+    std::fs::write(&not_pem, "hello").expect("write");
+    let missing = dir.path().join("missing.pem");
+    // A chain in the wrong order: the CA first, then the leaf.
+    let wrong_order = dir.path().join("wrong-order.pem");
+    let leaf_pem = std::fs::read_to_string(&good_c).expect("read");
+    let ca_pem_text = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64_lines(ca.der.as_ref())
+    );
+    std::fs::write(&wrong_order, format!("{ca_pem_text}{leaf_pem}")).expect("write");
+
+    let cases: Vec<(PathBuf, PathBuf, String)> = vec![
+        (
+            missing.clone(),
+            good_k.clone(),
+            format!("cannot read {}", missing.display()),
+        ),
+        (
+            not_pem.clone(),
+            good_k.clone(),
+            format!("{} holds no PEM certificate", not_pem.display()),
+        ),
+        (
+            good_c.clone(),
+            not_pem.clone(),
+            format!("{} holds no PEM private key", not_pem.display()),
+        ),
+        (
+            good_c.clone(),
+            other_k.clone(),
+            format!(
+                "private key {} does not match certificate {}",
+                other_k.display(),
+                good_c.display()
+            ),
+        ),
+        (
+            exp_c.clone(),
+            exp_k.clone(),
+            format!("certificate {} expired on", exp_c.display()),
+        ),
+        (
+            wrong_order.clone(),
+            good_k.clone(),
+            format!("{}: chain order wrong", wrong_order.display()),
+        ),
+    ];
+    for (cert, key, expected) in cases {
+        let text = tls_config("127.0.0.1:9".parse().expect("addr"), &[(&cert, &key)], "");
+        let config = portcullis::Config::from_toml(&text, "test").expect("config parses");
+        let errors = match portcullis::server::load_certificates(&config) {
+            Ok(_) => panic!("{} / {} should fail", cert.display(), key.display()),
+            Err(e) => e,
+        };
+        let message = errors.to_string();
+        assert!(message.starts_with("listeners[0].tls.certificates[0]: "), "{message}");
+        assert!(message.contains(&expected), "expected {expected:?} in {message:?}");
+        // And the proxy refuses to start with it.
+        assert!(portcullis::Proxy::bind(config).await.is_err());
+    }
+}
+
+fn base64_lines(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out.as_bytes()
+        .chunks(64)
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Accepts any server certificate: only for the no-SNI probes above.
+#[derive(Debug)]
+struct AcceptAnything;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        portcullis::server::tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
