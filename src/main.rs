@@ -105,7 +105,11 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
 async fn check(path: PathBuf) -> ExitCode {
     let result = match Config::load(&path) {
         Ok(config) => {
-            let certs = portcullis::server::load_certificates(&config).map(|_| ());
+            let certs = portcullis::server::load_certificates(&config).map(|stores| {
+                for warning in portcullis::server::uncovered_route_hosts(&config, &stores) {
+                    eprintln!("warning: {warning}");
+                }
+            });
             let built = portcullis::state::Snapshot::build(config.clone()).await.map(|_| ());
             match (certs, built) {
                 (Ok(()), Ok(())) => Ok(config),

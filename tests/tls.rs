@@ -182,6 +182,47 @@ async fn alpn_h2_reaches_an_http1_origin_with_the_https_scheme() {
 }
 
 #[tokio::test]
+async fn sessions_resume_and_uncovered_hosts_are_warned() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, _) = leaf(&ca, dir.path(), "site", &["site.test", "*.site.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&c, &k)], "")).await;
+    let client = client_config(&ca, &[b"http/1.1"]);
+    for round in 0..2 {
+        let mut stream = handshake(proxy.addr, client.clone(), "site.test").await.expect("tls");
+        let kind = stream.get_ref().1.handshake_kind();
+        let expected = if round == 0 {
+            rustls::HandshakeKind::Full
+        } else {
+            rustls::HandshakeKind::Resumed
+        };
+        assert_eq!(kind, Some(expected), "round {round}");
+        // Read the ticket the server sends after the handshake.
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: site.test\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out).await;
+    }
+
+    let text = tls_config(origin.addr, &[(&c, &k)], "").replace(
+        "[[routes]]\n",
+        "[[routes]]\nhost = [\"site.test\", \"a.site.test\", \"other.test\", \"*.site.test\", \"*.x.test\"]\n",
+    );
+    let config = portcullis::Config::from_toml(&text, "test").expect("config");
+    let stores = portcullis::server::load_certificates(&config).expect("certs");
+    assert_eq!(
+        portcullis::server::uncovered_route_hosts(&config, &stores),
+        vec![
+            "routes[0].host: no TLS certificate covers \"other.test\"".to_owned(),
+            "routes[0].host: no TLS certificate covers \"*.x.test\"".to_owned(),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn old_tls_versions_are_refused() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = ca();

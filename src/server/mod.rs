@@ -141,6 +141,34 @@ pub fn load_certificates(config: &Config) -> Result<Vec<Arc<tls::CertStore>>, Co
     }
 }
 
+/// Route hosts that no certificate of any TLS listener covers, as warnings
+/// (`routes[0].host: no TLS certificate covers "a.example.com"`). Empty when
+/// there is no TLS listener.
+pub fn uncovered_route_hosts(config: &Config, stores: &[Arc<tls::CertStore>]) -> Vec<String> {
+    if stores.is_empty() {
+        return Vec::new();
+    }
+    let tables: Vec<_> = stores.iter().map(|s| s.current()).collect();
+    let mut warnings = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        for host in &route.hosts {
+            let name = match host {
+                crate::config::HostPattern::Exact(name) => name.clone(),
+                // A wildcard route is covered when one of its names would be.
+                crate::config::HostPattern::Wildcard(suffix) => format!("portcullis-probe{suffix}"),
+            };
+            if !tables.iter().any(|t| t.covers(&name)) {
+                let shown = match host {
+                    crate::config::HostPattern::Exact(n) => n.clone(),
+                    crate::config::HostPattern::Wildcard(suffix) => format!("*{suffix}"),
+                };
+                warnings.push(format!("routes[{i}].host: no TLS certificate covers \"{shown}\""));
+            }
+        }
+    }
+    warnings
+}
+
 /// Reloads the certificates of every TLS listener: new handshakes use the
 /// new files, established connections keep theirs, and a listener whose
 /// files fail keeps its old certificates. Cheap to clone.
@@ -188,6 +216,9 @@ impl Proxy {
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
         let mut listeners = Vec::new();
         let stores = load_certificates(&config)?;
+        for warning in uncovered_route_hosts(&config, &stores) {
+            tracing::warn!("{warning}");
+        }
         let mut next_store = stores.iter();
         for listener in &config.listeners {
             let mut runtime = ListenerRuntime::new(listener, &config);
