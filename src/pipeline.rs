@@ -140,6 +140,15 @@ async fn forward(
     if let Some(via) = &snapshot.via {
         forwarding::append_via(&mut parts.headers, &via[via_index(downstream_version)]);
     }
+    if let Some((subject_header, fingerprint_header)) = &conn.client_cert_headers {
+        // Only the proxy vouches for a client certificate.
+        parts.headers.remove(subject_header);
+        parts.headers.remove(fingerprint_header);
+        if let Some((subject, fingerprint)) = &conn.client_cert {
+            parts.headers.insert(subject_header.clone(), subject.clone());
+            parts.headers.insert(fingerprint_header.clone(), fingerprint.clone());
+        }
+    }
     route.request_headers.apply(&mut parts.headers);
     parts.uri = upstream_uri(&parts.uri, route, upstream.config.protocol, host.as_ref(), is_connect)?;
     parts.version = match upstream.config.protocol {

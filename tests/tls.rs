@@ -514,3 +514,125 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
             .supported_schemes()
     }
 }
+
+fn client_config_with_cert(ca: &Ca, cert: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(portcullis::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let config = match cert {
+        None => builder.with_no_client_auth(),
+        Some((c, k)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(c)
+                .expect("pem")
+                .collect::<Result<_, _>>()
+                .expect("chain");
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(k).expect("key");
+            builder.with_client_auth_cert(chain, key).expect("client cert")
+        }
+    };
+    Arc::new(config)
+}
+
+async fn get_over(
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Got> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let mut req = Request::get("/").header("host", "site.test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = sender
+        .send_request(req.body(empty()).expect("req"))
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(read(response).await)
+}
+
+#[tokio::test]
+async fn client_certificates_required_or_optional() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server_ca = ca();
+    let client_ca = ca();
+    let (c, k, _) = leaf(&server_ca, dir.path(), "site", &["site.test"], false);
+    let (cc, ck, _) = leaf(&client_ca, dir.path(), "alice", &["alice.clients.test"], false);
+    let stranger_ca = ca();
+    let (sc, sk, _) = leaf(&stranger_ca, dir.path(), "mallory", &["mallory.test"], false);
+    let bundle = dir.path().join("client-ca.pem");
+    std::fs::write(
+        &bundle,
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64_lines(client_ca.der.as_ref())
+        ),
+    )
+    .expect("bundle");
+    let origin = echo_origin().await;
+    let auth = |mode: &str| {
+        format!(
+            "[listeners.tls.client_auth]\nmode = \"{mode}\"\nca = {:?}\n",
+            bundle.display().to_string()
+        )
+    };
+    let required = start_proxy(&tls_config(origin.addr, &[(&c, &k)], &auth("required"))).await;
+
+    // No certificate: refused (the failure may surface at the first read in TLS 1.3).
+    let refused = match handshake(required.addr, client_config_with_cert(&server_ca, None), "site.test").await {
+        Err(_) => true,
+        Ok(stream) => get_over(stream, &[]).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate must be refused");
+    // A certificate from another CA: refused too.
+    let refused = match handshake(
+        required.addr,
+        client_config_with_cert(&server_ca, Some((&sc, &sk))),
+        "site.test",
+    )
+    .await
+    {
+        Err(_) => true,
+        Ok(stream) => get_over(stream, &[]).await.is_err(),
+    };
+    assert!(refused, "a certificate from an unknown CA must be refused");
+
+    // A good certificate: the upstream learns who it is, and a forged header is replaced.
+    let stream = handshake(
+        required.addr,
+        client_config_with_cert(&server_ca, Some((&cc, &ck))),
+        "site.test",
+    )
+    .await
+    .expect("tls with a client certificate");
+    let got = get_over(stream, &[("x-client-cert-subject", "CN=admin")])
+        .await
+        .expect("request");
+    let seen = got.echoed();
+    assert_eq!(seen.all("x-client-cert-subject"), vec!["CN=alice.clients.test"]);
+    assert_eq!(
+        seen.get("x-client-cert-sha256").map(|f| f.len()),
+        Some(95),
+        "hex pairs with colons"
+    );
+
+    // Optional: no certificate is fine, and forged identity headers never pass.
+    let optional = start_proxy(&tls_config(origin.addr, &[(&c, &k)], &auth("optional"))).await;
+    let stream = handshake(optional.addr, client_config_with_cert(&server_ca, None), "site.test")
+        .await
+        .expect("tls");
+    let got = get_over(
+        stream,
+        &[("x-client-cert-subject", "CN=admin"), ("x-client-cert-sha256", "00")],
+    )
+    .await
+    .expect("request");
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.echoed().get("x-client-cert-subject"), None);
+    assert_eq!(got.echoed().get("x-client-cert-sha256"), None);
+}

@@ -104,6 +104,21 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
     /// `Strict-Transport-Security: max-age=...` on every response.
     pub hsts_max_age: Option<Duration>,
+    /// Client certificates (mTLS); `None` = not asked for.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// `[listeners.tls.client_auth]`.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// Without a certificate the handshake fails (else it is optional).
+    pub required: bool,
+    /// PEM bundle of the CAs that issue client certificates.
+    pub ca: std::path::PathBuf,
+    /// Headers carrying the verified subject and SHA-256 fingerprint to the
+    /// upstream; the same headers from the client are always removed.
+    pub subject_header: HeaderName,
+    pub fingerprint_header: HeaderName,
 }
 
 /// One certificate chain and its key, as PEM files.

@@ -327,11 +327,38 @@ fn read_tls(t: Table<'_>) -> TlsConfig {
     let refuse_without_sni = t
         .choice("without_sni", &[("default", false), ("refuse", true)])
         .unwrap_or(false);
+    let client_auth = t.table("client_auth").and_then(|c| {
+        let required = c.choice("mode", &[("required", true), ("optional", false)]);
+        if required.is_none() && c.get("mode").is_none() {
+            c.error("mode", "required: \"required\" or \"optional\"");
+        }
+        let ca = c.str("ca");
+        if ca.is_none() && c.get("ca").is_none() {
+            c.error("ca", "required: PEM bundle of the CAs that issue client certificates");
+        }
+        let header = |key: &'static str, default: &'static str| match c.str(key) {
+            Some(name) => HeaderName::from_bytes(name.as_bytes()).unwrap_or_else(|_| {
+                c.error(key, format!("invalid header name \"{name}\""));
+                HeaderName::from_static(default)
+            }),
+            None => HeaderName::from_static(default),
+        };
+        let subject_header = header("subject_header", "x-client-cert-subject");
+        let fingerprint_header = header("fingerprint_header", "x-client-cert-sha256");
+        c.finish();
+        Some(ClientAuth {
+            required: required?,
+            ca: ca?.into(),
+            subject_header,
+            fingerprint_header,
+        })
+    });
     let tls = TlsConfig {
         certificates,
         refuse_without_sni,
         handshake_timeout: positive_duration(&t, "handshake_timeout", defaults::TLS_HANDSHAKE_TIMEOUT),
         hsts_max_age: t.duration("hsts_max_age"),
+        client_auth,
     };
     t.finish();
     tls

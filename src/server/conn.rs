@@ -265,6 +265,11 @@ pub struct ConnInfo {
     pub hsts: Option<http::HeaderValue>,
     /// Cleartext listener redirecting everything to HTTPS on this port.
     pub redirect_https_port: Option<u16>,
+    /// mTLS listeners: the headers that carry the client's certificate to
+    /// the upstream (always stripped from the client's own request), and
+    /// the verified subject and fingerprint, if the client sent one.
+    pub client_cert_headers: Option<(http::HeaderName, http::HeaderName)>,
+    pub client_cert: Option<(http::HeaderValue, http::HeaderValue)>,
     /// The peer as the forwarding headers write it, formatted once.
     pub forwarded: crate::forwarding::Peer,
     pub local: SocketAddr,

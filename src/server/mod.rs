@@ -54,6 +54,8 @@ pub(crate) struct ListenerRuntime {
     /// TLS termination: the acceptor (whose resolver reads the reloadable
     /// certificate store) and the handshake timeout.
     pub tls: Option<(tokio_rustls::TlsAcceptor, Duration)>,
+    /// Header names for the verified client certificate (mTLS listeners).
+    pub client_cert_headers: Option<(http::HeaderName, http::HeaderName)>,
     pub hsts: Option<http::HeaderValue>,
     pub redirect_https_port: Option<u16>,
 }
@@ -112,6 +114,11 @@ impl ListenerRuntime {
             http2,
             auto,
             tls: None,
+            client_cert_headers: listener
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_auth.as_ref())
+                .map(|a| (a.subject_header.clone(), a.fingerprint_header.clone())),
             hsts: listener
                 .tls
                 .as_ref()
@@ -126,11 +133,19 @@ impl ListenerRuntime {
 pub fn load_certificates(config: &Config) -> Result<Vec<Arc<tls::CertStore>>, ConfigErrors> {
     let mut stores = Vec::new();
     let mut errors = Vec::new();
-    for listener in &config.listeners {
+    for (i, listener) in config.listeners.iter().enumerate() {
         if let Some(t) = &listener.tls {
             match tls::CertStore::load(&listener.name, t) {
                 Ok(store) => stores.push(Arc::new(store)),
                 Err(mut e) => errors.append(&mut e),
+            }
+            if let Some(auth) = &t.client_auth {
+                if let Err(message) = tls::load_roots(&auth.ca) {
+                    errors.push(crate::config::ConfigError {
+                        path: format!("listeners[{i}].tls.client_auth.ca"),
+                        message,
+                    });
+                }
             }
         }
     }
@@ -227,7 +242,7 @@ impl Proxy {
                     .next()
                     .cloned()
                     .ok_or_else(|| StartError::Tls(format!("{}: certificates not loaded", listener.name)))?;
-                let server_config = tls::server_config(store).map_err(StartError::Tls)?;
+                let server_config = tls::server_config(store, t).map_err(StartError::Tls)?;
                 runtime.tls = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
             }
             let runtime = Arc::new(runtime);
@@ -344,8 +359,10 @@ async fn accept_loop(
             let ip = peer.ip().to_canonical();
             snap.config.server.trusted_proxies.iter().any(|net| net.contains(&ip))
         };
-        let info = Arc::new(conn::ConnInfo {
+        let info = conn::ConnInfo {
             peer,
+            client_cert_headers: runtime.client_cert_headers.clone(),
+            client_cert: None,
             scheme: if runtime.tls.is_some() { "https" } else { "http" },
             hsts: runtime.hsts.clone(),
             redirect_https_port: runtime.redirect_https_port,
@@ -354,13 +371,13 @@ async fn accept_loop(
             trusted,
             tasks: tasks.clone(),
             hard_stop: hard_stop.clone(),
-        });
+        };
         match &runtime.tls {
             None => {
                 tasks.spawn(conn::serve(
                     stream,
                     runtime.protocol,
-                    info,
+                    Arc::new(info),
                     runtime.clone(),
                     snapshot.clone(),
                     stop.clone(),
@@ -370,6 +387,7 @@ async fn accept_loop(
                 let acceptor = acceptor.clone();
                 let handshake_timeout = *handshake_timeout;
                 let (runtime, snapshot, stop) = (runtime.clone(), snapshot.clone(), stop.clone());
+                let mut info = info;
                 tasks.spawn(async move {
                     let handshake = tokio::select! {
                         _ = stop.cancelled() => return,
@@ -391,7 +409,10 @@ async fn accept_loop(
                         Some(b"h2") => ListenerProtocol::H2c,
                         _ => ListenerProtocol::Http1,
                     };
-                    conn::serve(stream, protocol, info, runtime, snapshot, stop).await;
+                    if info.client_cert_headers.is_some() {
+                        info.client_cert = tls::client_identity(stream.get_ref().1.peer_certificates());
+                    }
+                    conn::serve(stream, protocol, Arc::new(info), runtime, snapshot, stop).await;
                 });
             }
         }

@@ -270,18 +270,60 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// The rustls configuration of a listener: TLS 1.3 and 1.2 only, the
 /// provider's forward-secret AEAD suites, ALPN h2 then http/1.1, session
 /// resumption by rotating tickets and a bounded cache.
-pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, String> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+pub fn server_config(store: Arc<CertStore>, tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(store);
+        .map_err(|e| format!("TLS setup failed: {e}"))?;
+    let builder = match &tls.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => builder.with_client_cert_verifier(client_verifier(auth)?),
+    };
+    let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     // aws-lc-rs tickets: keys rotate every 6 hours, the previous key is
     // still accepted for resumption of recent sessions.
     config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| format!("TLS ticketer: {e}"))?;
     Ok(Arc::new(config))
+}
+
+/// Reads a PEM bundle of CA certificates into a root store.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+fn client_verifier(
+    auth: &crate::config::ClientAuth,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let roots = load_roots(&auth.ca)?;
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    let builder = if auth.required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|e| format!("{}: {e}", auth.ca.display()))
+}
+
+/// The verified client certificate of a connection, as header values:
+/// the subject (RFC 4514 string) and the SHA-256 fingerprint of the leaf.
+pub fn client_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<(http::HeaderValue, http::HeaderValue)> {
+    let leaf = certs?.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let subject = http::HeaderValue::from_str(&parsed.subject().to_string()).ok()?;
+    let fingerprint = http::HeaderValue::from_str(&sha256_hex(leaf)).ok()?;
+    Some((subject, fingerprint))
 }
 
 #[cfg(test)]
