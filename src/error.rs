@@ -42,6 +42,10 @@ pub enum ProxyError {
     UpstreamProtocol,
     #[error("upstream refused the upgrade")]
     UpgradeFailed,
+    #[error("upstream TLS certificate rejected")]
+    TlsCertificate,
+    #[error("upstream TLS handshake failed")]
+    TlsProtocol,
     #[error("no healthy server in the upstream group")]
     NoHealthyServer,
     #[error("upstream group or server at its request limit")]
@@ -72,6 +76,8 @@ impl ProxyError {
             ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
             UpstreamProtocol => (StatusCode::BAD_GATEWAY, Some("http_protocol_error")),
             UpgradeFailed => (StatusCode::BAD_GATEWAY, Some("http_upgrade_failed")),
+            TlsCertificate => (StatusCode::BAD_GATEWAY, Some("tls_certificate_error")),
+            TlsProtocol => (StatusCode::BAD_GATEWAY, Some("tls_protocol_error")),
             NoHealthyServer => (StatusCode::SERVICE_UNAVAILABLE, Some("destination_unavailable")),
             ConnectionLimit => (StatusCode::SERVICE_UNAVAILABLE, Some("connection_limit_reached")),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, Some("proxy_internal_error")),

@@ -113,7 +113,7 @@ async fn forward(
 
     let upstream = &snapshot.upstreams[route.upstream];
     let upgrade = kind != Exchange::Plain;
-    if upgrade && upstream.config.protocol == UpstreamProtocol::H2c {
+    if upgrade && upstream.config.protocol == UpstreamProtocol::H2 {
         // Tunnels to HTTP/2 upstreams would need extended CONNECT upstream,
         // which origins rarely enable: refused plainly instead.
         return Err(ProxyError::UpgradeFailed);
@@ -150,10 +150,17 @@ async fn forward(
         }
     }
     route.request_headers.apply(&mut parts.headers);
-    parts.uri = upstream_uri(&parts.uri, route, upstream.config.protocol, host.as_ref(), is_connect)?;
+    parts.uri = upstream_uri(
+        &parts.uri,
+        route,
+        upstream.config.protocol,
+        host.as_ref(),
+        is_connect,
+        upstream.config.tls.is_some(),
+    )?;
     parts.version = match upstream.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::H2c => Version::HTTP_2,
+        UpstreamProtocol::H2 => Version::HTTP_2,
     };
     set_upstream_host(&mut parts, upstream.config.protocol, host.as_ref());
     // A request can be sent again after a failed exchange only if it is
@@ -364,7 +371,7 @@ fn set_upstream_host(parts: &mut http::request::Parts, protocol: UpstreamProtoco
         (UpstreamProtocol::Http1, Some(h)) => {
             parts.headers.insert(header::HOST, h.clone());
         }
-        (UpstreamProtocol::Http1, None) | (UpstreamProtocol::H2c, _) => {
+        (UpstreamProtocol::Http1, None) | (UpstreamProtocol::H2, _) => {
             parts.headers.remove(header::HOST);
         }
     }
@@ -376,7 +383,7 @@ fn set_server_host(req: &mut Request<RequestBody>, protocol: UpstreamProtocol, s
         UpstreamProtocol::Http1 => {
             req.headers_mut().insert(header::HOST, server_host.clone());
         }
-        UpstreamProtocol::H2c => {
+        UpstreamProtocol::H2 => {
             let mut parts = req.uri().clone().into_parts();
             if let Ok(authority) = http::uri::Authority::try_from(server_host.as_bytes()) {
                 parts.authority = Some(authority);
@@ -543,6 +550,7 @@ fn upstream_uri(
     protocol: UpstreamProtocol,
     host: Option<&HeaderValue>,
     is_connect: bool,
+    tls: bool,
 ) -> Result<Uri, ProxyError> {
     if is_connect {
         // authority-form, as the client sent it
@@ -577,10 +585,10 @@ fn upstream_uri(
             }
             Ok(Uri::from(path_and_query))
         }
-        UpstreamProtocol::H2c => {
+        UpstreamProtocol::H2 => {
             let authority = host.and_then(|h| h.to_str().ok()).unwrap_or("localhost");
             Uri::builder()
-                .scheme("http")
+                .scheme(if tls { "https" } else { "http" })
                 .authority(authority)
                 .path_and_query(path_and_query)
                 .build()

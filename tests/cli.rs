@@ -107,7 +107,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "bad upstream servers",
         "[upstreams.app]\nservers = [\"10.0.0.1\", \"bad host:80\", \"10.0.0.2:0\"]\nprotocol = \"http3\"\n[upstreams.none]\nservers = []\n",
         &[
-            "upstreams.app.protocol: unknown value \"http3\", expected one of \"http1\", \"h2c\"",
+            "upstreams.app.protocol: unknown value \"http3\", expected one of \"http1\", \"h2c\", \"h2\"",
             "upstreams.app.servers[0]: invalid server \"10.0.0.1\": missing port, expected host:port such as \"10.0.0.1:8080\"",
             "upstreams.app.servers[1]: invalid server \"bad host:80\": \"bad host\" is neither an IP address nor a DNS name",
             "upstreams.app.servers[2]: invalid server \"10.0.0.2:0\": port 0 is not a server port",

@@ -636,3 +636,110 @@ async fn client_certificates_required_or_optional() {
     assert_eq!(got.echoed().get("x-client-cert-subject"), None);
     assert_eq!(got.echoed().get("x-client-cert-sha256"), None);
 }
+
+/// An HTTPS origin (echo) with a certificate for `names` from `ca`, speaking
+/// HTTP/2 or HTTP/1.1 as ALPN decides.
+async fn tls_origin(ca: &Ca, dir: &Path, names: &[&str]) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let (c, k, _) = leaf(ca, dir, "origin", names, false);
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c)
+        .expect("pem")
+        .collect::<Result<_, _>>()
+        .expect("chain");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&k).expect("key");
+    let mut config = rustls::ServerConfig::builder_with_provider(portcullis::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service =
+                    hyper::service::service_fn(|req| async move { Ok::<_, std::convert::Infallible>(echo(req).await) });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn ca_bundle(ca: &Ca, dir: &Path, file: &str) -> PathBuf {
+    let path = dir.join(file);
+    std::fs::write(
+        &path,
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            base64_lines(ca.der.as_ref())
+        ),
+    )
+    .expect("write bundle");
+    path
+}
+
+#[tokio::test]
+async fn upstream_tls_verifies_the_origin_and_negotiates_h2() {
+    let dir = tempfile::tempdir().expect("dir");
+    let other = ca();
+    let ca = ca();
+    let origin = tls_origin(&ca, dir.path(), &["origin.internal"]).await;
+    let bundle = ca_bundle(&ca, dir.path(), "upstream-ca.pem");
+    let upstream = |protocol: &str, extra: &str| {
+        format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{origin}\"]\nprotocol = \"{protocol}\"\n[upstreams.app.tls]\nca = {:?}\n{extra}\n",
+            bundle.display().to_string()
+        )
+    };
+    // Re-encrypted over HTTP/1.1, the origin's name given for SNI and checks.
+    let proxy = start_proxy(&upstream("http1", "server_name = \"origin.internal\"")).await;
+    let got = get(proxy.addr, "/secure").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.echoed().line, "GET /secure HTTP/1.1");
+
+    // HTTP/2 by ALPN.
+    let proxy = start_proxy(&upstream("h2", "server_name = \"origin.internal\"")).await;
+    let got = get(proxy.addr, "/h2").await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text());
+    assert_eq!(got.echoed().line, "GET https://test.local/h2 HTTP/2.0");
+
+    // Without server_name the certificate is checked against 127.0.0.1: refused.
+    let proxy = start_proxy(&upstream("http1", "")).await;
+    let got = get(proxy.addr, "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        got.header("proxy-status"),
+        Some("portcullis; error=tls_certificate_error")
+    );
+
+    // A CA that did not issue the origin's certificate: refused.
+    let wrong = ca_bundle(&other, dir.path(), "wrong-ca.pem");
+    let proxy = start_proxy(
+        &upstream("http1", "server_name = \"origin.internal\"")
+            .replace(&bundle.display().to_string(), &wrong.display().to_string()),
+    )
+    .await;
+    let got = get(proxy.addr, "/").await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        got.header("proxy-status"),
+        Some("portcullis; error=tls_certificate_error")
+    );
+
+    // Config mistakes are reported with their paths.
+    let errors = portcullis::Config::from_toml(&upstream("h2c", ""), "test").expect_err("h2c with tls");
+    assert!(
+        errors
+            .to_string()
+            .contains("upstreams.app.protocol: \"h2c\" is HTTP/2 in cleartext"),
+        "{errors}"
+    );
+}

@@ -194,8 +194,21 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
     Http1,
-    /// HTTP/2 over cleartext, prior knowledge.
-    H2c,
+    /// HTTP/2: with prior knowledge in cleartext (`"h2c"`), or negotiated by
+    /// ALPN over TLS (`"h2"`).
+    H2,
+}
+
+/// `[upstreams.NAME.tls]`: TLS to the upstream servers.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// PEM bundle of trusted CAs; `None` = the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// The name sent in SNI and checked in the certificate; `None` = each
+    /// server's host as configured.
+    pub server_name: Option<String>,
+    /// Client certificate chain and key, for upstreams that require mTLS.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// An upstream server as written: a literal address, or a name to resolve.
@@ -230,6 +243,7 @@ pub struct UpstreamConfig {
     pub resolve_interval: Duration,
     pub connect_timeout: Duration,
     pub response_header_timeout: Duration,
+    pub tls: Option<UpstreamTls>,
     pub algorithm: Algorithm,
     /// Name of the cookie that pins a client to a server, if any.
     pub sticky_cookie: Option<String>,

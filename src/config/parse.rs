@@ -364,6 +364,37 @@ fn read_tls(t: Table<'_>) -> TlsConfig {
     tls
 }
 
+fn read_upstream_tls(t: Table<'_>) -> UpstreamTls {
+    let client_cert = match (t.str("client_cert"), t.str("client_key")) {
+        (Some(c), Some(k)) => Some((c.into(), k.into())),
+        (None, None) => None,
+        (Some(_), None) => {
+            t.error("client_key", "required with client_cert");
+            None
+        }
+        (None, Some(_)) => {
+            t.error("client_cert", "required with client_key");
+            None
+        }
+    };
+    let server_name = t
+        .str("server_name")
+        .and_then(|n| match rustls::pki_types::ServerName::try_from(n) {
+            Ok(_) => Some(n.to_owned()),
+            Err(_) => {
+                t.error("server_name", format!("\"{n}\" is not a DNS name or IP address"));
+                None
+            }
+        });
+    let tls = UpstreamTls {
+        ca: t.str("ca").map(Into::into),
+        server_name,
+        client_cert,
+    };
+    t.finish();
+    tls
+}
+
 fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<UpstreamConfig> {
     let mut upstreams = Vec::new();
     let Some(table) = top.table("upstreams") else {
@@ -388,12 +419,25 @@ fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<
         if let Err(why) = check_name(name) {
             errors.push(&path, why);
         }
-        let protocol = t
-            .choice(
-                "protocol",
-                &[("http1", UpstreamProtocol::Http1), ("h2c", UpstreamProtocol::H2c)],
-            )
-            .unwrap_or(UpstreamProtocol::Http1);
+        let protocol_name = t
+            .choice("protocol", &[("http1", "http1"), ("h2c", "h2c"), ("h2", "h2")])
+            .unwrap_or("http1");
+        let tls = t.table("tls").map(read_upstream_tls);
+        let protocol = match (protocol_name, tls.is_some()) {
+            ("h2c", true) => {
+                t.error("protocol", "\"h2c\" is HTTP/2 in cleartext: with [tls] use \"h2\"");
+                UpstreamProtocol::H2
+            }
+            ("h2", false) => {
+                t.error(
+                    "protocol",
+                    "\"h2\" is HTTP/2 over TLS: add a [tls] table, or use \"h2c\" for cleartext",
+                );
+                UpstreamProtocol::H2
+            }
+            ("h2" | "h2c", _) => UpstreamProtocol::H2,
+            _ => UpstreamProtocol::Http1,
+        };
         let servers = read_servers(&t, errors);
         let pool_size = match t.uint("pool_size") {
             Some(n) if n > 100_000 => {
@@ -427,6 +471,7 @@ fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<
             resolve_interval: positive_duration(&t, "resolve_interval", defaults::RESOLVE_INTERVAL),
             connect_timeout: positive_duration(&t, "connect_timeout", timeouts.connect),
             response_header_timeout,
+            tls,
             algorithm,
             sticky_cookie,
             health_check: t.table("health_check").map(read_health_check),

@@ -96,11 +96,24 @@ thread_local! {
 impl Upstream {
     /// Builds the group, resolving every server name; `path` prefixes errors.
     pub async fn build(config: &UpstreamConfig, path: &str) -> Result<Arc<Upstream>, Vec<ConfigError>> {
+        let tls = match &config.tls {
+            None => None,
+            Some(t) => match tls_connector(t, config.protocol) {
+                Ok(connector) => Some(connector),
+                Err((field, message)) => {
+                    return Err(vec![ConfigError {
+                        path: format!("{path}.tls.{field}"),
+                        message,
+                    }]);
+                }
+            },
+        };
         let settings = PoolSettings {
             protocol: config.protocol,
             max_idle: config.pool_size,
             idle_timeout: config.idle_timeout,
             connect_timeout: config.connect_timeout,
+            tls,
         };
         let mut servers = Vec::with_capacity(config.servers.len());
         let mut errors = Vec::new();
@@ -122,7 +135,7 @@ impl Upstream {
                 addr: addr.clone(),
                 host_header,
                 resolved: ArcSwap::from_pointee(resolved),
-                pool: Arc::new(ServerPool::new(settings.clone())),
+                pool: Arc::new(ServerPool::new(settings.clone(), tls_server_name(config, addr))),
                 health: Arc::new(ServerHealth::default()),
                 sticky_id,
                 settings: ServerSettings {
@@ -302,6 +315,61 @@ pub enum Outcome {
     },
     /// Connect failure, reset, timeout or invalid response.
     Failed,
+}
+
+/// The TLS client side of a group: roots (its CA bundle or the system's),
+/// ALPN for its protocol, and an optional client certificate.
+fn tls_connector(
+    tls: &crate::config::UpstreamTls,
+    protocol: crate::config::UpstreamProtocol,
+) -> Result<tokio_rustls::TlsConnector, (&'static str, String)> {
+    use rustls::pki_types::pem::PemObject;
+    let roots = match &tls.ca {
+        Some(path) => crate::server::tls::load_roots(path).map_err(|e| ("ca", e))?,
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err((
+                    "ca",
+                    "no system root certificates found: set ca to a PEM bundle".to_owned(),
+                ));
+            }
+            roots
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(crate::server::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("ca", e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match &tls.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let loaded = crate::server::tls::load_cert(cert, key).map_err(|e| ("client_cert", e))?;
+            let chain = loaded.key.cert.clone();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| ("client_key", format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ("client_cert", e.to_string()))?
+        }
+    };
+    config.alpn_protocols = match protocol {
+        crate::config::UpstreamProtocol::H2 => vec![b"h2".to_vec()],
+        crate::config::UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The name a TLS upstream server is asked for and checked against.
+fn tls_server_name(config: &UpstreamConfig, addr: &ServerAddr) -> Option<rustls::pki_types::ServerName<'static>> {
+    let tls = config.tls.as_ref()?;
+    let name = tls.server_name.clone().unwrap_or_else(|| match addr.literal {
+        Some(literal) => literal.ip().to_string(),
+        None => addr.host.clone(),
+    });
+    rustls::pki_types::ServerName::try_from(name).ok()
 }
 
 /// Resolves a server: a literal is returned as is.

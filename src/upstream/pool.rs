@@ -26,17 +26,91 @@ use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 
 /// Settings shared by every server of one upstream group.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PoolSettings {
     pub protocol: UpstreamProtocol,
     pub max_idle: usize,
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
+    /// TLS to the servers (with ALPN set for `protocol`), if configured.
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// A connection to an upstream server: plain TCP or TLS over it.
+enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// The connections of one upstream server.
 pub struct ServerPool {
     settings: PoolSettings,
+    /// SNI and certificate name for TLS upstreams.
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
     idle: Mutex<Vec<Idle>>,
     /// The HTTP/2 connection, shared by all requests (h2c groups only).
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
@@ -78,9 +152,10 @@ impl Lease {
 }
 
 impl ServerPool {
-    pub fn new(settings: PoolSettings) -> Self {
+    pub fn new(settings: PoolSettings, server_name: Option<rustls::pki_types::ServerName<'static>>) -> Self {
         ServerPool {
             settings,
+            server_name,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
@@ -131,7 +206,7 @@ impl ServerPool {
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         match self.settings.protocol {
             UpstreamProtocol::Http1 => self.send_h1(req, addrs).await,
-            UpstreamProtocol::H2c => self.send_h2(req, addrs).await.map(|r| (r, None)),
+            UpstreamProtocol::H2 => self.send_h2(req, addrs).await.map(|r| (r, None)),
         }
     }
 
@@ -160,6 +235,10 @@ impl ServerPool {
             }
         }
         let stream = match self.connect(addrs).await {
+            Ok(stream) => stream,
+            Err(e) => return Err(SendError::Connect(e, Box::new(req))),
+        };
+        let stream = match self.secure(stream).await {
             Ok(stream) => stream,
             Err(e) => return Err(SendError::Connect(e, Box::new(req))),
         };
@@ -202,6 +281,7 @@ impl ServerPool {
             return Ok(sender);
         }
         let stream = self.connect(addrs).await?;
+        let stream = self.secure(stream).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -222,6 +302,30 @@ impl ServerPool {
     fn live_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
         let slot = self.h2.lock().ok()?;
         slot.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// Runs the TLS handshake when the group uses TLS.
+    async fn secure(&self, stream: TcpStream) -> Result<UpstreamIo, ProxyError> {
+        let (Some(connector), Some(name)) = (&self.settings.tls, &self.server_name) else {
+            return Ok(UpstreamIo::Plain(stream));
+        };
+        let handshake = tokio::time::timeout(self.settings.connect_timeout, connector.connect(name.clone(), stream));
+        match handshake.await {
+            Ok(Ok(tls)) => Ok(UpstreamIo::Tls(Box::new(tls))),
+            Ok(Err(e)) => {
+                let certificate = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+                tracing::warn!(server = ?name, error = %e, "upstream TLS handshake failed");
+                Err(if certificate {
+                    ProxyError::TlsCertificate
+                } else {
+                    ProxyError::TlsProtocol
+                })
+            }
+            Err(_) => Err(ProxyError::ConnectionTimeout),
+        }
     }
 
     /// Opens a TCP connection to the first address that accepts one.
