@@ -96,8 +96,37 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let proxy = Proxy::bind(config)
         .await
         .with_context(|| format!("cannot start with {}", path.display()))?;
+    reload_certificates_on_sighup(proxy.certificates());
     proxy.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// SIGHUP reloads every TLS certificate from its files; a broken file keeps
+/// the certificates in use and logs why.
+fn reload_certificates_on_sighup(certificates: portcullis::server::CertReloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installed here, before any connection is served, so a SIGHUP can
+        // never hit the default action (terminate).
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificates will not reload on it");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading certificates");
+                if let Err(errors) = certificates.reload() {
+                    for e in &errors.0 {
+                        tracing::error!("certificate reload: {e}");
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// `check`: exit 0 and a one-line summary when valid, exit 2 and every
@@ -189,6 +218,7 @@ async fn demo(listen: std::net::SocketAddr, tls_listen: std::net::SocketAddr) ->
     println!("  curl -k -i --http2 https://{tls_addr}/        # HTTPS, HTTP/2 by ALPN");
     println!();
     println!("Press Ctrl-C to stop.");
+    reload_certificates_on_sighup(proxy.certificates());
     proxy.run(shutdown_signal()).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

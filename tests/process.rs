@@ -199,3 +199,65 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         .expect("wait");
     assert_eq!(exit.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_certificates() {
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let dir = tempfile::tempdir().expect("dir");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let write_cert = || {
+        let generated = rcgen::generate_simple_self_signed(vec!["site.test".to_owned()]).expect("cert");
+        std::fs::write(&cert, generated.cert.pem()).expect("write");
+        std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write");
+        generated.cert.der().clone()
+    };
+    let first = write_cert();
+    let origin = echo_origin().await;
+    let config = format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[listeners.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{}\"]\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        origin.addr
+    );
+    let proxy = ProxyProcess::start(&config);
+    let served = |addr: std::net::SocketAddr, trusted: CertificateDer<'static>| async move {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trusted).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(portcullis::server::tls::provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("site.test").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await;
+        tls.map(|s| {
+            s.get_ref().1.peer_certificates().expect("certs")[0]
+                .clone()
+                .into_owned()
+        })
+    };
+    assert_eq!(served(proxy.addr, first.clone()).await.expect("first handshake"), first);
+    let second = write_cert();
+    let status = Command::new("kill")
+        .args(["-HUP", &proxy.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // The reload happens in the proxy's own time: retry (bounded) until seen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(cert) = served(proxy.addr, second.clone()).await {
+            assert_eq!(cert, second);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the certificate"
+        );
+        tokio::task::yield_now().await;
+    }
+}

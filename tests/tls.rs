@@ -743,3 +743,32 @@ async fn upstream_tls_verifies_the_origin_and_negotiates_h2() {
         "{errors}"
     );
 }
+
+#[tokio::test]
+async fn changed_certificate_files_are_picked_up_when_watched() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, first) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&c, &k)], "watch_interval = \"100ms\"")).await;
+    let stream = handshake(proxy.addr, client_config(&ca, &[]), "site.test")
+        .await
+        .expect("tls");
+    assert_eq!(served_cert(&stream), first);
+    let (_, _, second) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    // Wait (bounded) for the watcher to notice: each try is a full handshake.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stream = handshake(proxy.addr, client_config(&ca, &[]), "site.test")
+            .await
+            .expect("tls");
+        if served_cert(&stream) == second {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changed files were never loaded"
+        );
+        tokio::task::yield_now().await;
+    }
+}

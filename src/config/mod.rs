@@ -106,6 +106,8 @@ pub struct TlsConfig {
     pub hsts_max_age: Option<Duration>,
     /// Client certificates (mTLS); `None` = not asked for.
     pub client_auth: Option<ClientAuth>,
+    /// Check the certificate files this often and reload when they change.
+    pub watch_interval: Option<Duration>,
 }
 
 /// `[listeners.tls.client_auth]`.

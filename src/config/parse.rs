@@ -359,6 +359,13 @@ fn read_tls(t: Table<'_>) -> TlsConfig {
         handshake_timeout: positive_duration(&t, "handshake_timeout", defaults::TLS_HANDSHAKE_TIMEOUT),
         hsts_max_age: t.duration("hsts_max_age"),
         client_auth,
+        watch_interval: match t.duration("watch_interval") {
+            Some(d) if d < Duration::from_millis(100) => {
+                t.error("watch_interval", "must be at least 100ms");
+                None
+            }
+            other => other,
+        },
     };
     t.finish();
     tls

@@ -298,6 +298,12 @@ impl Proxy {
             )));
         }
 
+        for store in self.certificates.stores() {
+            if let Some(interval) = store.watch_interval {
+                tasks.spawn(watch_certificates(store.clone(), interval, stop_accepting.clone()));
+            }
+        }
+
         shutdown.await;
         tracing::info!(
             "shutting down: no new connections, draining for up to {:?}",
@@ -319,6 +325,32 @@ impl Proxy {
             tasks.wait().await;
         }
         tracing::info!("shutdown complete");
+    }
+}
+
+/// Reloads a listener's certificates when their files change.
+async fn watch_certificates(store: Arc<tls::CertStore>, interval: Duration, stop: CancellationToken) {
+    let mut seen = store.files_signature();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let now = store.files_signature();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match store.reload() {
+            Ok(()) => {
+                tracing::info!(listener = %store.listener, fingerprints = ?store.current().fingerprints, "certificate files changed: reloaded")
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(listener = %store.listener, "certificate files changed but do not load ({e}); keeping the current certificates");
+                }
+            }
+        }
     }
 }
 

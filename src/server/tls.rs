@@ -117,6 +117,8 @@ pub struct CertStore {
     files: Vec<CertificateFiles>,
     table: ArcSwap<CertTable>,
     refuse_without_sni: bool,
+    /// Poll the files this often and reload on change (`watch_interval`).
+    pub watch_interval: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -134,7 +136,22 @@ impl CertStore {
             files: config.certificates.clone(),
             table: ArcSwap::from_pointee(table),
             refuse_without_sni: config.refuse_without_sni,
+            watch_interval: config.watch_interval,
         })
+    }
+
+    /// Modification time and length of every file, to notice a change
+    /// without reading them (a missing file reads as `None`).
+    pub fn files_signature(&self) -> Vec<Option<(std::time::SystemTime, u64)>> {
+        self.files
+            .iter()
+            .flat_map(|f| [&f.cert, &f.key])
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
     }
 
     /// Reads the files again; on any error the current certificates stay.
