@@ -297,6 +297,9 @@ pub fn server_config(store: Arc<CertStore>, tls: &TlsConfig) -> Result<Arc<rustl
     };
     let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The server's suite order (the provider's: AES-GCM, then ChaCha20)
+    // wins over the client's, as TLS scanners expect.
+    config.ignore_client_order = true;
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     // aws-lc-rs tickets: keys rotate every 6 hours, the previous key is
     // still accepted for resumption of recent sessions.
