@@ -218,7 +218,7 @@ async fn a_reset_is_retried_for_get_but_a_sent_post_is_never_replayed() {
             .header("host", "test.local")
             .body(full("amount=10"))
             .expect("req");
-        let got = read(client.send_request(req).await.expect("send")).await;
+        let got = read(client.send_ready(req).await.expect("send")).await;
         if closer_seen.load(Ordering::SeqCst) > before {
             post_status = Some((got.status, got.header("proxy-status").map(str::to_owned)));
             break;
@@ -283,7 +283,7 @@ async fn sticky_cookie_pins_a_client_and_falls_back_when_its_server_dies() {
             .header("cookie", &cookie)
             .body(empty())
             .expect("req");
-        let got = read(client.send_request(req).await.expect("send")).await;
+        let got = read(client.send_ready(req).await.expect("send")).await;
         assert_eq!(got.text(), pinned, "pinned");
         assert!(got.header("set-cookie").is_none(), "no new cookie while the pin holds");
     }
@@ -299,7 +299,7 @@ async fn sticky_cookie_pins_a_client_and_falls_back_when_its_server_dies() {
         .body(empty())
         .expect("req");
     let mut client = h1(proxy.addr).await;
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_ne!(got.text(), pinned);
     assert!(got.header("set-cookie").is_some_and(|c| c.starts_with("pc_srv=")));
@@ -384,7 +384,7 @@ async fn consistent_hash_sends_a_key_to_one_server() {
                 .header("x-user", format!("user-{user}"))
                 .body(empty())
                 .expect("req");
-            let got = read(client.send_request(req).await.expect("send")).await;
+            let got = read(client.send_ready(req).await.expect("send")).await;
             let previous = seen.insert(user, got.text());
             if let Some(p) = previous {
                 assert_eq!(p, got.text(), "user-{user} moved");

@@ -131,7 +131,7 @@ async fn a_truncated_body_from_the_origin_aborts_the_client_response() {
         .header("host", "test.local")
         .body(empty())
         .expect("req");
-    let response = client.send_request(req).await.expect("head arrives");
+    let response = client.send_ready(req).await.expect("head arrives");
     assert_eq!(response.status(), StatusCode::OK);
     use http_body_util::BodyExt;
     assert!(
@@ -239,7 +239,7 @@ async fn oversized_headers_are_431() {
             http::HeaderValue::from_static("v"),
         );
     }
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(origin.requests(), 2, "only the two requests under the limits");
 }

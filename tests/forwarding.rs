@@ -49,7 +49,7 @@ async fn hop_by_hop_fields_are_removed_both_ways_and_via_is_added() {
             ("x-end-to-end", "kept"),
         ],
     );
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::OK);
     let seen = got.echoed();
     for gone in [
@@ -88,7 +88,7 @@ async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
             ("via", "1.0 upstream-cache"),
         ],
     );
-    let seen = read(client.send_request(req).await.expect("send")).await.echoed();
+    let seen = read(client.send_ready(req).await.expect("send")).await.echoed();
     assert_eq!(seen.get("x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(seen.get("x-forwarded-proto"), Some("http"));
     assert_eq!(seen.get("x-forwarded-host"), Some("test.local"));
@@ -119,7 +119,7 @@ async fn forwarding_headers_from_a_trusted_proxy_are_extended() {
             ("forwarded", "for=203.0.113.7;proto=https"),
         ],
     );
-    let seen = read(client.send_request(req).await.expect("send")).await.echoed();
+    let seen = read(client.send_ready(req).await.expect("send")).await.echoed();
     assert_eq!(seen.get("x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
     assert_eq!(seen.get("x-forwarded-proto"), Some("https"));
     assert_eq!(seen.get("x-forwarded-host"), Some("public.example"));
@@ -196,7 +196,7 @@ servers = ["{}"]
         "/api/users?id=7&x=%20",
         &[("x-env", "prod"), ("x-tag", "a"), ("x-debug", "1")],
     );
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     let seen = got.echoed();
     assert_eq!(seen.line, "GET /v2/users?id=7&x=%20 HTTP/1.1");
     assert_eq!(seen.all("x-env"), vec!["test"]);
@@ -252,7 +252,7 @@ servers = ["{}"]
     ] {
         let mut client = h1(proxy.addr).await;
         let req = Request::get("/").header("host", host).body(empty()).expect("req");
-        let got = read(client.send_request(req).await.expect("send")).await;
+        let got = read(client.send_ready(req).await.expect("send")).await;
         assert_eq!(got.text(), want, "host {host}");
     }
 }
@@ -270,13 +270,7 @@ async fn head_and_options_asterisk_are_forwarded() {
     .await;
     let proxy = proxy_to(origin.addr).await;
     let mut client = h1(proxy.addr).await;
-    let got = read(
-        client
-            .send_request(request(Method::HEAD, "/h", &[]))
-            .await
-            .expect("send"),
-    )
-    .await;
+    let got = read(client.send_ready(request(Method::HEAD, "/h", &[])).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.header("content-length"), Some("5"));
     assert!(got.body.is_empty());
@@ -331,7 +325,7 @@ async fn connect_is_refused_unless_the_route_allows_it() {
         .header("host", "db.internal:5432")
         .body(empty())
         .expect("req");
-    let response = client.send_request(req).await.expect("send");
+    let response = client.send_ready(req).await.expect("send");
     assert_eq!(response.status(), StatusCode::OK);
     let mut tunnel = TokioIo::new(hyper::upgrade::on(response).await.expect("client upgrade"));
     tunnel.write_all(b"through the tunnel").await.expect("write");
@@ -383,7 +377,7 @@ async fn chunked_bodies_stream_in_both_directions() {
         .header("host", "test.local")
         .body(body)
         .expect("req");
-    let response = client.send_request(req);
+    let response = client.send_ready(req);
     let sender = tokio::spawn(async move {
         for chunk in ["alpha", "beta", "gamma"] {
             tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.expect("send chunk");
@@ -427,7 +421,7 @@ async fn trailers_pass_through_http2_end_to_end() {
         .header("te", "trailers")
         .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
         .expect("req");
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(&got.body[..], b"\0\0\0\0\x02hi");
     let trailers = got.trailers.expect("response trailers");
@@ -453,7 +447,7 @@ async fn trailers_pass_through_http1_chunked() {
     let mut client = h1(proxy.addr).await;
     let got = read(
         client
-            .send_request(request(Method::GET, "/t", &[("te", "trailers")]))
+            .send_ready(request(Method::GET, "/t", &[("te", "trailers")]))
             .await
             .expect("send"),
     )
@@ -515,7 +509,7 @@ async fn http2_client_reaches_an_http1_origin() {
     let req = Request::post("http://test.local/h2?q=1")
         .body(full("h2 body"))
         .expect("req");
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::OK);
     let seen = got.echoed();
     assert_eq!(seen.line, "POST /h2?q=1 HTTP/1.1");
@@ -547,7 +541,7 @@ async fn listener_protocols_can_be_restricted() {
     let mut client = h2(h2_only.addr).await;
     let got = read(
         client
-            .send_request(Request::get("http://test.local/").body(empty()).expect("req"))
+            .send_ready(Request::get("http://test.local/").body(empty()).expect("req"))
             .await
             .expect("send"),
     )
@@ -614,7 +608,7 @@ async fn websocket_upgrade_carries_bytes_both_ways_until_close() {
             ("sec-websocket-version", "13"),
         ],
     );
-    let response = client.send_request(req).await.expect("send");
+    let response = client.send_ready(req).await.expect("send");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(
         response.headers().get("upgrade").map(|v| v.as_bytes()),
@@ -648,7 +642,7 @@ async fn upstream_connections_are_pooled_and_reused() {
     for _ in 0..5 {
         let mut client = h1(proxy.addr).await;
         for _ in 0..10 {
-            let got = read(client.send_request(request(Method::GET, "/", &[])).await.expect("send")).await;
+            let got = read(client.send_ready(request(Method::GET, "/", &[])).await.expect("send")).await;
             assert_eq!(got.text(), "pooled");
         }
     }
@@ -666,7 +660,7 @@ async fn upstream_connections_are_pooled_and_reused() {
         tasks.push(tokio::spawn(async move {
             let mut client = h1(addr).await;
             for _ in 0..20 {
-                let got = read(client.send_request(request(Method::GET, "/", &[])).await.expect("send")).await;
+                let got = read(client.send_ready(request(Method::GET, "/", &[])).await.expect("send")).await;
                 assert_eq!(got.status, StatusCode::OK);
             }
         }));
@@ -724,7 +718,7 @@ async fn http2_extended_connect_reaches_an_http1_websocket_origin() {
     // ENABLE_CONNECT_PROTOCOL) have arrived.
     let got = read(
         client
-            .send_request(Request::get("http://test.local/").body(empty()).expect("req"))
+            .send_ready(Request::get("http://test.local/").body(empty()).expect("req"))
             .await
             .expect("send"),
     )
@@ -736,7 +730,7 @@ async fn http2_extended_connect_reaches_an_http1_websocket_origin() {
         .expect("req");
     req.extensions_mut()
         .insert(hyper::ext::Protocol::from_static("websocket"));
-    let response = client.send_request(req).await.expect("send");
+    let response = client.send_ready(req).await.expect("send");
     assert_eq!(response.status(), StatusCode::OK, "RFC 8441: 200 on the HTTP/2 side");
     assert!(response.headers().get("sec-websocket-accept").is_none());
     let mut ws = TokioIo::new(hyper::upgrade::on(response).await.expect("client upgrade"));

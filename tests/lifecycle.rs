@@ -127,7 +127,7 @@ async fn http2_clients_get_goaway_on_shutdown() {
     let conn = tokio::spawn(conn);
     let got = read(
         sender
-            .send_request(Request::get("http://a/").body(empty()).expect("req"))
+            .send_ready(Request::get("http://a/").body(empty()).expect("req"))
             .await
             .expect("send"),
     )

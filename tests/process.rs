@@ -128,7 +128,7 @@ async fn two_gib_up_and_two_gib_down_with_bounded_memory() {
         .header("host", "test.local")
         .body(generated(TOTAL))
         .expect("req");
-    let got = read(client.send_request(req).await.expect("upload")).await;
+    let got = read(client.send_ready(req).await.expect("upload")).await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.text(), TOTAL.to_string());
     assert_eq!(received.load(Ordering::SeqCst), TOTAL);
@@ -138,7 +138,7 @@ async fn two_gib_up_and_two_gib_down_with_bounded_memory() {
         .header("host", "test.local")
         .body(empty())
         .expect("req");
-    let response = client.send_request(req).await.expect("download");
+    let response = client.send_ready(req).await.expect("download");
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let mut downloaded = 0u64;

@@ -152,7 +152,7 @@ async fn alpn_h2_reaches_an_http1_origin_with_the_https_scheme() {
     tokio::spawn(conn);
     let got = read(
         sender
-            .send_request(Request::get("https://site.test/x").body(empty()).expect("req"))
+            .send_ready(Request::get("https://site.test/x").body(empty()).expect("req"))
             .await
             .expect("send"),
     )
@@ -177,7 +177,7 @@ async fn alpn_h2_reaches_an_http1_origin_with_the_https_scheme() {
         .header("host", "site.test")
         .body(empty())
         .expect("req");
-    let got = read(sender.send_request(req).await.expect("send")).await;
+    let got = read(sender.send_ready(req).await.expect("send")).await;
     assert_eq!(got.echoed().line, "GET /y HTTP/1.1");
 }
 
@@ -303,7 +303,7 @@ async fn hot_reload_changes_new_handshakes_and_keeps_old_connections() {
         .header("host", "site.test")
         .body(empty())
         .expect("req");
-    let got = read(old_sender.send_request(req).await.expect("old connection still works")).await;
+    let got = read(old_sender.send_ready(req).await.expect("old connection still works")).await;
     assert_eq!(got.status, StatusCode::OK);
 
     // A broken file: reload fails, the current certificate stays.
@@ -331,7 +331,7 @@ async fn plain_listener_redirects_to_https_with_308() {
         .header("host", "shop.test:8080")
         .body(full("x"))
         .expect("req");
-    let got = read(client.send_request(req).await.expect("send")).await;
+    let got = read(client.send_ready(req).await.expect("send")).await;
     assert_eq!(got.status, StatusCode::PERMANENT_REDIRECT);
     assert_eq!(got.header("location"), Some("https://shop.test/cart?id=7"));
     assert_eq!(origin.requests(), 0);
@@ -376,7 +376,7 @@ async fn garbage_and_plain_http_on_the_tls_port_do_not_disturb_a_good_client() {
             .header("host", "site.test")
             .body(empty())
             .expect("req");
-        let got = read(sender.send_request(req).await.expect("good client")).await;
+        let got = read(sender.send_ready(req).await.expect("good client")).await;
         assert_eq!(got.status, StatusCode::OK);
     }
 }
@@ -550,7 +550,7 @@ async fn get_over(
         req = req.header(*k, *v);
     }
     let response = sender
-        .send_request(req.body(empty()).expect("req"))
+        .send_ready(req.body(empty()).expect("req"))
         .await
         .map_err(std::io::Error::other)?;
     Ok(read(response).await)

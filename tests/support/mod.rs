@@ -362,3 +362,27 @@ pub async fn closed_port() -> SocketAddr {
     drop(listener);
     addr
 }
+
+/// `send_request` after waiting for the connection to be ready: a client
+/// connection that just finished a response may not have taken the next
+/// request yet, and hyper refuses to queue it.
+pub trait SendReady {
+    fn send_ready(
+        &mut self,
+        req: Request<TestBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, hyper::Error>> + Send + '_;
+}
+
+impl SendReady for hyper::client::conn::http1::SendRequest<TestBody> {
+    async fn send_ready(&mut self, req: Request<TestBody>) -> Result<Response<Incoming>, hyper::Error> {
+        self.ready().await?;
+        self.send_request(req).await
+    }
+}
+
+impl SendReady for hyper::client::conn::http2::SendRequest<TestBody> {
+    async fn send_ready(&mut self, req: Request<TestBody>) -> Result<Response<Incoming>, hyper::Error> {
+        self.ready().await?;
+        self.send_request(req).await
+    }
+}
