@@ -307,15 +307,7 @@ async fn sticky_cookie_pins_a_client_and_falls_back_when_its_server_dies() {
 
 #[tokio::test]
 async fn circuit_breaker_answers_503_at_once_when_full() {
-    let (release, released) = tokio::sync::watch::channel(false);
-    let slow = origin(move |_| {
-        let mut released = released.clone();
-        async move {
-            let _ = released.wait_for(|r| *r).await;
-            text(200, "slow")
-        }
-    })
-    .await;
+    let (slow, release) = held_origin().await;
     let config = group_config(&[slow.addr], "max_requests_per_server = 1");
     let proxy = start_proxy(&config).await;
     let addr = proxy.addr;

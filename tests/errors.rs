@@ -55,15 +55,7 @@ async fn connect_timeout_is_504_connection_timeout() {
 
 #[tokio::test]
 async fn slow_response_headers_are_504_http_response_timeout() {
-    let (_never, never_rx) = tokio::sync::watch::channel(());
-    let origin = origin(move |_| {
-        let mut rx = never_rx.clone();
-        async move {
-            let _ = rx.changed().await;
-            text(200, "too late")
-        }
-    })
-    .await;
+    let (origin, _held) = held_origin().await;
     let config = basic_config(origin.addr).replace("servers =", "response_header_timeout = \"200ms\"\nservers =");
     let proxy = start_proxy(&config).await;
     assert_proxy_error(&get(proxy.addr, "/").await, 504, "http_response_timeout");
@@ -71,15 +63,7 @@ async fn slow_response_headers_are_504_http_response_timeout() {
 
 #[tokio::test]
 async fn the_whole_request_timeout_also_bounds_the_response_head() {
-    let (_never, never_rx) = tokio::sync::watch::channel(());
-    let origin = origin(move |_| {
-        let mut rx = never_rx.clone();
-        async move {
-            let _ = rx.changed().await;
-            text(200, "too late")
-        }
-    })
-    .await;
+    let (origin, _held) = held_origin().await;
     let config = format!("[timeouts]\nrequest = \"200ms\"\n{}", basic_config(origin.addr));
     let proxy = start_proxy(&config).await;
     assert_proxy_error(&get(proxy.addr, "/").await, 504, "http_response_timeout");

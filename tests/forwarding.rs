@@ -678,15 +678,7 @@ async fn upstream_connections_are_pooled_and_reused() {
 
 #[tokio::test]
 async fn idle_pool_is_bounded_by_pool_size() {
-    let (release, released) = tokio::sync::watch::channel(false);
-    let origin = origin(move |_| {
-        let mut released = released.clone();
-        async move {
-            let _ = released.wait_for(|r| *r).await;
-            text(200, "ok")
-        }
-    })
-    .await;
+    let (origin, release) = held_origin().await;
     let config = basic_config(origin.addr).replace("servers =", "pool_size = 2\nservers =");
     let proxy = start_proxy(&config).await;
     // Six requests in flight at once need six upstream connections ...

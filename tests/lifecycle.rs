@@ -84,15 +84,7 @@ async fn graceful_drain_finishes_in_flight_requests_and_refuses_new_connections(
 
 #[tokio::test]
 async fn drain_deadline_cuts_requests_that_run_too_long() {
-    let (_never, never_rx) = tokio::sync::watch::channel(());
-    let origin = origin(move |_| {
-        let mut rx = never_rx.clone();
-        async move {
-            let _ = rx.changed().await;
-            text(200, "never")
-        }
-    })
-    .await;
+    let (origin, _held) = held_origin().await;
     let config = format!("[server]\ndrain_timeout = \"300ms\"\n{}", basic_config(origin.addr));
     let mut proxy = start_proxy(&config).await;
     let addr = proxy.addr;

@@ -159,15 +159,7 @@ async fn two_gib_up_and_two_gib_down_with_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let (release, released) = tokio::sync::watch::channel(false);
-    let origin = origin(move |_| {
-        let mut released = released.clone();
-        async move {
-            let _ = released.wait_for(|r| *r).await;
-            text(200, "done")
-        }
-    })
-    .await;
+    let (origin, release) = held_origin().await;
     let mut proxy = ProxyProcess::start(&basic_config(origin.addr));
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move { get(addr, "/slow").await });
@@ -192,7 +184,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     release.send(true).expect("release");
     let got = in_flight.await.expect("client");
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(got.text(), "done");
+    assert_eq!(got.text(), "released");
     let exit = tokio::task::spawn_blocking(move || proxy.child.wait())
         .await
         .expect("join")

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
     der: CertificateDer<'static>,
+    pem: String,
 }
 
 fn ca() -> Ca {
@@ -29,6 +30,7 @@ fn ca() -> Ca {
     Ca {
         issuer: Issuer::new(params, key),
         der: cert.der().clone(),
+        pem: cert.pem(),
     }
 }
 
@@ -394,10 +396,7 @@ async fn certificate_problems_name_the_file_and_the_cause() {
     // A chain in the wrong order: the CA first, then the leaf.
     let wrong_order = dir.path().join("wrong-order.pem");
     let leaf_pem = std::fs::read_to_string(&good_c).expect("read");
-    let ca_pem_text = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        base64_lines(ca.der.as_ref())
-    );
+    let ca_pem_text = ca.pem.clone();
     std::fs::write(&wrong_order, format!("{ca_pem_text}{leaf_pem}")).expect("write");
 
     let cases: Vec<(PathBuf, PathBuf, String)> = vec![
@@ -449,29 +448,6 @@ async fn certificate_problems_name_the_file_and_the_cause() {
         // And the proxy refuses to start with it.
         assert!(portcullis::Proxy::bind(config).await.is_err());
     }
-}
-
-fn base64_lines(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out.as_bytes()
-        .chunks(64)
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Accepts any server certificate: only for the no-SNI probes above.
@@ -566,14 +542,7 @@ async fn client_certificates_required_or_optional() {
     let stranger_ca = ca();
     let (sc, sk, _) = leaf(&stranger_ca, dir.path(), "mallory", &["mallory.test"], false);
     let bundle = dir.path().join("client-ca.pem");
-    std::fs::write(
-        &bundle,
-        format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            base64_lines(client_ca.der.as_ref())
-        ),
-    )
-    .expect("bundle");
+    std::fs::write(&bundle, client_ca.pem.clone()).expect("bundle");
     let origin = echo_origin().await;
     let auth = |mode: &str| {
         format!(
@@ -675,14 +644,7 @@ async fn tls_origin(ca: &Ca, dir: &Path, names: &[&str]) -> std::net::SocketAddr
 
 fn ca_bundle(ca: &Ca, dir: &Path, file: &str) -> PathBuf {
     let path = dir.join(file);
-    std::fs::write(
-        &path,
-        format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            base64_lines(ca.der.as_ref())
-        ),
-    )
-    .expect("write bundle");
+    std::fs::write(&path, ca.pem.clone()).expect("write bundle");
     path
 }
 

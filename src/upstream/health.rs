@@ -378,15 +378,6 @@ pub async fn run_check(
     matches!(tokio::time::timeout(settings.timeout, attempt).await, Ok(Some(true)))
 }
 
-/// A shared handle for tests and the admin: `(status, in_flight, latency)`.
-pub fn snapshot_of(health: &Arc<ServerHealth>, now: u64) -> (ServerStatus, u32, f64) {
-    (
-        health.status(now),
-        health.in_flight.load(Ordering::Relaxed),
-        health.latency_us(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

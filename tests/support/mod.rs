@@ -142,6 +142,21 @@ where
     }
 }
 
+/// An origin that holds every request until `release` is sent `true` (or
+/// dropped), then answers `200 released`.
+pub async fn held_origin() -> (Origin, tokio::sync::watch::Sender<bool>) {
+    let (release, released) = tokio::sync::watch::channel(false);
+    let origin = origin(move |_| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            text(200, "released")
+        }
+    })
+    .await;
+    (origin, release)
+}
+
 /// An origin that describes the request it received: the first line is
 /// `METHOD TARGET VERSION`, then one `name: value` line per header, then a
 /// blank line and the request body.
