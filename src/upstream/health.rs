@@ -5,7 +5,6 @@
 //! The rules are pure functions of a millisecond clock passed in, so tests
 //! drive them without sleeping; the request path only touches atomics.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
