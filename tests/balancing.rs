@@ -164,36 +164,10 @@ async fn slow_start_gives_a_returning_server_a_small_share() {
     assert!(b.requests() >= 1);
 }
 
-/// An origin that reads the request head and closes without answering.
-async fn closing_origin() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counter.fetch_add(1, Ordering::SeqCst);
-                // Dropping the stream closes it: a reset before any response byte.
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test]
 async fn a_reset_is_retried_for_get_but_a_sent_post_is_never_replayed() {
-    let (closer, closer_seen) = closing_origin().await;
+    // Reads each request head and closes without answering.
+    let (closer, closer_seen) = raw_origin(b"").await;
     let good = echo_origin().await;
     let config = group_config(
         &[closer, good.addr],

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpSocket;
 
 fn assert_proxy_error(got: &Got, status: u16, kind: &str) {
     assert_eq!(got.status.as_u16(), status, "body: {}", got.text());
@@ -69,46 +68,23 @@ async fn the_whole_request_timeout_also_bounds_the_response_head() {
     assert_proxy_error(&get(proxy.addr, "/").await, 504, "http_response_timeout");
 }
 
-/// An origin that reads a request head and answers with `reply` bytes (then
-/// closes).
-async fn raw_origin(reply: &'static [u8]) -> std::net::SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(reply).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn connection_closed_before_a_response_is_502_connection_terminated() {
-    let addr = raw_origin(b"").await;
+    let (addr, _) = raw_origin(b"").await;
     let proxy = proxy_to(addr).await;
     assert_proxy_error(&get(proxy.addr, "/").await, 502, "connection_terminated");
 }
 
 #[tokio::test]
 async fn garbage_from_the_origin_is_502_http_protocol_error() {
-    let addr = raw_origin(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+    let (addr, _) = raw_origin(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
     let proxy = proxy_to(addr).await;
     assert_proxy_error(&get(proxy.addr, "/").await, 502, "http_protocol_error");
 }
 
 #[tokio::test]
 async fn a_truncated_body_from_the_origin_aborts_the_client_response() {
-    let addr = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part").await;
+    let (addr, _) = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part").await;
     let proxy = proxy_to(addr).await;
     let mut client = h1(proxy.addr).await;
     let req = Request::get("/")

@@ -142,6 +142,33 @@ where
     }
 }
 
+/// An origin below HTTP: reads each request head, writes `reply` (any
+/// bytes, even none) and closes. Counts the heads it read.
+pub async fn raw_origin(reply: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counter = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(reply).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
 /// An origin that holds every request until `release` is sent `true` (or
 /// dropped), then answers `200 released`.
 pub async fn held_origin() -> (Origin, tokio::sync::watch::Sender<bool>) {
