@@ -22,6 +22,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("method not implemented")]
+    MethodNotImplemented,
     #[error("no route matches the request")]
     NoRoute,
 
@@ -67,6 +69,7 @@ impl ProxyError {
             UriTooLong => (StatusCode::URI_TOO_LONG, Some("http_request_error")),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Some("http_request_error")),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Some("http_request_denied")),
+            MethodNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_denied")),
             NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
             ConnectionRefused => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
             ConnectionTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),

@@ -86,6 +86,9 @@ async fn forward(
     let config = &snapshot.config;
 
     // validate
+    if !config.server.allowed_methods.contains(req.method()) {
+        return Err(ProxyError::MethodNotImplemented);
+    }
     validate(&req, &config.limits)?;
     let host = request_host(&req)?;
     let kind = exchange_kind(&req);

@@ -130,6 +130,15 @@ const CASES: &[(&str, &str, &[&str])] = &[
         &["routes[1]: same host, path and path_match as routes[0]: it could never match"],
     ),
     (
+        "bad method names",
+        "[server]\nallowed_methods = [\"get\", \"\"]\n",
+        &[
+            "server.allowed_methods: must allow at least one method",
+            "server.allowed_methods[0]: \"get\" is not a method name (upper-case letters, '-' and '_')",
+            "server.allowed_methods[1]: \"\" is not a method name (upper-case letters, '-' and '_')",
+        ],
+    ),
+    (
         "untrusted proxy list",
         "[server]\ntrusted_proxies = [\"10.0.0.0/33\", \"::1\", 7]\n",
         &[

@@ -278,3 +278,56 @@ async fn random_bytes_never_disturb_the_proxy() {
     }
     assert_eq!(get(proxy.addr, "/still-alive").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn methods_outside_the_allow_list_are_501_and_never_forwarded() {
+    let origin = echo_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    for line in [
+        "get / HTTP/1.1",
+        "FOO / HTTP/1.1",
+        "PROPFIND / HTTP/1.1",
+        "Get / HTTP/1.1",
+    ] {
+        let out = raw(
+            proxy.addr,
+            format!("{line}\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&out), 501, "{line}: {out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains("proxy-status: portcullis; error=http_request_denied"),
+            "{out}"
+        );
+    }
+    assert_eq!(origin.requests(), 0);
+    for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH"] {
+        let out = raw(
+            proxy.addr,
+            format!("{method} / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&out), 200, "{method}: {out}");
+    }
+
+    // WebDAV methods once the operator allows them.
+    let config = format!(
+        "[server]\nallowed_methods = [\"GET\", \"PROPFIND\"]\n{}",
+        basic_config(origin.addr)
+    );
+    let dav = start_proxy(&config).await;
+    let out = raw(
+        dav.addr,
+        b"PROPFIND /files HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    assert!(out.contains("PROPFIND /files HTTP/1.1"), "{out}");
+    let out = raw(
+        dav.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), 501, "{out}");
+}

@@ -46,6 +46,8 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<IpNet>,
     /// The pseudonym written in `Via`; `None` means no `Via` is added.
     pub via: Option<HeaderValue>,
+    /// Request methods the proxy forwards; any other is answered 501.
+    pub allowed_methods: Vec<http::Method>,
 }
 
 /// Timeouts (`[timeouts]`); each has a safe default.

@@ -19,6 +19,10 @@ pub mod defaults {
 
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const VIA: &str = "portcullis";
+    /// RFC 9110 section 9 methods, plus PATCH (RFC 5789).
+    pub const METHODS: &[&str] = &[
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
     pub const CONNECT: Duration = Duration::from_secs(5);
     pub const HEADER_READ: Duration = Duration::from_secs(15);
     pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -73,8 +77,34 @@ fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
         drain_timeout: defaults::DRAIN_TIMEOUT,
         trusted_proxies: Vec::new(),
         via: Some(HeaderValue::from_static(defaults::VIA)),
+        allowed_methods: defaults::METHODS
+            .iter()
+            .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+            .collect(),
     };
     let Some(t) = table else { return server };
+    if let Some(list) = t.str_or_strs("allowed_methods") {
+        let mut methods = Vec::new();
+        for (path, text) in list {
+            // Methods are case-sensitive tokens (RFC 9110 9.1).
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+                errors.push(
+                    path,
+                    format!("\"{text}\" is not a method name (upper-case letters, '-' and '_')"),
+                );
+                continue;
+            }
+            match http::Method::from_bytes(text.as_bytes()) {
+                Ok(m) => methods.push(m),
+                Err(_) => errors.push(path, format!("\"{text}\" is not a method name")),
+            }
+        }
+        if methods.is_empty() {
+            t.error("allowed_methods", "must allow at least one method");
+        } else {
+            server.allowed_methods = methods;
+        }
+    }
     if let Some(d) = t.duration("drain_timeout") {
         server.drain_timeout = d;
     }
