@@ -73,39 +73,40 @@ impl ListenerRuntime {
         // and again in the pipeline (all listeners).
         let buf_size = (limits.max_request_header_bytes + 4096).max(16 * 1024);
 
+        // hyper's own builders and the auto builder's are different types
+        // with the same setters: one macro per protocol keeps their
+        // settings from drifting apart.
+        macro_rules! http1_settings {
+            ($builder:expr) => {
+                $builder
+                    .timer(TokioTimer::new())
+                    // The proxy runs its own header and idle timers (see conn.rs).
+                    .header_read_timeout(None)
+                    .keep_alive(true)
+                    .max_headers(limits.max_header_count)
+                    .max_buf_size(buf_size)
+            };
+        }
+        macro_rules! http2_settings {
+            ($builder:expr) => {
+                $builder
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(limits.max_request_header_bytes as u32)
+                    .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                    .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
+                    .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+                    .enable_connect_protocol()
+            };
+        }
+
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            // The proxy runs its own header and idle timers (see conn.rs).
-            .header_read_timeout(None)
-            .keep_alive(true)
-            .max_headers(limits.max_header_count)
-            .max_header_size(limits.max_request_header_bytes)
-            .max_buf_size(buf_size);
-
+        // Only hyper's own HTTP/1 builder can enforce the exact byte limit.
+        http1_settings!(http1).max_header_size(limits.max_request_header_bytes);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_header_list_size(limits.max_request_header_bytes as u32)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .enable_connect_protocol();
-
+        http2_settings!(http2);
         let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .keep_alive(true)
-            .max_headers(limits.max_header_count)
-            .max_buf_size(buf_size);
-        auto.http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(limits.max_request_header_bytes as u32)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .enable_connect_protocol();
+        http1_settings!(auto.http1());
+        http2_settings!(auto.http2());
 
         ListenerRuntime {
             name: listener.name.clone(),
