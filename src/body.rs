@@ -10,6 +10,8 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -17,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::observe::Observation;
 use crate::server::conn::InFlight;
 use crate::upstream::ServerGuard;
 use crate::upstream::pool::Lease;
@@ -42,6 +45,8 @@ pin_project_lite::pin_project! {
         inner: Option<Incoming>,
         limit: Option<u64>,
         seen: u64,
+        // Shared with the access log record, when there is one.
+        counter: Option<Arc<AtomicU64>>,
     }
 }
 
@@ -51,7 +56,14 @@ impl RequestBody {
             inner: Some(inner),
             limit,
             seen: 0,
+            counter: None,
         }
+    }
+
+    /// Also counts the bytes into `counter` (for the access log).
+    pub fn counted(mut self, counter: Option<Arc<AtomicU64>>) -> Self {
+        self.counter = counter;
+        self
     }
 
     pub fn empty() -> Self {
@@ -59,6 +71,7 @@ impl RequestBody {
             inner: None,
             limit: None,
             seen: 0,
+            counter: None,
         }
     }
 }
@@ -74,10 +87,15 @@ impl Body for RequestBody {
         };
         match ready!(inner.poll_frame(cx)) {
             Some(Ok(frame)) => {
-                if let (Some(data), Some(limit)) = (frame.data_ref(), *this.limit) {
+                if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
-                    if *this.seen > limit {
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                    if let Some(counter) = this.counter {
+                        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    if let Some(limit) = *this.limit {
+                        if *this.seen > limit {
+                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit }))));
+                        }
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -106,6 +124,8 @@ pub struct ProxyBody {
     in_flight: Option<InFlight>,
     /// Counts the request against its upstream server until the body ends.
     server: Option<ServerGuard>,
+    /// The request's log and metrics record, finished on drop.
+    exchange: Option<Box<Observation>>,
 }
 
 enum Kind {
@@ -117,6 +137,8 @@ enum Kind {
 struct UpstreamBody {
     inner: Incoming,
     done: bool,
+    /// Ended by an error (upstream failure or deadline).
+    failed: bool,
     /// The pooled HTTP/1.1 connection, returned to the pool on drop if the
     /// body was read to its end (otherwise it is closed).
     lease: Option<Lease>,
@@ -132,6 +154,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(bytes.into())),
             in_flight: None,
             server: None,
+            exchange: None,
         }
     }
 
@@ -140,6 +163,7 @@ impl ProxyBody {
             kind: Kind::Full(None),
             in_flight: None,
             server: None,
+            exchange: None,
         }
     }
 
@@ -148,12 +172,14 @@ impl ProxyBody {
             kind: Kind::Upstream(UpstreamBody {
                 inner,
                 done: false,
+                failed: false,
                 lease,
                 deadline,
                 sleep: None,
             }),
             in_flight: None,
             server: None,
+            exchange: None,
         }
     }
 
@@ -164,6 +190,22 @@ impl ProxyBody {
     pub fn set_server_guard(&mut self, guard: ServerGuard) {
         self.server = Some(guard);
     }
+
+    pub fn set_exchange(&mut self, exchange: Box<Observation>) {
+        self.exchange = Some(exchange);
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.exchange.take() {
+            let complete = match &self.kind {
+                Kind::Full(bytes) => bytes.is_none(),
+                Kind::Upstream(up) => up.completed(),
+            };
+            exchange.finish(complete);
+        }
+    }
 }
 
 impl Body for ProxyBody {
@@ -173,10 +215,16 @@ impl Body for ProxyBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         // ProxyBody is Unpin: every field is.
         let this = self.get_mut();
-        match &mut this.kind {
+        let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => up.poll_frame(cx),
+        };
+        if let (Some(exchange), Poll::Ready(Some(Ok(frame)))) = (&mut this.exchange, &polled) {
+            if let Some(data) = frame.data_ref() {
+                exchange.add_bytes_out(data.len());
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -196,6 +244,11 @@ impl Body for ProxyBody {
 }
 
 impl UpstreamBody {
+    /// Read to its end without an error.
+    fn completed(&self) -> bool {
+        (self.done && !self.failed) || self.inner.is_end_stream()
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.done {
             return Poll::Ready(None);
@@ -208,6 +261,7 @@ impl UpstreamBody {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
+                self.failed = true;
                 self.lease = None;
                 Poll::Ready(Some(Err(Box::new(e))))
             }
@@ -221,6 +275,7 @@ impl UpstreamBody {
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         self.done = true;
+                        self.failed = true;
                         self.lease = None;
                         Poll::Ready(Some(Err(Box::new(BodyDeadline))))
                     }

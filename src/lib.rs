@@ -11,6 +11,7 @@
 //! - [`routing`]: host and path matching (pure);
 //! - [`forwarding`]: hop-by-hop and forwarding header rules (pure);
 //! - [`upstream`]: upstream groups, name resolution, connection pools;
+//! - [`observe`]: access log, audit log, metrics, request ids;
 //! - [`body`]: request and response body types (streaming, limits);
 //! - [`error`]: the error type and its status / `Proxy-Status` mapping;
 //! - [`state`]: the runtime snapshot behind one `ArcSwap`;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forwarding;
+pub mod observe;
 pub mod pipeline;
 pub mod routing;
 pub mod server;

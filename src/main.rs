@@ -45,6 +45,33 @@ enum Command {
         /// at start).
         #[arg(long, default_value = "127.0.0.1:8443")]
         tls_listen: std::net::SocketAddr,
+        /// Where the Prometheus metrics endpoint listens.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        metrics_listen: std::net::SocketAddr,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit log files (oldest first): exit 0 when
+    /// intact, 1 at the first modified, deleted, inserted or reordered
+    /// record (named with its line), 2 when the files cannot be read.
+    Verify {
+        /// The HMAC key file, to check the signed checkpoints.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The head file to check the end against (default: FILE.head beside
+        /// the last file, when it exists).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// Audit log files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -62,7 +89,14 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => return Ok(check(config).await),
-            Command::Demo { listen, tls_listen } => demo(listen, tls_listen).await,
+            Command::Demo {
+                listen,
+                tls_listen,
+                metrics_listen,
+            } => demo(listen, tls_listen, metrics_listen).await,
+            Command::Audit {
+                command: AuditCommand::Verify { key_file, head, files },
+            } => return Ok(audit_verify(key_file, head, files)),
         }
         .map(|()| ExitCode::SUCCESS)
     });
@@ -97,8 +131,78 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot start with {}", path.display()))?;
     reload_certificates_on_sighup(proxy.certificates());
+    reopen_logs_on_sigusr1(proxy.observe());
     proxy.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// SIGUSR1 reopens the access and audit log files (after logrotate moved
+/// them); the audit chain continues into the new file.
+fn reopen_logs_on_sigusr1(observe: std::sync::Arc<portcullis::observe::Observe>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGUSR1; log files will not be reopened on it");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                tracing::info!("SIGUSR1: reopening log files");
+                observe.reopen();
+            }
+        });
+    }
+}
+
+/// `audit verify`: the chain's state in one line, exit 0 / 1 / 2.
+fn audit_verify(key_file: Option<PathBuf>, head: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
+    use portcullis::observe::audit;
+    let key = match key_file.as_deref().map(audit::read_key).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match audit::verify(&files, key.as_ref(), head.as_deref()) {
+        Ok(intact) => {
+            let mut line = format!(
+                "intact: {} record(s), seq {}..={}",
+                intact.records, intact.first_seq, intact.last_seq
+            );
+            if intact.checkpoints_verified > 0 {
+                line.push_str(&format!(
+                    ", {} signed checkpoint(s) verified",
+                    intact.checkpoints_verified
+                ));
+            }
+            if intact.checkpoints_unchecked > 0 {
+                line.push_str(&format!(
+                    ", {} checkpoint(s) not checked (no --key-file)",
+                    intact.checkpoints_unchecked
+                ));
+            }
+            line.push_str(if intact.head_checked {
+                ", end confirmed by the head file"
+            } else {
+                ", no head file: records cut from the end would go unnoticed"
+            });
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(audit::VerifyError::Tampered(t)) => {
+            println!("TAMPERED: {t}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// SIGHUP reloads every TLS certificate from its files; a broken file keeps
@@ -119,7 +223,7 @@ fn reload_certificates_on_sighup(certificates: portcullis::server::CertReloader)
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading certificates");
-                if let Err(errors) = certificates.reload() {
+                if let Err(errors) = certificates.reload_by("SIGHUP") {
                     for e in &errors.0 {
                         tracing::error!("certificate reload: {e}");
                     }
@@ -139,7 +243,9 @@ async fn check(path: PathBuf) -> ExitCode {
                     eprintln!("warning: {warning}");
                 }
             });
-            let built = portcullis::state::Snapshot::build(config.clone()).await.map(|_| ());
+            let built = portcullis::state::Snapshot::build(config.clone(), &portcullis::observe::Observe::disabled())
+                .await
+                .map(|_| ());
             match (certs, built) {
                 (Ok(()), Ok(())) => Ok(config),
                 (Err(mut a), Err(b)) => {
@@ -172,7 +278,11 @@ async fn check(path: PathBuf) -> ExitCode {
     }
 }
 
-async fn demo(listen: std::net::SocketAddr, tls_listen: std::net::SocketAddr) -> anyhow::Result<()> {
+async fn demo(
+    listen: std::net::SocketAddr,
+    tls_listen: std::net::SocketAddr,
+    metrics_listen: std::net::SocketAddr,
+) -> anyhow::Result<()> {
     let app1 = portcullis::demo::start_origin("app-1")
         .await
         .context("cannot start demo origin")?;
@@ -184,13 +294,24 @@ async fn demo(listen: std::net::SocketAddr, tls_listen: std::net::SocketAddr) ->
         .context("cannot start demo origin")?;
     let dir = std::env::temp_dir().join(format!("portcullis-demo-{}", std::process::id()));
     let (cert, key) = portcullis::demo::self_signed_certificate(&dir).context("cannot write the demo certificate")?;
-    let config = portcullis::demo::config(
+    let mut config = portcullis::demo::config(
         listen,
         Some((tls_listen, &cert, &key)),
         [app1.addr, app2.addr],
         api.addr,
     )
     .map_err(|e| anyhow::anyhow!("demo config is invalid (a bug):\n{e}"))?;
+    let audit_path = dir.join("audit.jsonl");
+    config.access_log.destination = portcullis::config::LogDestination::Stdout;
+    config.audit_log = Some(portcullis::config::AuditLogConfig {
+        path: audit_path.clone(),
+        hmac_key_file: None,
+        checkpoint_every: 100,
+    });
+    config.metrics = Some(portcullis::config::MetricsConfig {
+        listen: metrics_listen,
+        path: "/metrics".into(),
+    });
     let proxy = Proxy::bind(config).await.context("cannot start the demo proxy")?;
     let addrs = proxy.local_addrs();
     let addr = addrs.first().copied().unwrap_or(listen);
@@ -210,17 +331,27 @@ async fn demo(listen: std::net::SocketAddr, tls_listen: std::net::SocketAddr) ->
     for origin in [&app1, &app2, &api] {
         println!("  origin {:<6} on http://{}", origin.name, origin.addr);
     }
+    let metrics_addr = proxy.metrics_addr().unwrap_or(metrics_listen);
+    println!("  access log: JSON lines on stdout, one per request (below)");
+    println!("  audit log:  {}", audit_path.display());
+    println!("  metrics:    http://{metrics_addr}/metrics");
     println!();
     println!("Try:");
     println!("  curl -i http://{addr}/              # round robin over app-1 and app-2 (repeat it)");
     println!("  curl -i http://{addr}/api/users     # routed to api, /api/ rewritten to /");
     println!("  curl -i --http2-prior-knowledge http://{addr}/   # HTTP/2 cleartext");
     println!("  curl -k -i --http2 https://{tls_addr}/        # HTTPS, HTTP/2 by ALPN");
+    println!("  curl -s http://{metrics_addr}/metrics | grep portcullis_requests");
+    println!("  portcullis audit verify {}", audit_path.display());
     println!();
     println!("Press Ctrl-C to stop.");
     reload_certificates_on_sighup(proxy.certificates());
+    reopen_logs_on_sigusr1(proxy.observe());
     proxy.run(shutdown_signal()).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    // The audit log stays for a look after the demo; the key pair does not.
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(&cert);
+    println!("Audit log kept: {}", audit_path.display());
     Ok(())
 }
 

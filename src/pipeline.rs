@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -30,24 +30,77 @@ use crate::body::{BodyTooLarge, ProxyBody, RequestBody, find_cause};
 use crate::config::{Limits, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::forwarding::{self, Hop};
+use crate::observe::{Observation, Trace, request_id};
 use crate::server::conn::ConnInfo;
 use crate::state::Snapshot;
 use crate::upstream::pool::SendError;
 use crate::upstream::{Outcome, PickContext, balance};
 
 /// Serves one request: the upstream's response, or the proxy's error.
-pub async fn handle(req: Request<Incoming>, conn: &ConnInfo, snapshot: &Arc<Snapshot>) -> Response<ProxyBody> {
+pub async fn handle(mut req: Request<Incoming>, conn: &Arc<ConnInfo>, snapshot: &Arc<Snapshot>) -> Response<ProxyBody> {
+    let observe = &snapshot.observe;
+    let exchange = observe
+        .tracks_requests()
+        .then(|| Observation::start(observe, snapshot, conn, &req));
+    let (request_id, traceparent) = request_ids(&mut req, conn, snapshot);
     let method = req.method().clone();
-    if let Some(port) = conn.redirect_https_port {
-        return redirect_to_https(&req, port);
-    }
-    let mut response = handle_inner(req, conn, snapshot, &method).await;
+    let mut trace = Trace {
+        bytes_in: exchange.as_ref().and_then(|e| e.trace.bytes_in.clone()),
+        ..Trace::default()
+    };
+    let (mut response, error) = match conn.redirect_https_port {
+        Some(port) => (redirect_to_https(&req, port), None),
+        None => handle_inner(req, conn, snapshot, &method, &mut trace).await,
+    };
     if let Some(hsts) = &conn.hsts {
         response
             .headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
+    if let (Some(name), Some(id)) = (&snapshot.config.request_id.header, &request_id) {
+        response.headers_mut().insert(name.clone(), id.clone());
+    }
+    if let Some(mut exchange) = exchange {
+        exchange.status = response.status().as_u16();
+        exchange.trace = trace;
+        exchange.request_id = request_id;
+        exchange.traceparent = traceparent;
+        exchange.error = error;
+        response.body_mut().set_exchange(exchange);
+    }
     response
+}
+
+/// The request id (kept from a trusted proxy, else new; written into the
+/// request for the upstream) and the `traceparent` (created if configured).
+fn request_ids(
+    req: &mut Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    let settings = &snapshot.config.request_id;
+    let id = settings.header.as_ref().map(|name| {
+        let incoming = req
+            .headers()
+            .get(name)
+            .filter(|v| conn.trusted && settings.trust_incoming && request_id::valid_incoming(v));
+        match incoming {
+            Some(v) => v.clone(),
+            None => {
+                let id = request_id::new_id();
+                req.headers_mut().insert(name.clone(), id.clone());
+                id
+            }
+        }
+    });
+    let traceparent_name = HeaderName::from_static("traceparent");
+    let mut traceparent = req.headers().get(&traceparent_name).cloned();
+    if settings.create_traceparent && !traceparent.as_ref().is_some_and(request_id::valid_traceparent) {
+        let created = request_id::new_traceparent(id.as_ref().unwrap_or(&request_id::new_id()));
+        req.headers_mut().insert(traceparent_name, created.clone());
+        traceparent = Some(created);
+    }
+    (id, traceparent)
 }
 
 async fn handle_inner(
@@ -55,9 +108,10 @@ async fn handle_inner(
     conn: &ConnInfo,
     snapshot: &Arc<Snapshot>,
     method: &Method,
-) -> Response<ProxyBody> {
-    match forward(req, conn, snapshot).await {
-        Ok(response) => response,
+    trace: &mut Trace,
+) -> (Response<ProxyBody>, Option<&'static str>) {
+    match forward(req, conn, snapshot, trace).await {
+        Ok(response) => (response, None),
         Err(error) => {
             if error.is_upstream() {
                 tracing::warn!(peer = %conn.peer, %method, %error, "request failed upstream");
@@ -72,7 +126,7 @@ async fn handle_inner(
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            response
+            (response, error.status().1)
         }
     }
 }
@@ -81,6 +135,7 @@ async fn forward(
     mut req: Request<Incoming>,
     conn: &ConnInfo,
     snapshot: &Arc<Snapshot>,
+    trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     let config = &snapshot.config;
@@ -103,6 +158,7 @@ async fn forward(
         .route(host_text, lookup_path)
         .ok_or(ProxyError::NoRoute)?;
     let route = &config.routes[route_index];
+    trace.route = Some(route_index);
     if is_connect && !route.allow_connect {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -185,8 +241,12 @@ async fn forward(
     let body = if upgrade {
         RequestBody::empty()
     } else {
-        RequestBody::new(body, config.limits.max_request_body_bytes)
+        RequestBody::new(body, config.limits.max_request_body_bytes).counted(trace.bytes_in.clone())
     };
+    let server_metrics = snapshot
+        .observed
+        .as_ref()
+        .map(|o| (&o.servers[route.upstream], &o.retries[route.upstream]));
     // The server the client is pinned to, if sticky sessions are on.
     let pinned: Option<String> = upstream
         .config
@@ -242,28 +302,45 @@ async fn forward(
         };
         match tokio::time::timeout(try_timeout, server.pool.send(upstream_req, &addrs)).await {
             Ok(Ok((response, lease))) => {
+                let latency = try_started.elapsed();
                 upstream.record(
                     index,
                     Outcome::Response {
                         status: response.status().as_u16(),
-                        latency: try_started.elapsed(),
+                        latency,
                     },
                 );
+                if let Some((servers, _)) = server_metrics {
+                    servers[index].response.observe(latency.as_secs_f64());
+                }
+                trace.upstream_header = Some(latency);
                 break (response, lease, guard, index);
             }
             Err(_) => {
                 // The origin may be working on it: never retried.
                 upstream.record(index, Outcome::Failed);
+                if let Some((servers, _)) = server_metrics {
+                    servers[index].failures.inc();
+                }
+                trace.server = Some((route.upstream, index));
                 return Err(ProxyError::ResponseTimeout);
             }
             Ok(Err(SendError::Connect(e, returned))) => {
                 upstream.record(index, Outcome::Failed);
+                if let Some((servers, _)) = server_metrics {
+                    servers[index].failures.inc();
+                }
+                trace.server = Some((route.upstream, index));
                 tracing::debug!(upstream = %upstream.config.name, server = %server.addr, error = %e, "connect failed");
                 last_error = e;
                 if !may_retry(&tried) {
                     return Err(e);
                 }
                 tried.push(index);
+                trace.retries += 1;
+                if let Some((_, retries)) = server_metrics {
+                    retries.inc();
+                }
                 pending = Some(*returned);
             }
             Ok(Err(SendError::Exchange(err))) => {
@@ -273,17 +350,26 @@ async fn forward(
                     return Err(e);
                 }
                 upstream.record(index, Outcome::Failed);
+                if let Some((servers, _)) = server_metrics {
+                    servers[index].failures.inc();
+                }
+                trace.server = Some((route.upstream, index));
                 tracing::debug!(upstream = %upstream.config.name, server = %server.addr, error = %err, "exchange failed");
                 last_error = e;
                 if replay.is_none() || e != ProxyError::ConnectionTerminated || !may_retry(&tried) {
                     return Err(e);
                 }
                 tried.push(index);
+                trace.retries += 1;
+                if let Some((_, retries)) = server_metrics {
+                    retries.inc();
+                }
             }
         }
     };
 
     // respond
+    trace.server = Some((route.upstream, chosen));
     let status = response.status();
     let tunnel = match kind {
         Exchange::Plain => false,

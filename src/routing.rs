@@ -181,6 +181,7 @@ mod tests {
             allow_connect: false,
             request_headers: HeaderEdits::default(),
             response_headers: HeaderEdits::default(),
+            log_sample: 1,
         }
     }
 

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 
+use std::sync::atomic::AtomicU64;
+
 use crate::config::{Config, ConfigErrors};
+use crate::observe::{Observe, Observed};
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -23,16 +26,22 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     /// `Via` values for HTTP/1.0, HTTP/1.1 and HTTP/2, built once.
     pub via: Option<[HeaderValue; 3]>,
+    /// The process-wide logs and metrics (they outlive snapshots).
+    pub observe: Arc<Observe>,
+    /// This snapshot's metric handles, when metrics are on.
+    pub observed: Option<Observed>,
+    /// Per-route counters for access log sampling, when the log is on.
+    pub log_samples: Option<Vec<AtomicU64>>,
 }
 
 impl Snapshot {
     /// Builds the runtime objects; resolves upstream names (the only I/O).
-    pub async fn build(config: Config) -> Result<Snapshot, ConfigErrors> {
+    pub async fn build(config: Config, observe: &Arc<Observe>) -> Result<Snapshot, ConfigErrors> {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let mut errors = Vec::new();
         for upstream in &config.upstreams {
             let path = crate::config::reader::join("upstreams", &upstream.name);
-            match Upstream::build(upstream, &path).await {
+            match Upstream::build(upstream, &path, observe.audit.clone()).await {
                 Ok(u) => upstreams.push(u),
                 Err(mut e) => errors.append(&mut e),
             }
@@ -48,11 +57,22 @@ impl Snapshot {
             };
             [make("1.0"), make("1.1"), make("2")]
         });
+        let observed = observe
+            .metrics
+            .as_ref()
+            .map(|m| Observed::build(m, &config, &upstreams));
+        let log_samples = observe
+            .access
+            .as_ref()
+            .map(|_| config.routes.iter().map(|_| AtomicU64::new(0)).collect());
         Ok(Snapshot {
             config,
             router,
             upstreams,
             via,
+            observe: observe.clone(),
+            observed,
+            log_samples,
         })
     }
 }

@@ -38,6 +38,24 @@ servers = ["127.0.0.1:9"]
 /// Each broken config and the exact error lines `check` must print.
 const CASES: &[(&str, &str, &[&str])] = &[
     (
+        "observability sections",
+        "[access_log]\nformat = \"xml\"\nfields = [\"time\", \"bogus\"]\nbuffer_records = 0\nredact_headers = [\"bad header\"]\ndestination = \"\"\n[request_id]\ntraceparent = \"make\"\nheader = \"x id\"\n[audit_log]\ncheckpoint_every = 0\n[metrics]\nlisten = \"nowhere\"\npath = \"metrics\"\n[[routes]]\nupstream = \"app\"\nlog_sample = 0\n",
+        &[
+            "access_log.buffer_records: must be between 1 and 1048576, found 0",
+            "access_log.destination: expected \"stdout\", \"off\" or a file path",
+            "access_log.fields[1]: unknown field \"bogus\", expected one of: time, request_id, trace_id, client_ip, peer_ip, method, scheme, host, path, query, protocol, status, bytes_in, bytes_out, duration_ms, upstream_header_ms, upstream, server, route, retries, cache, protection, tls_version, tls_cipher, user_agent, referer, error, complete, headers",
+            "access_log.format: unknown value \"xml\", expected one of \"json\", \"common\", \"combined\"",
+            "access_log.redact_headers[0]: \"bad header\" is not a header name",
+            "audit_log.checkpoint_every: must be at least 1",
+            "audit_log.path: required: the audit log file",
+            "metrics.listen: \"nowhere\" is not an address such as \"127.0.0.1:9090\"",
+            "metrics.path: \"metrics\" must start with \"/\" and have no spaces",
+            "request_id.header: \"x id\" is not a header name",
+            "request_id.traceparent: unknown value \"make\", expected one of \"pass\", \"create\"",
+            "routes[0].log_sample: must be between 1 and 1000000, found 0",
+        ],
+    ),
+    (
         "syntax error",
         "listeners = [\n",
         &["FILE:1:14: TOML syntax error: unclosed array, expected `]`"],
@@ -61,7 +79,9 @@ const CASES: &[(&str, &str, &[&str])] = &[
     (
         "unknown top-level key",
         "colour = \"blue\"\n",
-        &["colour: unknown key, expected one of: limits, listeners, routes, server, timeouts, upstreams"],
+        &[
+            "colour: unknown key, expected one of: access_log, audit_log, limits, listeners, metrics, request_id, routes, server, timeouts, upstreams",
+        ],
     ),
     (
         "wrong type",

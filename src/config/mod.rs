@@ -10,6 +10,7 @@
 //! Names of upstream servers are resolved later, when the runtime snapshot is
 //! built (see `state.rs`), because that needs I/O.
 
+mod observe;
 mod parse;
 pub mod reader;
 pub mod units;
@@ -23,6 +24,9 @@ use ipnet::IpNet;
 
 pub use crate::upstream::balance::{Algorithm, HashKey};
 pub use crate::upstream::health::{CheckKind, CheckSettings, OutlierSettings, RetrySettings};
+pub use observe::{
+    AccessLogConfig, AuditLogConfig, LogDestination, LogField, LogFormat, MetricsConfig, RequestIdConfig,
+};
 pub use parse::parse;
 pub use reader::{ConfigError, ConfigErrors};
 
@@ -35,6 +39,12 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
     pub upstreams: Vec<UpstreamConfig>,
+    pub access_log: AccessLogConfig,
+    pub request_id: RequestIdConfig,
+    pub audit_log: Option<AuditLogConfig>,
+    pub metrics: Option<MetricsConfig>,
+    /// The file the config came from and its SHA-256 (hex), for the audit log.
+    pub source: Option<(std::path::PathBuf, String)>,
 }
 
 /// Process-wide settings (`[server]`).
@@ -193,6 +203,9 @@ pub struct RouteConfig {
     pub allow_connect: bool,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
+    /// Access log sampling: one in this many responses below 400 is
+    /// written; every 4xx and 5xx is.
+    pub log_sample: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,7 +285,9 @@ impl Config {
                 message: format!("{}: cannot read config file: {e}", path.display()),
             }])
         })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        config.source = Some((path.to_owned(), crate::observe::audit::sha256_hex(text.as_bytes())));
+        Ok(config)
     }
 
     /// Parses and validates config text; `origin` names it in syntax errors.

@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
 use toml::Value;
 
+use super::observe;
 use super::reader::{ConfigErrors, Errors, Table};
 use super::units;
 use super::*;
@@ -60,6 +61,10 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
     let listeners = read_listeners(&top, &errors);
     let upstreams = read_upstreams(&top, &timeouts, &errors);
     let routes = read_routes(&top, &upstreams, &errors);
+    let access_log = observe::read_access_log(top.table("access_log"));
+    let request_id = observe::read_request_id(top.table("request_id"));
+    let audit_log = observe::read_audit_log(top.table("audit_log"));
+    let metrics = observe::read_metrics(top.table("metrics"));
     top.finish();
 
     errors.into_result(Config {
@@ -69,6 +74,11 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
         listeners,
         routes,
         upstreams,
+        access_log,
+        request_id,
+        audit_log,
+        metrics,
+        source: None,
     })
 }
 
@@ -931,6 +941,14 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
         let allow_connect = t.bool("allow_connect").unwrap_or(false);
         let request_headers = read_header_edits(t.table("request_headers"));
         let response_headers = read_header_edits(t.table("response_headers"));
+        let log_sample = match t.uint("log_sample") {
+            Some(n) if (1..=1_000_000).contains(&n) => n as u32,
+            Some(n) => {
+                t.error("log_sample", format!("must be between 1 and 1000000, found {n}"));
+                1
+            }
+            None => 1,
+        };
         t.finish();
 
         let keys: Vec<HostPattern> = if hosts.is_empty() {
@@ -962,6 +980,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
                 allow_connect,
                 request_headers,
                 response_headers,
+                log_sample,
             });
         }
     }

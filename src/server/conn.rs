@@ -277,6 +277,8 @@ pub struct ConnInfo {
     pub trusted: bool,
     pub tasks: tokio_util::task::TaskTracker,
     pub hard_stop: CancellationToken,
+    /// TLS protocol version and cipher suite (TLS listeners).
+    pub tls: Option<(&'static str, &'static str)>,
 }
 
 /// Serves one accepted connection until it closes, drains or is cut.
@@ -348,6 +350,9 @@ pub(super) async fn serve<S>(
                         Control::Cut => return,
                         Control::HeaderTimeout => {
                             tracing::debug!(peer = %info.peer, "request header read timed out; closing");
+                            if let Some(m) = &listener.metrics {
+                                m.rejected("header_timeout");
+                            }
                             return;
                         }
                     },

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigErrors, ListenerConfig, ListenerProtocol};
+use crate::observe::audit::CertificateSummary;
+use crate::observe::metrics::ListenerMetrics;
+use crate::observe::{Event, Observe};
 use crate::state::{SharedSnapshot, Snapshot};
 
 /// Why the proxy could not start.
@@ -33,6 +36,8 @@ pub enum StartError {
     Config(#[from] ConfigErrors),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Observe(String),
     #[error("cannot listen on {addr} ({listener}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -58,6 +63,8 @@ pub(crate) struct ListenerRuntime {
     pub client_cert_headers: Option<(http::HeaderName, http::HeaderName)>,
     pub hsts: Option<http::HeaderValue>,
     pub redirect_https_port: Option<u16>,
+    /// Connection counters, when metrics are on.
+    pub metrics: Option<ListenerMetrics>,
 }
 
 /// Most concurrent streams per HTTP/2 client connection.
@@ -66,7 +73,7 @@ const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl ListenerRuntime {
-    fn new(listener: &ListenerConfig, config: &Config) -> Self {
+    fn new(listener: &ListenerConfig, config: &Config, observe: &Observe) -> Self {
         let limits = &config.limits;
         // hyper answers 431 when the head does not fit its buffer; the exact
         // byte limit is enforced by `max_header_size` (HTTP/1-only listeners)
@@ -126,6 +133,7 @@ impl ListenerRuntime {
                 .and_then(|t| t.hsts_max_age)
                 .and_then(|age| http::HeaderValue::from_str(&format!("max-age={}", age.as_secs())).ok()),
             redirect_https_port: listener.redirect_https_port,
+            metrics: observe.metrics.as_ref().map(|m| m.listener(&listener.name)),
         }
     }
 }
@@ -191,21 +199,22 @@ pub fn uncovered_route_hosts(config: &Config, stores: &[Arc<tls::CertStore>]) ->
 #[derive(Clone, Debug, Default)]
 pub struct CertReloader {
     stores: Arc<Vec<Arc<tls::CertStore>>>,
+    observe: Arc<Observe>,
 }
 
 impl CertReloader {
     /// Reloads every store; returns the errors of the ones that failed.
     pub fn reload(&self) -> Result<usize, ConfigErrors> {
+        self.reload_by("api")
+    }
+
+    /// [`reload`](Self::reload), recording `trigger` (such as `SIGHUP`) in
+    /// the audit log.
+    pub fn reload_by(&self, trigger: &str) -> Result<usize, ConfigErrors> {
         let mut errors = Vec::new();
         for store in self.stores.iter() {
-            match store.reload() {
-                Ok(()) => {
-                    tracing::info!(listener = %store.listener, fingerprints = ?store.current().fingerprints, "certificates reloaded")
-                }
-                Err(mut e) => {
-                    tracing::error!(listener = %store.listener, "certificate reload failed; keeping the current certificates");
-                    errors.append(&mut e);
-                }
+            if let Err(mut e) = reload_store(store, trigger, &self.observe) {
+                errors.append(&mut e.0);
             }
         }
         if errors.is_empty() {
@@ -220,16 +229,57 @@ impl CertReloader {
     }
 }
 
+/// Reloads one listener's certificates, logging, counting and auditing the
+/// result.
+fn reload_store(store: &tls::CertStore, trigger: &str, observe: &Observe) -> Result<(), ConfigErrors> {
+    let before = store.current().fingerprints.clone();
+    let result = store.reload();
+    let after = store.current().fingerprints.clone();
+    let error = match &result {
+        Ok(()) => {
+            tracing::info!(listener = %store.listener, %trigger, fingerprints = ?after, "certificates reloaded");
+            None
+        }
+        Err(e) => {
+            let text = e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            tracing::error!(listener = %store.listener, %trigger, "certificate reload failed ({text}); keeping the current certificates");
+            Some(text)
+        }
+    };
+    if let Some(m) = &observe.metrics {
+        m.reload("certificates", result.is_ok());
+    }
+    observe.audit(Event::CertificatesReload {
+        trigger: trigger.to_owned(),
+        listener: store.listener.clone(),
+        result: if result.is_ok() { "ok" } else { "error" }.to_owned(),
+        added: after.iter().filter(|f| !before.contains(f)).cloned().collect(),
+        removed: before.iter().filter(|f| !after.contains(f)).cloned().collect(),
+        error,
+    });
+    result.map_err(ConfigErrors)
+}
+
 /// A bound proxy, ready to run.
 pub struct Proxy {
     snapshot: SharedSnapshot,
     listeners: Vec<(Arc<ListenerRuntime>, TcpListener)>,
     certificates: CertReloader,
+    observe: Arc<Observe>,
+    metrics_listener: Option<(TcpListener, String)>,
 }
 
 impl Proxy {
-    /// Builds the runtime snapshot and binds every listener.
+    /// Opens the configured logs and metrics, builds the runtime snapshot
+    /// and binds every listener.
     pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let observe = Observe::from_config(&config).map_err(StartError::Observe)?;
+        Self::bind_with(config, Arc::new(observe)).await
+    }
+
+    /// [`bind`](Self::bind) with logs and metrics made by the caller (tests,
+    /// embedding: an access log to a writer of their own).
+    pub async fn bind_with(config: Config, observe: Arc<Observe>) -> Result<Proxy, StartError> {
         let mut listeners = Vec::new();
         let stores = load_certificates(&config)?;
         for warning in uncovered_route_hosts(&config, &stores) {
@@ -237,7 +287,7 @@ impl Proxy {
         }
         let mut next_store = stores.iter();
         for listener in &config.listeners {
-            let mut runtime = ListenerRuntime::new(listener, &config);
+            let mut runtime = ListenerRuntime::new(listener, &config, &observe);
             if let Some(t) = &listener.tls {
                 let store = next_store
                     .next()
@@ -256,14 +306,43 @@ impl Proxy {
                 listeners.push((runtime.clone(), socket));
             }
         }
-        let snapshot = Snapshot::build(config).await?;
+        let metrics_listener = match (&config.metrics, &observe.metrics) {
+            (Some(m), Some(_)) => {
+                let socket = TcpListener::bind(m.listen).await.map_err(|source| StartError::Bind {
+                    addr: m.listen,
+                    listener: "metrics".into(),
+                    source,
+                })?;
+                Some((socket, m.path.clone()))
+            }
+            _ => None,
+        };
+        observe.audit(Event::ProcessStart {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION"),
+        });
+        observe.audit(config_summary(&config, &stores, "start"));
+        let snapshot = Snapshot::build(config, &observe).await?;
         Ok(Proxy {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,
             certificates: CertReloader {
                 stores: Arc::new(stores),
+                observe: observe.clone(),
             },
+            observe,
+            metrics_listener,
         })
+    }
+
+    /// The logs and metrics of this proxy (reopen on SIGUSR1, flush, tests).
+    pub fn observe(&self) -> Arc<Observe> {
+        self.observe.clone()
+    }
+
+    /// Where the metrics endpoint listens, if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The handle that reloads TLS certificates (SIGHUP, admin API).
@@ -301,8 +380,27 @@ impl Proxy {
 
         for store in self.certificates.stores() {
             if let Some(interval) = store.watch_interval {
-                tasks.spawn(watch_certificates(store.clone(), interval, stop_accepting.clone()));
+                tasks.spawn(watch_certificates(
+                    store.clone(),
+                    interval,
+                    stop_accepting.clone(),
+                    self.observe.clone(),
+                ));
             }
+        }
+        let metrics_stop = CancellationToken::new();
+        if let (Some((listener, path)), Some(metrics)) = (self.metrics_listener, &self.observe.metrics) {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, %path, "metrics endpoint listening");
+            }
+            tokio::spawn(crate::observe::metrics::serve(
+                listener,
+                path,
+                metrics.clone(),
+                self.observe.clone(),
+                self.snapshot.clone(),
+                metrics_stop.clone(),
+            ));
         }
 
         shutdown.await;
@@ -325,12 +423,23 @@ impl Proxy {
             hard_stop.cancel();
             tasks.wait().await;
         }
+        metrics_stop.cancel();
+        self.observe.audit(Event::ProcessStop {
+            pid: std::process::id(),
+            reason: "shutdown".into(),
+        });
+        self.observe.flush().await;
         tracing::info!("shutdown complete");
     }
 }
 
 /// Reloads a listener's certificates when their files change.
-async fn watch_certificates(store: Arc<tls::CertStore>, interval: Duration, stop: CancellationToken) {
+async fn watch_certificates(
+    store: Arc<tls::CertStore>,
+    interval: Duration,
+    stop: CancellationToken,
+    observe: Arc<Observe>,
+) {
     let mut seen = store.files_signature();
     loop {
         tokio::select! {
@@ -342,16 +451,9 @@ async fn watch_certificates(store: Arc<tls::CertStore>, interval: Duration, stop
             continue;
         }
         seen = now;
-        match store.reload() {
-            Ok(()) => {
-                tracing::info!(listener = %store.listener, fingerprints = ?store.current().fingerprints, "certificate files changed: reloaded")
-            }
-            Err(errors) => {
-                for e in &errors {
-                    tracing::error!(listener = %store.listener, "certificate files changed but do not load ({e}); keeping the current certificates");
-                }
-            }
-        }
+        // Logged, counted and audited by reload_store; the old
+        // certificates stay in use on failure.
+        let _ = reload_store(&store, "file-watch", &observe);
     }
 }
 
@@ -384,6 +486,11 @@ async fn accept_loop(
                 }
             }
         };
+        let open_guard = runtime.metrics.as_ref().map(|m| {
+            m.accepted.inc();
+            m.open.inc();
+            OpenGuard(m.open.clone())
+        });
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on client connection");
         }
@@ -404,17 +511,22 @@ async fn accept_loop(
             trusted,
             tasks: tasks.clone(),
             hard_stop: hard_stop.clone(),
+            tls: None,
         };
         match &runtime.tls {
             None => {
-                tasks.spawn(conn::serve(
+                let serve = conn::serve(
                     stream,
                     runtime.protocol,
                     Arc::new(info),
                     runtime.clone(),
                     snapshot.clone(),
                     stop.clone(),
-                ));
+                );
+                tasks.spawn(async move {
+                    serve.await;
+                    drop(open_guard);
+                });
             }
             Some((acceptor, handshake_timeout)) => {
                 let acceptor = acceptor.clone();
@@ -422,6 +534,7 @@ async fn accept_loop(
                 let (runtime, snapshot, stop) = (runtime.clone(), snapshot.clone(), stop.clone());
                 let mut info = info;
                 tasks.spawn(async move {
+                    let _open = open_guard;
                     let handshake = tokio::select! {
                         _ = stop.cancelled() => return,
                         result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => result,
@@ -430,13 +543,29 @@ async fn accept_loop(
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+                            if let Some(m) = &runtime.metrics {
+                                m.tls_failure("error");
+                            }
                             return;
                         }
                         Err(_) => {
                             tracing::debug!(peer = %info.peer, "TLS handshake timed out");
+                            if let Some(m) = &runtime.metrics {
+                                m.tls_failure("timeout");
+                            }
                             return;
                         }
                     };
+                    let session = stream.get_ref().1;
+                    let version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("unknown");
+                    let cipher = session
+                        .negotiated_cipher_suite()
+                        .and_then(|c| c.suite().as_str())
+                        .unwrap_or("unknown");
+                    info.tls = Some((version, cipher));
+                    if let Some(m) = &runtime.metrics {
+                        m.tls_handshake(version);
+                    }
                     // ALPN decides the protocol; no ALPN means HTTP/1.1.
                     let protocol = match stream.get_ref().1.alpn_protocol() {
                         Some(b"h2") => ListenerProtocol::H2c,
@@ -453,4 +582,32 @@ async fn accept_loop(
     // Dropping the listener here closes the socket: new connections are
     // refused from now on.
     drop(listener);
+}
+
+/// Counts a connection open until dropped.
+struct OpenGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The `config.load` audit record: what is now in use.
+fn config_summary(config: &Config, stores: &[Arc<tls::CertStore>], trigger: &str) -> Event {
+    Event::ConfigLoad {
+        trigger: trigger.to_owned(),
+        file: config.source.as_ref().map(|(p, _)| p.display().to_string()),
+        sha256: config.source.as_ref().map(|(_, h)| h.clone()),
+        listeners: config.listeners.iter().map(|l| l.name.clone()).collect(),
+        routes: config.routes.iter().map(|r| r.name.clone()).collect(),
+        upstreams: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        certificates: stores
+            .iter()
+            .map(|s| CertificateSummary {
+                listener: s.listener.clone(),
+                fingerprints: s.current().fingerprints.clone(),
+            })
+            .collect(),
+    }
 }

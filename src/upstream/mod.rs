@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, ServerAddr, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::observe::{AuditLog, Event};
 use balance::{Algorithm, Candidate, Ring, Rng, RoundRobinState};
 use health::{RetryBudget, ServerHealth, ServerSettings, ServerStatus, now_ms};
 use pool::{PoolSettings, ServerPool};
@@ -43,6 +44,8 @@ pub struct Server {
     pub health: Arc<ServerHealth>,
     /// Opaque id for sticky cookies: a hash, never the address.
     pub sticky_id: String,
+    /// The address as configured, for logs and metric labels.
+    pub label: String,
     settings: ServerSettings,
 }
 
@@ -56,6 +59,8 @@ pub struct Upstream {
     in_flight: std::sync::atomic::AtomicU32,
     /// Cancelled when the group is dropped: ends its background tasks.
     tasks: CancellationToken,
+    /// Where ejections and restorations are recorded.
+    audit: Option<AuditLog>,
 }
 
 impl Drop for Upstream {
@@ -95,7 +100,11 @@ thread_local! {
 
 impl Upstream {
     /// Builds the group, resolving every server name; `path` prefixes errors.
-    pub async fn build(config: &UpstreamConfig, path: &str) -> Result<Arc<Upstream>, Vec<ConfigError>> {
+    pub async fn build(
+        config: &UpstreamConfig,
+        path: &str,
+        audit: Option<AuditLog>,
+    ) -> Result<Arc<Upstream>, Vec<ConfigError>> {
         let tls = match &config.tls {
             None => None,
             Some(t) => match tls_connector(t, config.protocol) {
@@ -138,6 +147,7 @@ impl Upstream {
                 pool: Arc::new(ServerPool::new(settings.clone(), tls_server_name(config, addr))),
                 health: Arc::new(ServerHealth::default()),
                 sticky_id,
+                label: addr.to_string(),
                 settings: ServerSettings {
                     weight: addr.weight,
                     slow_start: config.slow_start,
@@ -164,6 +174,7 @@ impl Upstream {
             round_robin: Mutex::new(RoundRobinState::default()),
             in_flight: std::sync::atomic::AtomicU32::new(0),
             tasks: CancellationToken::new(),
+            audit,
         });
         tokio::spawn(maintain(Arc::downgrade(&upstream), upstream.tasks.clone()));
         if let Some(check) = &config.health_check {
@@ -174,6 +185,7 @@ impl Upstream {
                     server.clone(),
                     check.clone(),
                     upstream.tasks.clone(),
+                    upstream.audit.clone(),
                 ));
             }
         }
@@ -287,6 +299,17 @@ impl Upstream {
                 duration,
                 self.config.outlier.consecutive_failures
             );
+            if let Some(audit) = &self.audit {
+                audit.record(Event::ServerEjected {
+                    upstream: self.config.name.clone(),
+                    server: s.label.clone(),
+                    reason: format!(
+                        "{} consecutive failures: ejected for {}s",
+                        self.config.outlier.consecutive_failures,
+                        duration.as_secs()
+                    ),
+                });
+            }
         }
     }
 
@@ -440,6 +463,7 @@ async fn health_check_loop(
     server: Arc<Server>,
     settings: health::CheckSettings,
     cancel: CancellationToken,
+    audit: Option<AuditLog>,
 ) {
     let mut counter = health::CheckCounter::default();
     // Each server starts at its own offset, and every interval varies by up
@@ -470,6 +494,23 @@ async fn health_check_loop(
                 tracing::info!(%upstream, server = %server.addr, "server passed its health checks: back in rotation");
             } else {
                 tracing::warn!(%upstream, server = %server.addr, "server failed its health checks: out of rotation");
+            }
+            if let Some(audit) = &audit {
+                let (upstream, server) = (upstream.clone(), server.label.clone());
+                let reason = "active health checks".to_owned();
+                audit.record(if now_healthy {
+                    Event::ServerRestored {
+                        upstream,
+                        server,
+                        reason,
+                    }
+                } else {
+                    Event::ServerEjected {
+                        upstream,
+                        server,
+                        reason,
+                    }
+                });
             }
         }
         tokio::select! {
