@@ -249,6 +249,8 @@ impl Echoed {
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub snapshot: portcullis::state::SharedSnapshot,
+    pub observe: Arc<portcullis::observe::Observe>,
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -278,9 +280,24 @@ impl Drop for TestProxy {
 /// Starts a proxy from TOML text (listeners should bind `127.0.0.1:0`).
 pub async fn start_proxy(toml: &str) -> TestProxy {
     let config = portcullis::Config::from_toml(toml, "test").unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-    let proxy = portcullis::Proxy::bind(config).await.expect("bind proxy");
+    run_proxy(portcullis::Proxy::bind(config).await.expect("bind proxy"))
+}
+
+/// Starts a proxy with logs and metrics made by the test.
+pub async fn start_proxy_with(toml: &str, observe: portcullis::observe::Observe) -> TestProxy {
+    let config = portcullis::Config::from_toml(toml, "test").unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    run_proxy(
+        portcullis::Proxy::bind_with(config, Arc::new(observe))
+            .await
+            .expect("bind proxy"),
+    )
+}
+
+fn run_proxy(proxy: portcullis::Proxy) -> TestProxy {
     let addr = proxy.local_addrs()[0];
     let snapshot = proxy.snapshot();
+    let observe = proxy.observe();
+    let metrics_addr = proxy.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.run(async move {
         let _ = stopped.await;
@@ -288,6 +305,8 @@ pub async fn start_proxy(toml: &str) -> TestProxy {
     TestProxy {
         addr,
         snapshot,
+        observe,
+        metrics_addr,
         stop: Some(stop),
         task: Some(task),
     }
