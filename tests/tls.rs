@@ -734,3 +734,118 @@ async fn changed_certificate_files_are_picked_up_when_watched() {
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test]
+async fn tls_requests_are_logged_and_counted_and_reloads_audited() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, _) = leaf(&ca, dir.path(), "site", &["site.test"], false);
+    let origin = echo_origin().await;
+    let log = dir.path().join("access.log");
+    let audit = dir.path().join("audit.jsonl");
+    let toml = format!(
+        "{}\n[access_log]\ndestination = {:?}\n[audit_log]\npath = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        tls_config(origin.addr, &[(&c, &k)], ""),
+        log.display().to_string(),
+        audit.display().to_string()
+    );
+    let config = portcullis::Config::from_toml(&toml, "test").expect("config");
+    let proxy = portcullis::Proxy::bind(config).await.expect("bind");
+    let addr = proxy.local_addrs()[0];
+    let certificates = proxy.certificates();
+    let observe = proxy.observe();
+    let metrics_addr = proxy.metrics_addr().expect("metrics");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(proxy.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let stream = handshake(addr, client_config(&ca, &[b"h2"]), "site.test")
+        .await
+        .expect("tls");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("h2");
+    tokio::spawn(conn);
+    let got = read(
+        sender
+            .send_ready(Request::get("https://site.test/secure").body(empty()).expect("req"))
+            .await
+            .expect("send"),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    // A failed handshake (the client trusts another CA).
+    assert!(
+        handshake(addr, client_config(&self::ca(), &[b"h2"]), "site.test")
+            .await
+            .is_err()
+    );
+
+    // New certificate files, reloaded: audited with what changed.
+    let before = certificates.stores()[0].current().fingerprints.clone();
+    leaf(&ca, dir.path(), "site", &["site.test"], false);
+    certificates.reload_by("test").expect("reload");
+    let after = certificates.stores()[0].current().fingerprints.clone();
+
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        observe.flush().await;
+        let mut m = h1(metrics_addr).await;
+        let req = Request::get("/metrics").header("host", "m").body(empty()).expect("req");
+        metrics = read(m.send_ready(req).await.expect("scrape")).await.text();
+        if metrics.contains("portcullis_tls_handshake_failures_total{")
+            && std::fs::read_to_string(&log).is_ok_and(|t| !t.is_empty())
+        {
+            break;
+        }
+    }
+    let record: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&log)
+            .expect("access log")
+            .lines()
+            .next()
+            .expect("a record"),
+    )
+    .expect("JSON");
+    assert_eq!(record["scheme"], "https");
+    assert_eq!(record["protocol"], "HTTP/2.0");
+    assert_eq!(record["tls_version"], "TLSv1_3");
+    assert!(
+        record["tls_cipher"].as_str().is_some_and(|c| c.starts_with("TLS13_")),
+        "{record}"
+    );
+    assert!(
+        metrics.contains("portcullis_tls_handshakes_total{listener=\"listeners[0]\",version=\"TLSv1_3\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_tls_handshake_failures_total{listener=\"listeners[0]\",reason=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_reloads_total{kind=\"certificates\",result=\"ok\"} 1"),
+        "{metrics}"
+    );
+
+    let _ = stop.send(());
+    running.await.expect("proxy");
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .expect("audit")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let load = records
+        .iter()
+        .find(|r| r["event"] == "config.load")
+        .expect("config.load");
+    assert_eq!(load["certificates"][0]["fingerprints"], serde_json::json!(before));
+    let reload = records
+        .iter()
+        .find(|r| r["event"] == "certificates.reload")
+        .expect("certificates.reload");
+    assert_eq!(reload["trigger"], "test");
+    assert_eq!(reload["result"], "ok");
+    assert_eq!(reload["added"], serde_json::json!(after));
+    assert_eq!(reload["removed"], serde_json::json!(before));
+}
