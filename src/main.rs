@@ -246,13 +246,16 @@ async fn check(path: PathBuf) -> ExitCode {
             let built = portcullis::state::Snapshot::build(config.clone(), &portcullis::observe::Observe::disabled())
                 .await
                 .map(|_| ());
-            match (certs, built) {
-                (Ok(()), Ok(())) => Ok(config),
-                (Err(mut a), Err(b)) => {
-                    a.0.extend(b.0);
-                    Err(a)
+            let mut errors = portcullis::observe::check_files(&config);
+            for result in [certs, built] {
+                if let Err(e) = result {
+                    errors.extend(e.0);
                 }
-                (Err(e), _) | (_, Err(e)) => Err(e),
+            }
+            if errors.is_empty() {
+                Ok(config)
+            } else {
+                Err(portcullis::config::ConfigErrors(errors))
             }
         }
         Err(e) => Err(e),
@@ -342,7 +345,8 @@ async fn demo(
     println!("  curl -i --http2-prior-knowledge http://{addr}/   # HTTP/2 cleartext");
     println!("  curl -k -i --http2 https://{tls_addr}/        # HTTPS, HTTP/2 by ALPN");
     println!("  curl -s http://{metrics_addr}/metrics | grep portcullis_requests");
-    println!("  portcullis audit verify {}", audit_path.display());
+    let exe = std::env::current_exe().map_or_else(|_| "portcullis".to_owned(), |p| p.display().to_string());
+    println!("  {exe} audit verify {}", audit_path.display());
     println!();
     println!("Press Ctrl-C to stop.");
     reload_certificates_on_sighup(proxy.certificates());

@@ -287,3 +287,51 @@ fn run_refuses_an_invalid_config_without_starting() {
         "{stderr}"
     );
 }
+
+#[test]
+fn check_reports_log_directories_that_do_not_exist_and_bad_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let short_key = dir.path().join("short.key");
+    std::fs::write(&short_key, "tiny").expect("write key");
+    let config = format!(
+        "{VALID_TAIL}\n[access_log]\ndestination = \"/nonexistent/logs/access.log\"\n[audit_log]\npath = \"/nonexistent/audit/audit.jsonl\"\nhmac_key_file = {:?}\n",
+        short_key.display().to_string()
+    );
+    let (code, _, stderr) = check(&config);
+    assert_eq!(code, 2, "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines[..3],
+        [
+            "access_log.destination: directory /nonexistent/logs does not exist",
+            "audit_log.path: directory /nonexistent/audit does not exist",
+            format!(
+                "audit_log.hmac_key_file: {}: HMAC key too short (4 bytes; at least 16)",
+                short_key.display()
+            )
+            .as_str(),
+        ]
+    );
+}
+
+#[test]
+fn run_fails_clearly_when_a_log_file_cannot_be_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("portcullis.toml");
+    // A directory where the log file should be: opening it for writing fails.
+    let config = format!(
+        "{VALID_TAIL}\n[access_log]\ndestination = {:?}\n",
+        dir.path().display().to_string()
+    );
+    std::fs::write(&path, config).expect("write");
+    let out = portcullis(&["run", "-c", path.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: cannot open access log: Is a directory",
+            dir.path().display()
+        )),
+        "{stderr}"
+    );
+}

@@ -40,11 +40,11 @@ async fn logged_proxy(toml: &str) -> (TestProxy, mpsc::UnboundedReceiver<String>
     let config = portcullis::Config::from_toml(toml, "test").expect("config");
     let (tx, rx) = mpsc::unbounded_channel();
     let sink = LineSink { buffer: Vec::new(), tx };
-    let observe = Observe {
-        access: Some(AccessLog::to_writer(&config.access_log, Box::new(sink)).expect("log")),
-        audit: None,
-        metrics: config.metrics.as_ref().map(|_| Arc::new(Metrics::new())),
-    };
+    let observe = Observe::new(
+        Some(AccessLog::to_writer(&config.access_log, Box::new(sink)).expect("log")),
+        None,
+        config.metrics.as_ref().map(|_| Arc::new(Metrics::new())),
+    );
     (start_proxy_with(toml, observe).await, rx)
 }
 
@@ -189,12 +189,11 @@ async fn combined_log_format_through_the_proxy() {
     let extra = "[access_log]\nformat = \"combined\"\n";
     let config = portcullis::Config::from_toml(&config_for(origin.addr, extra), "test").expect("config");
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let observe = Observe {
-        access: Some(
-            AccessLog::to_writer(&config.access_log, Box::new(LineSink { buffer: Vec::new(), tx })).expect("log"),
-        ),
-        ..Observe::default()
-    };
+    let observe = Observe::new(
+        Some(AccessLog::to_writer(&config.access_log, Box::new(LineSink { buffer: Vec::new(), tx })).expect("log")),
+        None,
+        None,
+    );
     let proxy = start_proxy_with(&config_for(origin.addr, extra), observe).await;
     let mut c = h1(proxy.addr).await;
     let req = Request::get("/p?a=1")
@@ -290,11 +289,7 @@ async fn a_stalled_writer_costs_records_not_requests() {
     let config = portcullis::Config::from_toml(&toml, "test").expect("config");
     let (release, stalled) = std::sync::mpsc::channel();
     let access = AccessLog::to_writer(&config.access_log, Box::new(Stalled(stalled))).expect("log");
-    let observe = Observe {
-        access: Some(access),
-        audit: None,
-        metrics: Some(Arc::new(Metrics::new())),
-    };
+    let observe = Observe::new(Some(access), None, Some(Arc::new(Metrics::new())));
     let proxy = start_proxy_with(&toml, observe).await;
     let requests = 50;
     let mut c = h1(proxy.addr).await;

@@ -1,20 +1,22 @@
 //! The access log: one record per request, as JSON lines or in the
 //! Common / Combined Log Format, written by a thread of its own.
 //!
-//! A request formats its record and hands the bytes to a bounded queue
-//! with `try_send`: when the writer falls behind (a slow disk, a stalled
-//! pipe) records are dropped and counted, never waited for, so logging
-//! cannot slow a request down. The writer drains the queue, writes in
-//! batches and flushes whenever the queue runs empty. A reopen request
-//! (SIGUSR1, after logrotate moved the file) is picked up before the next
-//! write.
+//! A request formats its record into a per-thread buffer and appends the
+//! bytes to a shared batch under a short lock: when `buffer_records`
+//! records are already waiting (a slow disk, a stalled pipe) it is dropped
+//! and counted instead, so logging never slows a request down. The writer
+//! thread is not woken per record (a wake-up costs more than formatting
+//! the record): it wakes when a batch reaches 64 KiB, on a flush or reopen
+//! request, or every 100 ms, and writes the whole batch with one
+//! `write_all`. A reopen request (SIGUSR1, after logrotate moved the file)
+//! is handled before the next batch.
 
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{AccessLogConfig, LogDestination, LogField, LogFormat};
@@ -56,12 +58,6 @@ pub struct Entry<'a> {
     pub headers: &'a [Option<http::HeaderValue>],
 }
 
-enum Msg {
-    Line(Vec<u8>),
-    Wake,
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
 /// Counters of the writer, read by the metrics endpoint.
 #[derive(Debug, Default)]
 pub struct LogCounters {
@@ -69,11 +65,27 @@ pub struct LogCounters {
     pub dropped: AtomicU64,
 }
 
+/// Records waiting for the writer, and requests to it.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    records: u64,
+    reopen: bool,
+    closed: bool,
+    flushed: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Signalled only when the writer has work it should not wait for
+    /// (a full batch, a flush, a reopen, close), never per record.
+    wake: Condvar,
+}
+
 /// The access log of a running proxy. Cheap to share (`Arc`).
 pub struct AccessLog {
     config: AccessLogConfig,
-    tx: mpsc::SyncSender<Msg>,
-    reopen: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     pub counters: Arc<LogCounters>,
 }
 
@@ -88,7 +100,7 @@ impl std::fmt::Debug for AccessLog {
 /// Where the writer thread writes.
 enum Sink {
     Stdout(std::io::Stdout),
-    File(PathBuf, std::io::BufWriter<std::fs::File>),
+    File(PathBuf, std::fs::File),
     Custom(Box<dyn Write + Send>),
 }
 
@@ -102,9 +114,18 @@ impl Sink {
     }
 }
 
-fn open_file(path: &PathBuf) -> std::io::Result<std::io::BufWriter<std::fs::File>> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    Ok(std::io::BufWriter::with_capacity(64 * 1024, file))
+fn open_file(path: &PathBuf) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// A batch this large wakes the writer before its next tick.
+const BATCH_BYTES: usize = 64 * 1024;
+/// The writer writes what is pending at least this often.
+const TICK: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// Each thread formats into its own buffer, reused record after record.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl AccessLog {
@@ -126,94 +147,85 @@ impl AccessLog {
         Self::start(config.clone(), Sink::Custom(writer))
     }
 
-    fn start(config: AccessLogConfig, mut sink: Sink) -> Result<AccessLog, String> {
-        let (tx, rx) = mpsc::sync_channel::<Msg>(config.buffer_records);
-        let reopen = Arc::new(AtomicBool::new(false));
+    fn start(config: AccessLogConfig, sink: Sink) -> Result<AccessLog, String> {
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+        });
         let counters = Arc::new(LogCounters::default());
-        let (reopen_flag, thread_counters) = (reopen.clone(), counters.clone());
+        let (thread_shared, thread_counters) = (shared.clone(), counters.clone());
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                let handle = |sink: &mut Sink, msg: Msg| match msg {
-                    Msg::Line(bytes) => {
-                        if reopen_flag.swap(false, Ordering::AcqRel) {
-                            reopen_sink(sink);
-                        }
-                        if let Err(e) = sink.out().write_all(&bytes) {
-                            thread_counters.dropped.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(error = %e, "access log write failed");
-                        } else {
-                            thread_counters.written.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Msg::Wake => {
-                        if reopen_flag.swap(false, Ordering::AcqRel) {
-                            reopen_sink(sink);
-                        }
-                    }
-                    Msg::Flush(done) => {
-                        let _ = sink.out().flush();
-                        let _ = done.send(());
-                    }
-                };
-                while let Ok(msg) = rx.recv() {
-                    handle(&mut sink, msg);
-                    while let Ok(more) = rx.try_recv() {
-                        handle(&mut sink, more);
-                    }
-                    if let Err(e) = sink.out().flush() {
-                        tracing::debug!(error = %e, "access log flush failed");
-                    }
-                }
-                let _ = sink.out().flush();
-            })
+            .spawn(move || write_loop(&thread_shared, sink, &thread_counters))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
         Ok(AccessLog {
             config,
-            tx,
-            reopen,
+            shared,
             counters,
         })
+    }
+
+    /// Formats and queues one record; drops it (counted) if
+    /// `buffer_records` records are already waiting. Never waits for I/O:
+    /// the lock is held for one copy of the formatted bytes.
+    pub fn write(&self, entry: &Entry<'_>) {
+        SCRATCH.with(|scratch| {
+            let mut line = scratch.borrow_mut();
+            line.clear();
+            self.format_into(entry, &mut line);
+            let Ok(mut pending) = self.shared.pending.lock() else {
+                return;
+            };
+            if pending.records >= self.config.buffer_records as u64 {
+                drop(pending);
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let was_small = pending.bytes.len() < BATCH_BYTES;
+            pending.bytes.extend_from_slice(&line);
+            pending.records += 1;
+            if was_small && pending.bytes.len() >= BATCH_BYTES {
+                self.shared.wake.notify_one();
+            }
+        });
+    }
+
+    /// Reopens the file at its path before the next write (logrotate).
+    pub fn reopen(&self) {
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.reopen = true;
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Waits until every record queued before this call is written out.
+    pub async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.flushed.push(done);
+            self.shared.wake.notify_one();
+        }
+        let _ = wait.await;
     }
 
     pub fn config(&self) -> &AccessLogConfig {
         &self.config
     }
 
-    /// Formats and queues one record; drops it (counted) if the queue is full.
-    pub fn write(&self, entry: &Entry<'_>) {
-        let line = self.format(entry);
-        if self.tx.try_send(Msg::Line(line)).is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Reopens the file at its path before the next record (logrotate).
-    pub fn reopen(&self) {
-        self.reopen.store(true, Ordering::Release);
-        let _ = self.tx.try_send(Msg::Wake);
-    }
-
-    /// Waits until every record queued before this call is written out.
-    pub async fn flush(&self) {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        let tx = self.tx.clone();
-        // `send` may wait for room: off the async threads.
-        let sent = tokio::task::spawn_blocking(move || tx.send(Msg::Flush(done)).is_ok()).await;
-        if matches!(sent, Ok(true)) {
-            let _ = wait.await;
-        }
-    }
-
+    /// One record as bytes, with its newline.
     pub fn format(&self, e: &Entry<'_>) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
+        self.format_into(e, &mut out);
+        out
+    }
+
+    fn format_into(&self, e: &Entry<'_>, out: &mut Vec<u8>) {
         match self.config.format {
-            LogFormat::Json => self.json(e, &mut out),
-            LogFormat::Common => self.clf(e, false, &mut out),
-            LogFormat::Combined => self.clf(e, true, &mut out),
+            LogFormat::Json => self.json(e, out),
+            LogFormat::Common => self.clf(e, false, out),
+            LogFormat::Combined => self.clf(e, true, out),
         }
         out.push(b'\n');
-        out
     }
 
     fn json(&self, e: &Entry<'_>, out: &mut Vec<u8>) {
@@ -346,9 +358,67 @@ impl AccessLog {
     }
 }
 
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // The writer writes what is left, then ends.
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.closed = true;
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// The writer thread: sleeps until a full batch, a request or its tick,
+/// then writes everything pending in one `write_all`.
+fn write_loop(shared: &Shared, mut sink: Sink, counters: &LogCounters) {
+    let mut batch: Vec<u8> = Vec::new();
+    loop {
+        let (records, reopen, closed, flushed) = {
+            let Ok(mut pending) = shared.pending.lock() else { return };
+            while pending.bytes.len() < BATCH_BYTES && !pending.reopen && !pending.closed && pending.flushed.is_empty()
+            {
+                match shared.wake.wait_timeout(pending, TICK) {
+                    Ok((guard, timeout)) => {
+                        pending = guard;
+                        if timeout.timed_out() && !pending.bytes.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            std::mem::swap(&mut batch, &mut pending.bytes);
+            let records = std::mem::take(&mut pending.records);
+            let reopen = std::mem::take(&mut pending.reopen);
+            (records, reopen, pending.closed, std::mem::take(&mut pending.flushed))
+        };
+        if reopen {
+            reopen_sink(&mut sink);
+        }
+        if !batch.is_empty() {
+            let out = sink.out();
+            match out.write_all(&batch).and_then(|()| out.flush()) {
+                Ok(()) => counters.written.fetch_add(records, Ordering::Relaxed),
+                Err(e) => {
+                    tracing::debug!(error = %e, "access log write failed");
+                    counters.dropped.fetch_add(records, Ordering::Relaxed)
+                }
+            };
+            batch.clear();
+            // Keep one batch worth of capacity, not the largest ever seen.
+            batch.shrink_to(BATCH_BYTES * 2);
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
 fn reopen_sink(sink: &mut Sink) {
     if let Sink::File(path, writer) = sink {
-        let _ = writer.flush();
         match open_file(path) {
             Ok(new) => *writer = new,
             Err(e) => {

@@ -159,7 +159,7 @@ impl Metrics {
         let upstream_failures = Family::<ServerLabels, Counter>::default();
         registry.register(
             "upstream_failures",
-            "Failed exchanges with an upstream server (connect errors, resets, timeouts, 5xx that count against health)",
+            "Failed tries to an upstream server: connect errors, resets, timeouts",
             upstream_failures.clone(),
         );
         let upstream_retries = Family::<UpstreamLabels, Counter>::default();

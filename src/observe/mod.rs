@@ -41,6 +41,8 @@ pub struct Observe {
     pub access: Option<AccessLog>,
     pub audit: Option<AuditLog>,
     pub metrics: Option<Arc<Metrics>>,
+    /// Serializes [`Observe::sync_counters`] (concurrent scrapes).
+    sync: std::sync::Mutex<()>,
 }
 
 impl Observe {
@@ -55,7 +57,18 @@ impl Observe {
             access: AccessLog::open(&config.access_log)?,
             audit: config.audit_log.as_ref().map(AuditLog::open).transpose()?,
             metrics: config.metrics.as_ref().map(|_| Arc::new(Metrics::new())),
+            sync: std::sync::Mutex::default(),
         })
+    }
+
+    /// Logs and metrics made by the caller (tests, embedding).
+    pub fn new(access: Option<AccessLog>, audit: Option<AuditLog>, metrics: Option<Arc<Metrics>>) -> Observe {
+        Observe {
+            access,
+            audit,
+            metrics,
+            sync: std::sync::Mutex::default(),
+        }
     }
 
     /// Records an audit event, if the audit log is on.
@@ -91,6 +104,7 @@ impl Observe {
     /// Copies the access log writer's counters into the metrics.
     pub fn sync_counters(&self) {
         if let (Some(m), Some(a)) = (&self.metrics, &self.access) {
+            let Ok(_one_at_a_time) = self.sync.lock() else { return };
             let sync = |counter: &prometheus_client::metrics::counter::Counter, value: &AtomicU64| {
                 let now = value.load(Ordering::Relaxed);
                 let seen = counter.get();
@@ -107,6 +121,40 @@ impl Observe {
     pub fn tracks_requests(&self) -> bool {
         self.access.is_some() || self.metrics.is_some()
     }
+}
+
+/// What `check` can tell about the log files without creating them: their
+/// directories exist, the HMAC key reads.
+pub fn check_files(config: &Config) -> Vec<crate::config::ConfigError> {
+    use std::path::Path;
+    let mut errors = Vec::new();
+    let mut directory = |field: &str, file: &Path| {
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !dir.is_dir() {
+            errors.push(crate::config::ConfigError {
+                path: field.to_owned(),
+                message: format!("directory {} does not exist", dir.display()),
+            });
+        }
+    };
+    if let crate::config::LogDestination::File(path) = &config.access_log.destination {
+        directory("access_log.destination", path);
+    }
+    if let Some(audit) = &config.audit_log {
+        directory("audit_log.path", &audit.path);
+        if let Some(key) = &audit.hmac_key_file {
+            if let Err(message) = audit::read_key(key) {
+                errors.push(crate::config::ConfigError {
+                    path: "audit_log.hmac_key_file".into(),
+                    message,
+                });
+            }
+        }
+    }
+    errors
 }
 
 /// The client's address: the peer, or when the peer is a trusted proxy,

@@ -317,12 +317,13 @@ impl Proxy {
             }
             _ => None,
         };
+        let summary = config_summary(&config, &stores, "start");
+        let snapshot = Snapshot::build(config, &observe).await?;
         observe.audit(Event::ProcessStart {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION"),
         });
-        observe.audit(config_summary(&config, &stores, "start"));
-        let snapshot = Snapshot::build(config, &observe).await?;
+        observe.audit(summary);
         Ok(Proxy {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,
