@@ -142,17 +142,20 @@ pub fn config(
 drain_timeout = "5s"
 
 [[listeners]]
+name = "http"
 bind = "{listen}"
 protocol = "auto"
 
 {tls_listener}
 
 [[routes]]
+name = "api"
 path = "/api/"
 upstream = "api"
 rewrite_prefix = "/"
 
 [[routes]]
+name = "app"
 path = "/"
 upstream = "app"
 

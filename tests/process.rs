@@ -323,3 +323,99 @@ async fn sigusr1_reopens_the_access_and_audit_logs_after_rotation() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.starts_with("intact: 3 record(s), seq 1..=3"), "{text}");
 }
+
+#[tokio::test]
+async fn the_demo_serves_logs_counts_and_audits() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let stdout = child.stdout.take().expect("stdout");
+    // Killed on every exit path, including a failed assertion.
+    let mut child = KillOnDrop(child);
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut addr, mut metrics) = (None, None);
+    loop {
+        let line = next_line(&mut lines).await;
+        if let Some(rest) = line.strip_prefix("Portcullis demo: the proxy listens on http://") {
+            addr = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+        }
+        if let Some(rest) = line.trim().strip_prefix("metrics:    http://") {
+            metrics = rest.strip_suffix("/metrics").and_then(|a| a.parse::<SocketAddr>().ok());
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    let (addr, metrics) = (addr.expect("proxy address"), metrics.expect("metrics address"));
+    let got = get(addr, "/api/users").await;
+    assert_eq!(got.status, 200);
+    let id = got.header("x-request-id").expect("request id").to_owned();
+    let record: serde_json::Value = serde_json::from_str(&next_line(&mut lines).await).expect("a JSON access log line");
+    assert_eq!(record["request_id"], id.as_str());
+    assert_eq!(record["route"], "api");
+    let mut m = h1(metrics).await;
+    let req = Request::get("/metrics").header("host", "m").body(empty()).expect("req");
+    let text = read(m.send_ready(req).await.expect("scrape")).await.text();
+    assert!(
+        text.contains("portcullis_requests_total{route=\"api\",method=\"GET\",status_class=\"2xx\"} 1"),
+        "{text}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let audit = loop {
+        let line = next_line(&mut lines).await;
+        if let Some(path) = line.strip_prefix("Audit log kept: ") {
+            break std::path::PathBuf::from(path);
+        }
+    };
+    assert!(child.0.wait().expect("wait").success());
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()
+        .expect("verify");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("intact: 3 record(s)"));
+    if let Some(dir) = audit.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
+        .await
+        .expect("demo output within 10 s")
+        .expect("demo still running")
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
