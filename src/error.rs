@@ -26,6 +26,13 @@ pub enum ProxyError {
     MethodNotImplemented,
     #[error("no route matches the request")]
     NoRoute,
+    #[error("client address not allowed")]
+    Forbidden,
+    #[error("rate limit exceeded")]
+    RateLimited {
+        /// Seconds until a request would be allowed (for `Retry-After`).
+        retry_after: u32,
+    },
 
     // Upstream (the origin or the path to it failed).
     #[error("upstream refused the connection")]
@@ -71,6 +78,8 @@ impl ProxyError {
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Some("http_request_denied")),
             MethodNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_denied")),
             NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
+            Forbidden => (StatusCode::FORBIDDEN, Some("http_request_denied")),
+            RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),
             ConnectionRefused => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
             ConnectionTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
             ConnectionTerminated => (StatusCode::BAD_GATEWAY, Some("connection_terminated")),
@@ -106,6 +115,9 @@ impl ProxyError {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(kind) = kind {
             headers.insert(PROXY_STATUS.clone(), proxy_status_value(kind));
+        }
+        if let ProxyError::RateLimited { retry_after } = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         if matches!(self, ProxyError::MethodNotAllowed) {
             headers.insert(

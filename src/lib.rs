@@ -12,6 +12,7 @@
 //! - [`forwarding`]: hop-by-hop and forwarding header rules (pure);
 //! - [`upstream`]: upstream groups, name resolution, connection pools;
 //! - [`observe`]: access log, audit log, metrics, request ids;
+//! - [`protect`]: connection limits, IP lists and rate limits;
 //! - [`body`]: request and response body types (streaming, limits);
 //! - [`error`]: the error type and its status / `Proxy-Status` mapping;
 //! - [`state`]: the runtime snapshot behind one `ArcSwap`;
@@ -24,6 +25,7 @@ pub mod error;
 pub mod forwarding;
 pub mod observe;
 pub mod pipeline;
+pub mod protect;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -3,7 +3,8 @@
 //!
 //! 1. `validate`: limits and framing the parser did not already enforce
 //!    (URI length, header bytes, `Host` rules, CONNECT policy);
-//! 2. `route`: host + path -> route -> upstream group;
+//! 2. `route`: host + path -> route -> upstream group; then the route's
+//!    IP lists (403) and rate limit (429);
 //! 3. `admit`: a declared body larger than the limit is refused before a
 //!    byte of it is read (and before `100 Continue` is sent);
 //! 4. `rewrite`: the upstream request: hop-by-hop fields removed,
@@ -161,6 +162,30 @@ async fn forward(
     trace.route = Some(route_index);
     if is_connect && !route.allow_connect {
         return Err(ProxyError::MethodNotAllowed);
+    }
+
+    // protect: the route's IP lists and rate limit
+    let limiter = snapshot.route_limits.get(route_index).and_then(Option::as_ref);
+    if limiter.is_some() || !route.ip_filter.is_empty() {
+        let client = crate::observe::client_ip(
+            req.headers(),
+            conn.peer.ip().to_canonical(),
+            conn.trusted,
+            &config.server.trusted_proxies,
+        );
+        if !route.ip_filter.permits(client) {
+            trace.protection = Some("ip_denied");
+            return Err(ProxyError::Forbidden);
+        }
+        if let Some(limit) = limiter {
+            if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
+                trace.protection = Some("rate_limited");
+                let retry_after = u32::try_from(wait.as_millis().div_ceil(1000))
+                    .unwrap_or(u32::MAX)
+                    .max(1);
+                return Err(ProxyError::RateLimited { retry_after });
+            }
+        }
     }
 
     // admit

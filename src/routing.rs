@@ -182,6 +182,8 @@ mod tests {
             request_headers: HeaderEdits::default(),
             response_headers: HeaderEdits::default(),
             log_sample: 1,
+            ip_filter: Default::default(),
+            rate_limit: None,
         }
     }
 

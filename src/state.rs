@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::{Config, ConfigErrors};
 use crate::observe::{Observe, Observed};
+use crate::protect::RouteLimiter;
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -32,6 +33,8 @@ pub struct Snapshot {
     pub observed: Option<Observed>,
     /// Per-route counters for access log sampling, when the log is on.
     pub log_samples: Option<Vec<AtomicU64>>,
+    /// Each route's rate limiter, if it has one (same order as routes).
+    pub route_limits: Vec<Option<RouteLimiter>>,
 }
 
 impl Snapshot {
@@ -65,7 +68,13 @@ impl Snapshot {
             .access
             .as_ref()
             .map(|_| config.routes.iter().map(|_| AtomicU64::new(0)).collect());
+        let route_limits = config
+            .routes
+            .iter()
+            .map(|r| r.rate_limit.as_ref().map(RouteLimiter::new))
+            .collect();
         Ok(Snapshot {
+            route_limits,
             config,
             router,
             upstreams,

@@ -38,6 +38,22 @@ servers = ["127.0.0.1:9"]
 /// Each broken config and the exact error lines `check` must print.
 const CASES: &[(&str, &str, &[&str])] = &[
     (
+        "protection sections",
+        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\n[[routes]]\nupstream = \"app\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
+        &[
+            "protect.allow: invalid IP address or CIDR \"10.0.0.0/33\"",
+            "protect.deny[0]: invalid IP address or CIDR \"not-an-ip\"",
+            "protect.max_connections: must be between 1 and 10000000, found 0",
+            "protect.max_connections_per_ip: must be between 1 and 1000000, found 2000000",
+            "protect.new_connections_per_ip: \"fast\" is not a rate such as \"100/s\", \"6000/min\" or \"20/h\"",
+            "routes[0].deny[0]: invalid IP address or CIDR \"1.2.3.4/40\"",
+            "routes[0].rate_limit.burst: must be between 1 and 1000000000, found 0",
+            "routes[0].rate_limit.key: unknown key \"ip_prefix:99\", expected \"client_ip\", \"ip_prefix:BITS\" (IPv4 bits; IPv6 uses /64), \"ip_prefix:V4BITS:V6BITS\", \"header:NAME\" or \"cookie:NAME\"",
+            "routes[0].rate_limit.rate: required: a rate such as \"100/s\"",
+            "routes[1].rate_limit.rate: \"10/fortnight\" is not a rate such as \"100/s\", \"6000/min\" or \"20/h\"",
+        ],
+    ),
+    (
         "observability sections",
         "[access_log]\nformat = \"xml\"\nfields = [\"time\", \"bogus\"]\nbuffer_records = 0\nredact_headers = [\"bad header\"]\ndestination = \"\"\n[request_id]\ntraceparent = \"make\"\nheader = \"x id\"\n[audit_log]\ncheckpoint_every = 0\n[metrics]\nlisten = \"nowhere\"\npath = \"metrics\"\n[[routes]]\nupstream = \"app\"\nlog_sample = 0\n",
         &[
@@ -80,7 +96,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "unknown top-level key",
         "colour = \"blue\"\n",
         &[
-            "colour: unknown key, expected one of: access_log, audit_log, limits, listeners, metrics, request_id, routes, server, timeouts, upstreams",
+            "colour: unknown key, expected one of: access_log, audit_log, limits, listeners, metrics, protect, request_id, routes, server, timeouts, upstreams",
         ],
     ),
     (

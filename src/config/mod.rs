@@ -12,6 +12,7 @@
 
 mod observe;
 mod parse;
+mod protect;
 pub mod reader;
 pub mod units;
 
@@ -28,6 +29,7 @@ pub use observe::{
     AccessLogConfig, AuditLogConfig, LogDestination, LogField, LogFormat, MetricsConfig, RequestIdConfig,
 };
 pub use parse::parse;
+pub use protect::{IpFilter, ProtectConfig, Rate, RateKey, RateLimitConfig, parse_rate};
 pub use reader::{ConfigError, ConfigErrors};
 
 /// The whole validated configuration.
@@ -43,6 +45,7 @@ pub struct Config {
     pub request_id: RequestIdConfig,
     pub audit_log: Option<AuditLogConfig>,
     pub metrics: Option<MetricsConfig>,
+    pub protect: ProtectConfig,
     /// The file the config came from and its SHA-256 (hex), for the audit log.
     pub source: Option<(std::path::PathBuf, String)>,
 }
@@ -206,6 +209,10 @@ pub struct RouteConfig {
     /// Access log sampling: one in this many responses below 400 is
     /// written; every 4xx and 5xx is.
     pub log_sample: u32,
+    /// Clients outside it get 403.
+    pub ip_filter: IpFilter,
+    /// Requests over it get 429.
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use toml::Value;
 
 use super::observe;
+use super::protect;
 use super::reader::{ConfigErrors, Errors, Table};
 use super::units;
 use super::*;
@@ -65,6 +66,7 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
     let request_id = observe::read_request_id(top.table("request_id"));
     let audit_log = observe::read_audit_log(top.table("audit_log"));
     let metrics = observe::read_metrics(top.table("metrics"));
+    let protect = protect::read_protect(top.table("protect"));
     top.finish();
 
     errors.into_result(Config {
@@ -78,6 +80,7 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
         request_id,
         audit_log,
         metrics,
+        protect,
         source: None,
     })
 }
@@ -142,7 +145,7 @@ fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
     server
 }
 
-fn parse_cidr(text: &str) -> Option<IpNet> {
+pub(super) fn parse_cidr(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
@@ -949,6 +952,8 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
             }
             None => 1,
         };
+        let ip_filter = protect::read_ip_filter(&t);
+        let rate_limit = protect::read_rate_limit(t.table("rate_limit"));
         t.finish();
 
         let keys: Vec<HostPattern> = if hosts.is_empty() {
@@ -981,6 +986,8 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
                 request_headers,
                 response_headers,
                 log_sample,
+                ip_filter,
+                rate_limit,
             });
         }
     }

@@ -64,6 +64,12 @@ pub struct TlsLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub route: String,
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub kind: &'static str,
     pub result: &'static str,
@@ -114,6 +120,7 @@ pub struct Metrics {
     tls_handshakes: Family<TlsLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    protection: Family<ActionLabels, Counter>,
     pub access_log_records: Counter,
     pub access_log_dropped: Counter,
     pub audit_records: Counter,
@@ -212,6 +219,12 @@ impl Metrics {
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register("reloads", "Reloads by kind and result", reloads.clone());
+        let protection = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "protection_actions",
+            "Requests refused by protection, by route and action (rate_limited, ip_denied)",
+            protection.clone(),
+        );
         let access_log_records = Counter::default();
         registry.register(
             "access_log_records",
@@ -248,6 +261,7 @@ impl Metrics {
             tls_handshakes,
             tls_failures,
             reloads,
+            protection,
             access_log_records,
             access_log_dropped,
             audit_records,
@@ -354,6 +368,17 @@ impl RouteMetrics {
             })
             .inc();
         self.duration.observe(seconds);
+    }
+
+    /// Counts a request refused by protection (labels built per call).
+    pub fn protection_action(&self, metrics: &Metrics, action: &'static str) {
+        metrics
+            .protection
+            .get_or_create(&ActionLabels {
+                route: self.route.clone(),
+                action,
+            })
+            .inc();
     }
 }
 

@@ -215,6 +215,8 @@ pub struct Trace {
     pub retries: u32,
     /// Request body bytes, counted by the body as it streams.
     pub bytes_in: Option<Arc<AtomicU64>>,
+    /// What protection did to the request (`rate_limited`, `ip_denied`).
+    pub protection: Option<&'static str>,
 }
 
 impl Observation {
@@ -292,6 +294,9 @@ impl Observation {
                 None => &observed.no_route,
             };
             route.record(metrics, &self.method, self.status, duration.as_secs_f64());
+            if let Some(action) = self.trace.protection {
+                route.protection_action(metrics, action);
+            }
         }
         let Some(log) = &self.observe.access else { return };
         let route = self.trace.route.and_then(|i| snapshot.config.routes.get(i));
@@ -342,7 +347,7 @@ impl Observation {
             route: route.map(|r| r.name.as_str()),
             retries: self.trace.retries,
             cache: None,
-            protection: None,
+            protection: self.trace.protection,
             tls: self.conn.tls,
             user_agent: self.user_agent.as_ref().map(HeaderValue::as_bytes),
             referer: self.referer.as_ref().map(HeaderValue::as_bytes),

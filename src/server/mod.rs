@@ -27,6 +27,7 @@ use crate::config::{Config, ConfigErrors, ListenerConfig, ListenerProtocol};
 use crate::observe::audit::CertificateSummary;
 use crate::observe::metrics::ListenerMetrics;
 use crate::observe::{Event, Observe};
+use crate::protect::ConnTable;
 use crate::state::{SharedSnapshot, Snapshot};
 
 /// Why the proxy could not start.
@@ -267,6 +268,8 @@ pub struct Proxy {
     certificates: CertReloader,
     observe: Arc<Observe>,
     metrics_listener: Option<(TcpListener, String)>,
+    /// Open client connections and the limits on them (all listeners).
+    connections: Arc<ConnTable>,
 }
 
 impl Proxy {
@@ -317,6 +320,7 @@ impl Proxy {
             }
             _ => None,
         };
+        let connections = ConnTable::new(&config.protect);
         let summary = config_summary(&config, &stores, "start");
         let snapshot = Snapshot::build(config, &observe).await?;
         observe.audit(Event::ProcessStart {
@@ -333,6 +337,7 @@ impl Proxy {
             },
             observe,
             metrics_listener,
+            connections,
         })
     }
 
@@ -375,7 +380,13 @@ impl Proxy {
             let hard = hard_stop.clone();
             let tracker = tasks.clone();
             accept_loops.push(tokio::spawn(accept_loop(
-                listener, runtime, snapshot, stop, hard, tracker,
+                listener,
+                runtime,
+                snapshot,
+                self.connections.clone(),
+                stop,
+                hard,
+                tracker,
             )));
         }
 
@@ -389,6 +400,11 @@ impl Proxy {
                 ));
             }
         }
+        tokio::spawn(housekeeping(
+            self.connections.clone(),
+            self.snapshot.clone(),
+            stop_accepting.clone(),
+        ));
         let metrics_stop = CancellationToken::new();
         if let (Some((listener, path)), Some(metrics)) = (self.metrics_listener, &self.observe.metrics) {
             if let Ok(addr) = listener.local_addr() {
@@ -458,10 +474,28 @@ async fn watch_certificates(
     }
 }
 
+/// Forgets idle rate-limit keys every few seconds, so their memory is
+/// bounded by the keys seen recently.
+async fn housekeeping(connections: Arc<ConnTable>, snapshot: SharedSnapshot, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        connections.housekeeping();
+        for limit in snapshot.load().route_limits.iter().flatten() {
+            limit.limiter.housekeeping();
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     runtime: Arc<ListenerRuntime>,
     snapshot: SharedSnapshot,
+    connections: Arc<ConnTable>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
     tasks: TaskTracker,
@@ -485,6 +519,18 @@ async fn accept_loop(
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                 }
+            }
+        };
+        let slot = match connections.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                // Closed before a byte is read: the cheapest answer.
+                if let Some(m) = &runtime.metrics {
+                    m.rejected(refusal.reason());
+                }
+                tracing::debug!(peer = %peer, reason = refusal.reason(), "connection refused");
+                drop(stream);
+                continue;
             }
         };
         let open_guard = runtime.metrics.as_ref().map(|m| {
@@ -526,7 +572,7 @@ async fn accept_loop(
                 );
                 tasks.spawn(async move {
                     serve.await;
-                    drop(open_guard);
+                    drop((open_guard, slot));
                 });
             }
             Some((acceptor, handshake_timeout)) => {
@@ -535,7 +581,7 @@ async fn accept_loop(
                 let (runtime, snapshot, stop) = (runtime.clone(), snapshot.clone(), stop.clone());
                 let mut info = info;
                 tasks.spawn(async move {
-                    let _open = open_guard;
+                    let _open = (open_guard, slot);
                     let handshake = tokio::select! {
                         _ = stop.cancelled() => return,
                         result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => result,

@@ -1,0 +1,291 @@
+//! The protection settings: `[protect]` (connection limits and IP lists
+//! applied at accept) and, per route, `allow` / `deny` and `rate_limit`.
+//! docs/protection.md documents every field.
+
+use std::time::Duration;
+
+use http::HeaderName;
+use ipnet::IpNet;
+
+use super::reader::Table;
+
+/// A rate: `count` events per `period`, with bursts of up to `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+    pub burst: u32,
+}
+
+impl Rate {
+    /// The time one event's allowance takes to come back.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count.max(1)
+    }
+}
+
+/// Parses `"100/s"`, `"6000/min"`, `"20/h"` (count per second, minute or
+/// hour; count from 1 to 1,000,000,000).
+pub fn parse_rate(text: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("\"{text}\" is not a rate such as \"100/s\", \"6000/min\" or \"20/h\"");
+    let (count, unit) = text.split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    if count == 0 || count > 1_000_000_000 {
+        return Err(format!("\"{text}\": the count must be between 1 and 1000000000"));
+    }
+    let period = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    Ok((count, period))
+}
+
+/// What a rate limit counts requests by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    ClientIp,
+    /// The client's network: IPv4 addresses masked to `v4` bits, IPv6 to
+    /// `v6` bits (`"ip_prefix:24"` sets IPv4 and uses /64 for IPv6).
+    IpPrefix {
+        v4: u8,
+        v6: u8,
+    },
+    Header(HeaderName),
+    Cookie(String),
+}
+
+/// `routes[].rate_limit`.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub rate: Rate,
+    pub key: RateKey,
+}
+
+/// Allow and deny lists: deny wins; a non-empty allow list admits only
+/// its networks.
+#[derive(Debug, Clone, Default)]
+pub struct IpFilter {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl IpFilter {
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+
+    pub fn permits(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if self.deny.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// `[protect]`.
+#[derive(Debug, Clone, Default)]
+pub struct ProtectConfig {
+    /// Client connections open at once, all listeners together.
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one IP address.
+    pub max_connections_per_ip: Option<u32>,
+    /// New connections per IP address.
+    pub new_connections_per_ip: Option<Rate>,
+    /// Checked at accept, before any byte is read.
+    pub ip_filter: IpFilter,
+}
+
+fn cidrs(t: &Table<'_>, key: &'static str) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (path, text) in t.str_or_strs(key).unwrap_or_default() {
+        match super::parse::parse_cidr(text) {
+            Some(net) => out.push(net),
+            None => t.errors().push(path, format!("invalid IP address or CIDR \"{text}\"")),
+        }
+    }
+    out
+}
+
+/// `allow` and `deny` of a table.
+pub fn read_ip_filter(t: &Table<'_>) -> IpFilter {
+    IpFilter {
+        allow: cidrs(t, "allow"),
+        deny: cidrs(t, "deny"),
+    }
+}
+
+/// A rate with an optional burst key (`burst` defaults to the count, so a
+/// client may spend one period's allowance at once).
+fn read_rate(t: &Table<'_>, rate_key: &'static str, burst_key: &'static str) -> Option<Rate> {
+    let burst = match t.uint(burst_key) {
+        Some(b) if (1..=1_000_000_000).contains(&b) => Some(b as u32),
+        Some(b) => {
+            t.error(burst_key, format!("must be between 1 and 1000000000, found {b}"));
+            None
+        }
+        None => None,
+    };
+    let (count, period) = match parse_rate(t.str(rate_key)?) {
+        Ok(v) => v,
+        Err(e) => {
+            t.error(rate_key, e);
+            return None;
+        }
+    };
+    Some(Rate {
+        count,
+        period,
+        burst: burst.unwrap_or(count),
+    })
+}
+
+pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
+    let mut config = ProtectConfig::default();
+    let Some(t) = table else { return config };
+    if let Some(n) = t.uint("max_connections") {
+        if n == 0 || n > 10_000_000 {
+            t.error("max_connections", format!("must be between 1 and 10000000, found {n}"));
+        } else {
+            config.max_connections = Some(n as usize);
+        }
+    }
+    if let Some(n) = t.uint("max_connections_per_ip") {
+        if n == 0 || n > 1_000_000 {
+            t.error(
+                "max_connections_per_ip",
+                format!("must be between 1 and 1000000, found {n}"),
+            );
+        } else {
+            config.max_connections_per_ip = Some(n as u32);
+        }
+    }
+    config.new_connections_per_ip = read_rate(&t, "new_connections_per_ip", "new_connections_burst");
+    if config.new_connections_per_ip.is_none() && t.get("new_connections_burst").is_some() {
+        t.error("new_connections_burst", "needs new_connections_per_ip");
+    }
+    config.ip_filter = read_ip_filter(&t);
+    t.finish();
+    config
+}
+
+pub fn read_rate_limit(table: Option<Table<'_>>) -> Option<RateLimitConfig> {
+    let t = table?;
+    let rate = read_rate(&t, "rate", "burst");
+    if t.get("rate").is_none() {
+        t.error("rate", "required: a rate such as \"100/s\"");
+    }
+    let key = match t.str("key") {
+        None | Some("client_ip") => RateKey::ClientIp,
+        Some(text) => match parse_key(text) {
+            Ok(k) => k,
+            Err(e) => {
+                t.error("key", e);
+                RateKey::ClientIp
+            }
+        },
+    };
+    t.finish();
+    Some(RateLimitConfig { rate: rate?, key })
+}
+
+fn parse_key(text: &str) -> Result<RateKey, String> {
+    let bad = || {
+        format!(
+            "unknown key \"{text}\", expected \"client_ip\", \"ip_prefix:BITS\" (IPv4 bits; IPv6 uses /64), \"ip_prefix:V4BITS:V6BITS\", \"header:NAME\" or \"cookie:NAME\""
+        )
+    };
+    if let Some(bits) = text.strip_prefix("ip_prefix:") {
+        let mut parts = bits.split(':');
+        let v4: u8 = parts.next().and_then(|b| b.parse().ok()).ok_or_else(bad)?;
+        let v6: u8 = match parts.next() {
+            Some(b) => b.parse().map_err(|_| bad())?,
+            None => 64,
+        };
+        if parts.next().is_some() || v4 > 32 || v6 > 128 {
+            return Err(bad());
+        }
+        return Ok(RateKey::IpPrefix { v4, v6 });
+    }
+    if let Some(name) = text.strip_prefix("header:") {
+        return HeaderName::from_bytes(name.as_bytes())
+            .map(RateKey::Header)
+            .map_err(|_| format!("\"{name}\" is not a header name"));
+    }
+    if let Some(name) = text.strip_prefix("cookie:") {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b'=' && b != b';') {
+            return Err(format!("\"{name}\" is not a cookie name"));
+        }
+        return Ok(RateKey::Cookie(name.to_owned()));
+    }
+    Err(bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("100/s"), Ok((100, Duration::from_secs(1))));
+        assert_eq!(parse_rate("6000/min"), Ok((6000, Duration::from_secs(60))));
+        assert_eq!(parse_rate(" 20 / h "), Ok((20, Duration::from_secs(3600))));
+        for bad in [
+            "",
+            "100",
+            "/s",
+            "0/s",
+            "-1/s",
+            "1.5/s",
+            "10/day",
+            "99999999999/s",
+            "ten/s",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn keys_parse() {
+        assert_eq!(parse_key("ip_prefix:24"), Ok(RateKey::IpPrefix { v4: 24, v6: 64 }));
+        assert_eq!(parse_key("ip_prefix:16:48"), Ok(RateKey::IpPrefix { v4: 16, v6: 48 }));
+        assert_eq!(
+            parse_key("header:x-api-key"),
+            Ok(RateKey::Header(HeaderName::from_static("x-api-key")))
+        );
+        assert_eq!(parse_key("cookie:session"), Ok(RateKey::Cookie("session".into())));
+        for bad in [
+            "ip_prefix:33",
+            "ip_prefix:24:129",
+            "ip_prefix:",
+            "header:bad name",
+            "cookie:",
+            "cookie:a=b",
+            "ip",
+            "ip_prefix:1:2:3",
+        ] {
+            assert!(parse_key(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn deny_wins_and_allow_restricts() {
+        let net = |s: &str| s.parse::<IpNet>().expect("net");
+        let filter = IpFilter {
+            allow: vec![net("10.0.0.0/8"), net("2001:db8::/32")],
+            deny: vec![net("10.0.0.66/32")],
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert!(filter.permits(ip("10.1.2.3")));
+        assert!(!filter.permits(ip("10.0.0.66")));
+        assert!(!filter.permits(ip("192.0.2.1")));
+        assert!(filter.permits(ip("2001:db8::1")));
+        assert!(
+            filter.permits(ip("::ffff:10.1.2.3")),
+            "IPv4-mapped IPv6 is the IPv4 address"
+        );
+        assert!(IpFilter::default().permits(ip("192.0.2.1")));
+    }
+}

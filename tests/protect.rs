@@ -1,0 +1,252 @@
+//! Protection over real sockets, with distinct loopback source addresses
+//! (127.0.0.2, 127.0.0.3, ...: the whole 127.0.0.0/8 is local).
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use http::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::net::TcpSocket;
+
+/// An HTTP/1.1 connection from source address `127.0.0.<last>`, or the
+/// error if the proxy closes it before answering.
+async fn h1_from(
+    last: u8,
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(IpAddr::from([127, 0, 0, last]), 0))
+        .expect("bind source address");
+    let stream = socket.connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// GET `/` on a connection from `127.0.0.<last>`: the status, or `None`
+/// when the proxy closed the connection without an answer.
+async fn get_from(last: u8, addr: SocketAddr) -> Option<StatusCode> {
+    let mut c = h1_from(last, addr).await.ok()?;
+    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+    let response = c.send_ready(req).await.ok()?;
+    Some(read(response).await.status)
+}
+
+fn config(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:0"
+
+[[routes]]
+name = "main"
+upstream = "app"
+{extra}
+
+[upstreams.app]
+servers = ["{origin}"]
+
+[metrics]
+listen = "127.0.0.1:0"
+"#
+    )
+}
+
+/// The metrics text (no waiting: counters at accept move before the
+/// connection is closed).
+async fn metrics(proxy: &TestProxy) -> String {
+    let mut m = h1(proxy.metrics_addr.expect("metrics")).await;
+    let req = Request::get("/metrics")
+        .header("host", "m")
+        .body(empty())
+        .expect("request");
+    read(m.send_ready(req).await.expect("scrape")).await.text()
+}
+
+#[tokio::test]
+async fn the_per_ip_connection_cap_refuses_only_that_address() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&format!(
+        "{}\n[protect]\nmax_connections_per_ip = 2\n",
+        config(origin.addr, "")
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = h1_from(2, proxy.addr).await.expect("admitted");
+        let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+        assert_eq!(read(c.send_ready(req).await.expect("send")).await.status, 200);
+        held.push(c);
+    }
+    assert_eq!(
+        get_from(2, proxy.addr).await,
+        None,
+        "a third connection from 127.0.0.2 is closed"
+    );
+    assert_eq!(
+        get_from(3, proxy.addr).await,
+        Some(StatusCode::OK),
+        "127.0.0.3 is not affected"
+    );
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains("portcullis_connections_rejected_total{listener=\"web\",reason=\"max_connections_per_ip\"} 1"),
+        "{text}"
+    );
+    // Closing one gives its place back (the proxy notices the close in its
+    // own time: retry, bounded).
+    held.pop();
+    let mut admitted = false;
+    for _ in 0..200 {
+        if get_from(2, proxy.addr).await == Some(StatusCode::OK) {
+            admitted = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(admitted, "the freed place was given to a new connection");
+}
+
+#[tokio::test]
+async fn the_global_connection_cap_holds() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&format!(
+        "{}\n[protect]\nmax_connections = 2\n",
+        config(origin.addr, "")
+    ))
+    .await;
+    let _a = h1_from(2, proxy.addr).await.expect("1");
+    let mut b = h1_from(3, proxy.addr).await.expect("2");
+    // b answering proves both were accepted and counted.
+    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+    assert_eq!(read(b.send_ready(req).await.expect("send")).await.status, 200);
+    assert_eq!(get_from(4, proxy.addr).await, None, "a third connection is refused");
+}
+
+#[tokio::test]
+async fn denied_addresses_are_closed_at_accept_and_routes_can_allow_only_some() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&format!(
+        "{}\n[protect]\ndeny = [\"127.0.0.9\"]\n",
+        config(origin.addr, "allow = [\"127.0.0.20/31\"]")
+    ))
+    .await;
+    assert_eq!(get_from(9, proxy.addr).await, None, "denied at accept");
+    assert_eq!(get_from(20, proxy.addr).await, Some(StatusCode::OK));
+    assert_eq!(get_from(21, proxy.addr).await, Some(StatusCode::OK));
+    let mut c = h1_from(22, proxy.addr).await.expect("accepted");
+    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+    let got = read(c.send_ready(req).await.expect("send")).await;
+    assert_eq!(got.status, 403);
+    assert_eq!(
+        got.header("proxy-status"),
+        Some("portcullis; error=http_request_denied")
+    );
+    assert_eq!(origin.requests(), 2, "the origin never saw the refused request");
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains("portcullis_connections_rejected_total{listener=\"web\",reason=\"ip_denied\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_from_one_source_is_throttled_while_a_normal_client_passes() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&config(origin.addr, "[routes.rate_limit]\nrate = \"5/s\"\nburst = 5\n")).await;
+    let mut attacker = h1_from(2, proxy.addr).await.expect("attacker");
+    let mut normal = h1_from(3, proxy.addr).await.expect("normal");
+    let started = Instant::now();
+    let (mut passed, mut limited, mut normal_ok) = (0u32, 0u32, 0u32);
+    for i in 0..100 {
+        let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+        let got = read(attacker.send_ready(req).await.expect("send")).await;
+        match got.status {
+            StatusCode::OK => passed += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited += 1;
+                let retry: u64 = got
+                    .header("retry-after")
+                    .and_then(|v| v.parse().ok())
+                    .expect("Retry-After in seconds");
+                assert_eq!(retry, 1, "one allowance comes back within a second");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        if i % 25 == 0 {
+            let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+            if read(normal.send_ready(req).await.expect("send")).await.status == StatusCode::OK {
+                normal_ok += 1;
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst, plus what the rate gave back while the flood ran.
+    let allowed = 5 + (elapsed * 5.0).ceil() as u32;
+    assert!(
+        passed >= 5 && passed <= allowed,
+        "{passed} passed in {elapsed:.2}s (at most {allowed})"
+    );
+    assert_eq!(passed + limited, 100);
+    assert_eq!(normal_ok, 4, "the normal client was never limited");
+    assert_eq!(
+        origin.requests() as u32,
+        passed + normal_ok,
+        "refused requests never reach the origin"
+    );
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains(&format!(
+            "portcullis_protection_actions_total{{route=\"main\",action=\"rate_limited\"}} {limited}"
+        )),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_by_header_count_each_key_alone() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&config(
+        origin.addr,
+        "[routes.rate_limit]\nrate = \"1/min\"\nburst = 2\nkey = \"header:x-api-key\"\n",
+    ))
+    .await;
+    let mut c = h1(proxy.addr).await;
+    async fn status(c: &mut hyper::client::conn::http1::SendRequest<TestBody>, key: &str) -> StatusCode {
+        let req = Request::get("/")
+            .header("host", "a")
+            .header("x-api-key", key)
+            .body(empty())
+            .expect("request");
+        read(c.send_ready(req).await.expect("send")).await.status
+    }
+    assert_eq!(status(&mut c, "alice").await, 200);
+    assert_eq!(status(&mut c, "alice").await, 200);
+    assert_eq!(status(&mut c, "alice").await, 429);
+    assert_eq!(status(&mut c, "bob").await, 200, "another key has its own allowance");
+}
+
+#[tokio::test]
+async fn new_connections_per_ip_are_rate_limited() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&format!(
+        "{}\n[protect]\nnew_connections_per_ip = \"1/min\"\nnew_connections_burst = 2\n",
+        config(origin.addr, "")
+    ))
+    .await;
+    assert_eq!(get_from(2, proxy.addr).await, Some(StatusCode::OK));
+    assert_eq!(get_from(2, proxy.addr).await, Some(StatusCode::OK));
+    assert_eq!(
+        get_from(2, proxy.addr).await,
+        None,
+        "the third new connection within the minute"
+    );
+    assert_eq!(get_from(3, proxy.addr).await, Some(StatusCode::OK), "per address");
+}
