@@ -12,7 +12,8 @@ use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -33,6 +34,11 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The client sent its body slower than `protect.min_body_rate`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body arrived slower than the minimum rate")]
+pub struct BodyTooSlow;
+
 /// The whole-request deadline passed while the body was streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request timed out while streaming the body")]
@@ -47,6 +53,12 @@ pin_project_lite::pin_project! {
         seen: u64,
         // Shared with the access log record, when there is one.
         counter: Option<Arc<AtomicU64>>,
+        // The minimum data rate (bytes per second) after a grace period,
+        // measured from `started`; the timer is armed only while the
+        // client is not sending.
+        min_rate: Option<(u64, Duration)>,
+        started: Instant,
+        slow: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -57,7 +69,17 @@ impl RequestBody {
             limit,
             seen: 0,
             counter: None,
+            min_rate: None,
+            started: Instant::now(),
+            slow: None,
         }
+    }
+
+    /// Fails the body (408) when it arrives slower than `bytes_per_second`
+    /// on average once `grace` has passed.
+    pub fn min_rate(mut self, rate: Option<(u64, Duration)>) -> Self {
+        self.min_rate = rate;
+        self
     }
 
     /// Also counts the bytes into `counter` (for the access log).
@@ -72,6 +94,9 @@ impl RequestBody {
             limit: None,
             seen: 0,
             counter: None,
+            min_rate: None,
+            started: Instant::now(),
+            slow: None,
         }
     }
 }
@@ -85,7 +110,26 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(inner.poll_frame(cx)) {
+        let polled = match inner.poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                let Some((rate, grace)) = *this.min_rate else {
+                    return Poll::Pending;
+                };
+                // By now the client must have sent `rate` bytes for every
+                // second after the grace period.
+                let due = *this.started + grace + Duration::from_secs_f64(*this.seen as f64 / rate as f64);
+                let sleep = this.slow.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if sleep.deadline() != due {
+                    sleep.as_mut().reset(due);
+                }
+                return match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTooSlow)))),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+        };
+        match polled {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;

@@ -20,6 +20,8 @@ pub enum ProxyError {
     UriTooLong,
     #[error("request body too large")]
     BodyTooLarge,
+    #[error("request body arrived too slowly")]
+    RequestTimeout,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("method not implemented")]
@@ -75,6 +77,7 @@ impl ProxyError {
             HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Some("http_request_error")),
             UriTooLong => (StatusCode::URI_TOO_LONG, Some("http_request_error")),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, Some("http_request_error")),
+            RequestTimeout => (StatusCode::REQUEST_TIMEOUT, Some("http_request_error")),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Some("http_request_denied")),
             MethodNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_denied")),
             NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
@@ -115,6 +118,11 @@ impl ProxyError {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(kind) = kind {
             headers.insert(PROXY_STATUS.clone(), proxy_status_value(kind));
+        }
+        if self == ProxyError::RequestTimeout {
+            // The rest of the body is still on its way: the connection
+            // cannot carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ProxyError::RateLimited { retry_after } = self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));

@@ -27,7 +27,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use crate::body::{BodyTooLarge, ProxyBody, RequestBody, find_cause};
+use crate::body::{BodyTooLarge, BodyTooSlow, ProxyBody, RequestBody, find_cause};
 use crate::config::{Limits, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::forwarding::{self, Hop};
@@ -266,7 +266,14 @@ async fn forward(
     let body = if upgrade {
         RequestBody::empty()
     } else {
-        RequestBody::new(body, config.limits.max_request_body_bytes).counted(trace.bytes_in.clone())
+        RequestBody::new(body, config.limits.max_request_body_bytes)
+            .counted(trace.bytes_in.clone())
+            .min_rate(
+                config
+                    .protect
+                    .min_body_rate
+                    .map(|rate| (rate, config.protect.body_rate_grace)),
+            )
     };
     let server_metrics = snapshot
         .observed
@@ -370,7 +377,10 @@ async fn forward(
             }
             Ok(Err(SendError::Exchange(err))) => {
                 let e = classify(&err);
-                if matches!(e, ProxyError::BodyTooLarge | ProxyError::BadRequest) {
+                if matches!(
+                    e,
+                    ProxyError::BodyTooLarge | ProxyError::BadRequest | ProxyError::RequestTimeout
+                ) {
                     // The client's fault, not the server's.
                     return Err(e);
                 }
@@ -715,6 +725,9 @@ fn upstream_uri(
 fn classify(error: &hyper::Error) -> ProxyError {
     if find_cause::<BodyTooLarge>(error).is_some() {
         return ProxyError::BodyTooLarge;
+    }
+    if find_cause::<BodyTooSlow>(error).is_some() {
+        return ProxyError::RequestTimeout;
     }
     if error.is_user() {
         // The client's own body failed (it went away mid-upload).

@@ -250,3 +250,41 @@ async fn new_connections_per_ip_are_rate_limited() {
     );
     assert_eq!(get_from(3, proxy.addr).await, Some(StatusCode::OK), "per address");
 }
+
+#[tokio::test]
+async fn a_slow_upload_is_cut_with_408_and_a_normal_one_passes() {
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&format!(
+        "{}\n[protect]\nmin_body_rate = \"1KiB/s\"\nbody_rate_grace = \"200ms\"\n",
+        config(origin.addr, "")
+    ))
+    .await;
+    // 100 bytes of a declared 100,000, then nothing: the client stalls.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    slow.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .expect("head");
+    slow.write_all(&[b'x'; 100]).await.expect("some body");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), slow.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within 10 s")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    // 200 ms of grace plus 100 bytes' worth at 1 KiB/s, not the 15 minute
+    // request timeout.
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+    let mut c = h1(proxy.addr).await;
+    let req = Request::post("/upload")
+        .header("host", "a")
+        .body(full(vec![b'y'; 50_000]))
+        .expect("request");
+    let got = read(c.send_ready(req).await.expect("send")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.echoed().body.len(), 50_000);
+}

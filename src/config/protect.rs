@@ -86,7 +86,7 @@ impl IpFilter {
 }
 
 /// `[protect]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ProtectConfig {
     /// Client connections open at once, all listeners together.
     pub max_connections: Option<usize>,
@@ -96,6 +96,24 @@ pub struct ProtectConfig {
     pub new_connections_per_ip: Option<Rate>,
     /// Checked at accept, before any byte is read.
     pub ip_filter: IpFilter,
+    /// Slow uploads: a request body must arrive at this many bytes per
+    /// second on average, after `body_rate_grace`; else 408.
+    pub min_body_rate: Option<u64>,
+    pub body_rate_grace: Duration,
+}
+
+/// The default `body_rate_grace`.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
+
+/// Parses a byte rate: `"1KiB/s"`, `"500/s"` (bytes per second).
+pub fn parse_byte_rate(text: &str) -> Result<u64, String> {
+    let bad = || format!("\"{text}\" is not a byte rate such as \"1KiB/s\"");
+    let size = text.trim().strip_suffix("/s").ok_or_else(bad)?;
+    let bytes = super::units::parse_size(size.trim()).map_err(|_| bad())?;
+    if bytes == 0 {
+        return Err(format!("\"{text}\": must be at least 1 byte per second"));
+    }
+    Ok(bytes)
 }
 
 fn cidrs(t: &Table<'_>, key: &'static str) -> Vec<IpNet> {
@@ -142,6 +160,19 @@ fn read_rate(t: &Table<'_>, rate_key: &'static str, burst_key: &'static str) -> 
     })
 }
 
+impl Default for ProtectConfig {
+    fn default() -> Self {
+        ProtectConfig {
+            max_connections: None,
+            max_connections_per_ip: None,
+            new_connections_per_ip: None,
+            ip_filter: IpFilter::default(),
+            min_body_rate: None,
+            body_rate_grace: BODY_RATE_GRACE,
+        }
+    }
+}
+
 pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
     let mut config = ProtectConfig::default();
     let Some(t) = table else { return config };
@@ -167,6 +198,15 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
         t.error("new_connections_burst", "needs new_connections_per_ip");
     }
     config.ip_filter = read_ip_filter(&t);
+    if let Some(text) = t.str("min_body_rate") {
+        match parse_byte_rate(text) {
+            Ok(rate) => config.min_body_rate = Some(rate),
+            Err(e) => t.error("min_body_rate", e),
+        }
+    }
+    if let Some(grace) = t.duration("body_rate_grace") {
+        config.body_rate_grace = grace;
+    }
     t.finish();
     config
 }
@@ -244,6 +284,15 @@ mod tests {
             "ten/s",
         ] {
             assert!(parse_rate(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn byte_rates_parse() {
+        assert_eq!(parse_byte_rate("1KiB/s"), Ok(1024));
+        assert_eq!(parse_byte_rate("500/s"), Ok(500));
+        for bad in ["", "1KiB", "0/s", "fast/s", "-1/s", "1KiB/min"] {
+            assert!(parse_byte_rate(bad).is_err(), "{bad:?} must be refused");
         }
     }
 
