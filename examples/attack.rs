@@ -1,0 +1,429 @@
+//! Attack scenarios against a release build of Portcullis, for
+//! `bench/attack.sh`: each runs for a bounded time and reports how a
+//! legitimate client fared and how many attack requests reached the origin.
+//!
+//! Sources are distinct loopback addresses: the legitimate client is
+//! 127.0.0.3, attackers 127.0.1.x (floods), 127.0.2.x (slow clients),
+//! flash-crowd browsers 127.0.3.x. The origin (in this process) tells them
+//! apart by the address the proxy appends to `X-Forwarded-For`.
+//!
+//! Usage: attack PORTCULLIS_BINARY [SECONDS_PER_SCENARIO]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket};
+
+#[derive(Default)]
+struct OriginCounts {
+    legit: AtomicU64,
+    attack: AtomicU64,
+    crowd: AtomicU64,
+}
+
+async fn origin(counts: Arc<OriginCounts>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = listener.local_addr().expect("addr");
+    let body = Bytes::from(vec![b'x'; 1024]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (counts, body) = (counts.clone(), body.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let client = req
+                        .headers()
+                        .get("x-forwarded-for")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit(',').next())
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned();
+                    let counter = if client.starts_with("127.0.1.") || client.starts_with("127.0.2.") {
+                        &counts.attack
+                    } else if client.starts_with("127.0.3.") {
+                        &counts.crowd
+                    } else {
+                        &counts.legit
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let body = body.clone();
+                    async move {
+                        // Drain any request body before answering.
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Proxy(Child, SocketAddr);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_proxy(binary: &str, config: &str, dir: &std::path::Path) -> Proxy {
+    let path = dir.join("attack.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = Command::new(binary)
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start portcullis");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("proxy exited").expect("stderr");
+        if line.contains("listener=") {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                break rest.split_whitespace().next().unwrap_or("").parse().expect("address");
+            }
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Proxy(child, addr)
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn connect_from(source: IpAddr, proxy: SocketAddr) -> Option<Sender> {
+    let socket = TcpSocket::new_v4().ok()?;
+    socket.bind(SocketAddr::new(source, 0)).ok()?;
+    let stream = socket.connect(proxy).await.ok()?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(sender)
+}
+
+/// One GET on a kept connection (reconnecting when it closed): the status,
+/// or `None` when no answer came.
+async fn get(conn: &mut Option<Sender>, source: IpAddr, proxy: SocketAddr) -> Option<u16> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = connect_from(source, proxy).await;
+    }
+    let sender = conn.as_mut()?;
+    if sender.ready().await.is_err() {
+        *conn = None;
+        return None;
+    }
+    let req = Request::get("/").header("host", "site").body(Empty::new()).ok()?;
+    match sender.send_request(req).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            Some(status)
+        }
+        Err(_) => {
+            *conn = None;
+            None
+        }
+    }
+}
+
+/// The legitimate client: `rate` requests per second from 127.0.0.3 until
+/// `stop`; returns (sent, succeeded, latencies in ms).
+async fn legit(proxy: SocketAddr, rate: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<f64>) {
+    let source = IpAddr::from([127, 0, 0, 3]);
+    let mut conn = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
+    let (mut sent, mut ok, mut latencies) = (0, 0, Vec::new());
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let started = Instant::now();
+        sent += 1;
+        let answer = tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy)).await;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        if matches!(answer, Ok(Some(200))) {
+            ok += 1;
+        } else if answer.is_err() {
+            conn = None;
+        }
+    }
+    (sent, ok, latencies)
+}
+
+/// Back-to-back requests from `source` until `stop`: requests sent.
+async fn flood(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 {
+    let mut conn = None;
+    let mut sent = 0;
+    while !stop.load(Ordering::Relaxed) {
+        sent += 1;
+        if tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy))
+            .await
+            .is_err()
+        {
+            conn = None;
+        }
+    }
+    sent
+}
+
+/// Slowloris: a request head sent one header line per second, never ended.
+async fn slowloris(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 {
+    let mut opened = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(socket) = TcpSocket::new_v4() else { return opened };
+        if socket.bind(SocketAddr::new(source, 0)).is_err() {
+            return opened;
+        }
+        let Ok(mut stream) = socket.connect(proxy).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        opened += 1;
+        if stream.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n").await.is_err() {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                break;
+            }
+        }
+    }
+    opened
+}
+
+/// Slow POST: a body of 1 MB declared, sent one byte every 500 ms.
+async fn slow_post(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 {
+    let mut opened = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(socket) = TcpSocket::new_v4() else { return opened };
+        if socket.bind(SocketAddr::new(source, 0)).is_err() {
+            return opened;
+        }
+        let Ok(mut stream) = socket.connect(proxy).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        opened += 1;
+        if stream
+            .write_all(b"POST / HTTP/1.1\r\nHost: site\r\nContent-Length: 1000000\r\n\r\n")
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if stream.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    }
+    opened
+}
+
+/// A browser of the flash crowd: 2 requests per second from its address;
+/// returns (sent, refused or failed).
+async fn browser(proxy: SocketAddr, source: IpAddr, phase: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
+    tokio::time::sleep(Duration::from_millis(phase)).await;
+    let mut conn = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let (mut sent, mut bad) = (0, 0);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        sent += 1;
+        let answer = tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy)).await;
+        if !matches!(answer, Ok(Some(200))) {
+            bad += 1;
+        }
+    }
+    (sent, bad)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Row {
+    scenario: &'static str,
+    legit: (u64, u64, Vec<f64>),
+    attack_sent: String,
+    attack_at_origin: u64,
+    note: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let binary = args.next().unwrap_or_else(|| "target/release/portcullis".into());
+    let seconds: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let counts = Arc::new(OriginCounts::default());
+    let origin = origin(counts.clone()).await;
+    let config = format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+[[routes]]
+upstream = "app"
+[routes.rate_limit]
+rate = "20/s"
+burst = 40
+[upstreams.app]
+servers = ["{origin}"]
+pool_size = 256
+[timeouts]
+header_read = "5s"
+[protect]
+max_connections_per_ip = 64
+min_body_rate = "1KiB/s"
+body_rate_grace = "2s"
+"#
+    );
+    let proxy = start_proxy(&binary, &config, dir.path());
+    let addr = proxy.1;
+    // Browser-like, well under the route's 20/s limit.
+    let legit_rate = 10;
+    let mut rows = Vec::new();
+    let run_for = Duration::from_secs(seconds);
+
+    type Attack = fn(SocketAddr, Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>>;
+    let scenarios: [(&str, Option<Attack>); 4] = [
+        ("no attack (baseline)", None),
+        (
+            "flood: 8 sources, back to back",
+            Some(|addr, stop| {
+                (1..=8u8)
+                    .map(|i| tokio::spawn(flood(addr, IpAddr::from([127, 0, 1, i]), stop.clone())))
+                    .collect()
+            }),
+        ),
+        (
+            "slowloris: 200 connections",
+            Some(|addr, stop| {
+                (0..200u16)
+                    .map(|i| {
+                        let source = IpAddr::from([127, 0, 2, 1 + (i % 8) as u8]);
+                        tokio::spawn(slowloris(addr, source, stop.clone()))
+                    })
+                    .collect()
+            }),
+        ),
+        (
+            "slow POST: 200 connections",
+            Some(|addr, stop| {
+                (0..200u16)
+                    .map(|i| {
+                        let source = IpAddr::from([127, 0, 2, 9 + (i % 8) as u8]);
+                        tokio::spawn(slow_post(addr, source, stop.clone()))
+                    })
+                    .collect()
+            }),
+        ),
+    ];
+    for (name, attack) in scenarios {
+        let before = counts.attack.load(Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let attackers = attack.map(|a| a(addr, stop.clone())).unwrap_or_default();
+        let legit_task = tokio::spawn(legit(addr, legit_rate, stop.clone()));
+        tokio::time::sleep(run_for).await;
+        stop.store(true, Ordering::Relaxed);
+        let legit_result = legit_task.await.expect("legit");
+        let mut sent = 0;
+        for a in attackers {
+            // Slow clients may sit in a sleep or a write: bounded wait.
+            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), a).await {
+                sent += n;
+            }
+        }
+        let at_origin = counts.attack.load(Ordering::Relaxed) - before;
+        rows.push(Row {
+            scenario: name,
+            legit: legit_result,
+            attack_sent: if name.starts_with("no attack") {
+                "-".into()
+            } else if name.starts_with("flood") {
+                format!("{sent} requests")
+            } else {
+                format!("{sent} connections")
+            },
+            attack_at_origin: at_origin,
+            note: String::new(),
+        });
+    }
+
+    // Flash crowd: 200 browsers at 2 requests per second each, with the
+    // legitimate client beside them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let browsers: Vec<_> = (0..200u16)
+        .map(|i| {
+            let source = IpAddr::from([127, 0, 3, 1 + (i % 250) as u8]);
+            tokio::spawn(browser(addr, source, u64::from(i) * 500 / 200, stop.clone()))
+        })
+        .collect();
+    let legit_task = tokio::spawn(legit(addr, legit_rate, stop.clone()));
+    tokio::time::sleep(run_for).await;
+    stop.store(true, Ordering::Relaxed);
+    let legit_result = legit_task.await.expect("legit");
+    let (mut crowd_sent, mut crowd_bad) = (0, 0);
+    for b in browsers {
+        if let Ok(Ok((s, bad))) = tokio::time::timeout(Duration::from_secs(3), b).await {
+            crowd_sent += s;
+            crowd_bad += bad;
+        }
+    }
+    rows.push(Row {
+        scenario: "flash crowd: 200 sources x 2 req/s",
+        legit: legit_result,
+        attack_sent: "-".into(),
+        attack_at_origin: 0,
+        note: format!("crowd: {crowd_sent} requests, {crowd_bad} refused or failed"),
+    });
+
+    println!(
+        "| scenario | legit success | legit p50 ms | legit p99 ms | attack sent | attack requests at origin | note |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for row in rows {
+        let (sent, ok, mut latencies) = row.legit;
+        latencies.sort_by(f64::total_cmp);
+        println!(
+            "| {} | {:.2}% ({ok}/{sent}) | {:.2} | {:.2} | {} | {} | {} |",
+            row.scenario,
+            if sent == 0 {
+                0.0
+            } else {
+                ok as f64 * 100.0 / sent as f64
+            },
+            percentile(&latencies, 0.50),
+            percentile(&latencies, 0.99),
+            row.attack_sent,
+            row.attack_at_origin,
+            row.note
+        );
+    }
+    drop(proxy);
+}
