@@ -26,6 +26,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("method not implemented")]
     MethodNotImplemented,
+    #[error("transfer coding not implemented")]
+    TransferCodingNotImplemented,
     #[error("no route matches the request")]
     NoRoute,
     #[error("client address not allowed")]
@@ -80,6 +82,7 @@ impl ProxyError {
             RequestTimeout => (StatusCode::REQUEST_TIMEOUT, Some("http_request_error")),
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, Some("http_request_denied")),
             MethodNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_denied")),
+            TransferCodingNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_error")),
             NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
             Forbidden => (StatusCode::FORBIDDEN, Some("http_request_denied")),
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),

@@ -45,6 +45,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: &Arc<ConnInfo>, snapshot: 
         .then(|| Observation::start(observe, snapshot, conn, &req));
     let (request_id, traceparent) = request_ids(&mut req, conn, snapshot);
     let method = req.method().clone();
+    let version = req.version();
     let mut trace = Trace {
         bytes_in: exchange.as_ref().and_then(|e| e.trace.bytes_in.clone()),
         ..Trace::default()
@@ -57,6 +58,12 @@ pub async fn handle(mut req: Request<Incoming>, conn: &Arc<ConnInfo>, snapshot: 
         response
             .headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
+    if error == Some("http_request_error") && version < Version::HTTP_2 {
+        // A malformed request leaves the connection in doubt: close it.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let (Some(name), Some(id)) = (&snapshot.config.request_id.header, &request_id) {
         response.headers_mut().insert(name.clone(), id.clone());
@@ -602,6 +609,19 @@ fn via_index(version: Version) -> usize {
 
 /// Limits and framing rules that hyper's parser does not enforce itself.
 fn validate(req: &Request<Incoming>, limits: &Limits) -> Result<(), ProxyError> {
+    // Request smuggling. With both Content-Length and Transfer-Encoding,
+    // hyper reads the body as chunked, drops Content-Length and closes the
+    // connection after the response (RFC 9112 6.1), so nothing can follow
+    // on it. The only transfer coding forwarded is `chunked` alone: others
+    // would reach the upstream still encoded (RFC 9112 6.1: 501).
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let only_chunked =
+            codings.next().is_none() && first.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !only_chunked {
+            return Err(ProxyError::TransferCodingNotImplemented);
+        }
+    }
     let uri = req.uri();
     let target_len =
         uri.path_and_query().map_or(0, |p| p.as_str().len()) + uri.authority().map_or(0, |a| a.as_str().len());

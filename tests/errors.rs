@@ -140,11 +140,39 @@ async fn malformed_requests_are_400_and_never_forwarded() {
             "NUL in a header value",
             b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\0b\r\n\r\n",
         ),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\r\n b\r\n\r\n"),
+        (
+            "bare CR in a header value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n",
+        ),
+        (
+            "space before the colon",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A : b\r\n\r\n",
+        ),
+        (
+            "chunked not last",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "Transfer-Encoding in HTTP/1.0",
+            b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "chunk size overflow",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        ),
     ];
     for (what, bytes) in cases {
         let out = raw(proxy.addr, bytes).await;
         assert_eq!(status_of(&out), 400, "{what}: {out}");
     }
+    // Codings other than chunked alone are not forwarded (RFC 9112 6.1).
+    let out = raw(
+        proxy.addr,
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&out), 501, "{out}");
     assert_eq!(origin.requests(), 0, "nothing malformed reaches the origin");
     // The proxy is still serving.
     assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
@@ -330,4 +358,33 @@ async fn methods_outside_the_allow_list_are_501_and_never_forwarded() {
     )
     .await;
     assert_eq!(status_of(&out), 501, "{out}");
+}
+
+#[tokio::test]
+async fn both_framings_cannot_smuggle_a_second_request() {
+    let origin = echo_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    for head in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+    ] {
+        // CL.TE / TE.CL: a parser trusting Content-Length would see the
+        // chunked terminator plus "GET /smuggled..." as the next request.
+        let attack = format!(
+            "POST /first HTTP/1.1\r\nHost: a\r\n{head}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let out = raw(proxy.addr, attack.as_bytes()).await;
+        assert_eq!(status_of(&out), 200, "{out}");
+        assert_eq!(
+            out.matches("HTTP/1.1 ").count(),
+            1,
+            "one response, then the connection closed: {out}"
+        );
+        assert!(out.contains("POST /first HTTP/1.1"), "{out}");
+        assert!(
+            !out.contains("content-length: 5"),
+            "the conflicting length is not forwarded: {out}"
+        );
+    }
+    assert_eq!(origin.requests(), 2, "only the two first requests; nothing smuggled");
 }
