@@ -173,7 +173,7 @@ async fn forward(
 
     // protect: the route's IP lists and rate limit
     let limiter = snapshot.route_limits.get(route_index).and_then(Option::as_ref);
-    if limiter.is_some() || !route.ip_filter.is_empty() {
+    if limiter.is_some() || !route.ip_filter.is_empty() || route.challenge {
         let client = crate::observe::client_ip(
             req.headers(),
             conn.peer.ip().to_canonical(),
@@ -191,6 +191,21 @@ async fn forward(
                     .unwrap_or(u32::MAX)
                     .max(1);
                 return Err(ProxyError::RateLimited { retry_after });
+            }
+        }
+        if route.challenge {
+            let name = &config.protect.challenge.cookie;
+            let now = crate::state::unix_now();
+            let passed = balance::cookie(req.headers(), name)
+                .is_some_and(|value| snapshot.challenge.verify(value, client, now).is_ok());
+            if !passed {
+                trace.protection = Some("challenged");
+                return Ok(challenge_response(
+                    &req,
+                    name,
+                    &snapshot.challenge.issue(client, now),
+                    snapshot.challenge.lifetime(),
+                ));
             }
         }
     }
@@ -451,6 +466,27 @@ async fn forward(
         body
     };
     Ok(Response::from_parts(parts, body))
+}
+
+/// The challenge: `307` back to the same target with a cookie that proves,
+/// on the next request, that the client keeps cookies (browsers do, most
+/// flood tools do not). 307 keeps the method and body.
+fn challenge_response(req: &Request<Incoming>, name: &str, value: &str, lifetime: u64) -> Response<ProxyBody> {
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let mut response = Response::new(ProxyBody::empty());
+    *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(target) {
+        headers.insert(header::LOCATION, location);
+    }
+    if let Ok(cookie) = HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Max-Age={lifetime}; HttpOnly; SameSite=Lax"
+    )) {
+        headers.insert(header::SET_COOKIE, cookie);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    response
 }
 
 /// `308 Permanent Redirect` to the same host, path and query over HTTPS

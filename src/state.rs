@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::{Config, ConfigErrors};
 use crate::observe::{Observe, Observed};
-use crate::protect::RouteLimiter;
+use crate::protect::{Challenge, RouteLimiter};
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -35,6 +35,10 @@ pub struct Snapshot {
     pub log_samples: Option<Vec<AtomicU64>>,
     /// Each route's rate limiter, if it has one (same order as routes).
     pub route_limits: Vec<Option<RouteLimiter>>,
+    /// Issues and checks challenge cookies. FIXME: a full config reload
+    /// (not built yet) must carry this over, or a random key would change
+    /// and every issued cookie become invalid.
+    pub challenge: Challenge,
 }
 
 impl Snapshot {
@@ -49,9 +53,24 @@ impl Snapshot {
                 Err(mut e) => errors.append(&mut e),
             }
         }
+        let settings = &config.protect.challenge;
+        let key = match &settings.key_file {
+            Some(path) => match read_challenge_key(path) {
+                Ok(k) => Some(k),
+                Err(message) => {
+                    errors.push(crate::config::ConfigError {
+                        path: "protect.challenge.key_file".into(),
+                        message,
+                    });
+                    None
+                }
+            },
+            None => None,
+        };
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
+        let challenge = Challenge::new(settings.lifetime.as_secs(), key.as_deref(), unix_now());
         let router = Router::new(&config.routes);
         let via = config.server.via.as_ref().map(|pseudonym| {
             let make = |version: &str| {
@@ -75,6 +94,7 @@ impl Snapshot {
             .collect();
         Ok(Snapshot {
             route_limits,
+            challenge,
             config,
             router,
             upstreams,
@@ -84,6 +104,26 @@ impl Snapshot {
             log_samples,
         })
     }
+}
+
+/// Seconds since the Unix epoch (challenge cookies carry wall-clock times).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn read_challenge_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the challenge key: {e}", path.display()))?;
+    let key = bytes.trim_ascii_end().to_vec();
+    if key.len() < 16 {
+        return Err(format!(
+            "{}: challenge key too short ({} bytes; at least 16)",
+            path.display(),
+            key.len()
+        ));
+    }
+    Ok(key)
 }
 
 /// The current snapshot; swapped whole on reload.

@@ -39,9 +39,11 @@ servers = ["127.0.0.1:9"]
 const CASES: &[(&str, &str, &[&str])] = &[
     (
         "protection sections",
-        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\n[[routes]]\nupstream = \"app\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
+        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\n[protect.challenge]\ncookie = \"bad name\"\nlifetime = \"1s\"\n[[routes]]\nupstream = \"app\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
         &[
             "protect.allow: invalid IP address or CIDR \"10.0.0.0/33\"",
+            "protect.challenge.cookie: \"bad name\" is not a cookie name (letters, digits, '_', '-', '.')",
+            "protect.challenge.lifetime: must be at least 1m",
             "protect.deny[0]: invalid IP address or CIDR \"not-an-ip\"",
             "protect.max_connections: must be between 1 and 10000000, found 0",
             "protect.max_connections_per_ip: must be between 1 and 1000000, found 2000000",

@@ -288,3 +288,60 @@ async fn a_slow_upload_is_cut_with_408_and_a_normal_one_passes() {
     assert_eq!(got.status, 200);
     assert_eq!(got.echoed().body.len(), 50_000);
 }
+
+#[tokio::test]
+async fn the_challenge_lets_cookie_keeping_clients_through_and_scrubs_the_rest() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&config(origin.addr, "challenge = true")).await;
+    let send = |last: u8, cookie: Option<String>| {
+        let addr = proxy.addr;
+        async move {
+            let mut c = h1_from(last, addr).await.expect("connect");
+            let mut req = Request::get("/page?x=1").header("host", "a");
+            if let Some(cookie) = cookie {
+                req = req.header("cookie", format!("theme=dark; {cookie}"));
+            }
+            read(c.send_ready(req.body(empty()).expect("request")).await.expect("send")).await
+        }
+    };
+    // First visit: a 307 back to the same target, with the cookie.
+    let first = send(4, None).await;
+    assert_eq!(first.status, 307);
+    assert_eq!(first.header("location"), Some("/page?x=1"));
+    assert_eq!(first.header("cache-control"), Some("no-store"));
+    let set_cookie = first.header("set-cookie").expect("a cookie").to_owned();
+    assert!(set_cookie.starts_with("__portcullis_challenge=v1."), "{set_cookie}");
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("Max-Age=3600"),
+        "{set_cookie}"
+    );
+    assert_eq!(origin.requests(), 0);
+    let cookie = set_cookie.split(';').next().expect("name=value").to_owned();
+
+    // The browser follows with the cookie: through.
+    assert_eq!(send(4, Some(cookie.clone())).await.status, 200);
+    assert_eq!(origin.requests(), 1);
+    // The same cookie from another address is not valid.
+    assert_eq!(send(5, Some(cookie.clone())).await.status, 307);
+    // A tampered cookie is not either.
+    let tampered = format!("{}0", &cookie[..cookie.len() - 1]);
+    let tampered = if tampered == cookie {
+        format!("{}1", &cookie[..cookie.len() - 1])
+    } else {
+        tampered
+    };
+    assert_eq!(send(4, Some(tampered)).await.status, 307);
+
+    // A flood that does not keep cookies never reaches the origin.
+    let mut flood = h1_from(6, proxy.addr).await.expect("connect");
+    for _ in 0..200 {
+        let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+        assert_eq!(read(flood.send_ready(req).await.expect("send")).await.status, 307);
+    }
+    assert_eq!(origin.requests(), 1, "only the browser's request");
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains("portcullis_protection_actions_total{route=\"main\",action=\"challenged\"}"),
+        "{text}"
+    );
+}

@@ -954,6 +954,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
         };
         let ip_filter = protect::read_ip_filter(&t);
         let rate_limit = protect::read_rate_limit(t.table("rate_limit"));
+        let challenge = t.bool("challenge").unwrap_or(false);
         t.finish();
 
         let keys: Vec<HostPattern> = if hosts.is_empty() {
@@ -988,6 +989,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
                 log_sample,
                 ip_filter,
                 rate_limit,
+                challenge,
             });
         }
     }

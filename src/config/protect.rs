@@ -100,6 +100,54 @@ pub struct ProtectConfig {
     /// second on average, after `body_rate_grace`; else 408.
     pub min_body_rate: Option<u64>,
     pub body_rate_grace: Duration,
+    /// The challenge cookie of routes with `challenge = true`.
+    pub challenge: ChallengeConfig,
+}
+
+/// `[protect.challenge]`.
+#[derive(Debug, Clone)]
+pub struct ChallengeConfig {
+    pub cookie: String,
+    /// How long a cookie is valid; the random key rotates this often.
+    pub lifetime: Duration,
+    /// A key shared by several instances (at least 16 bytes); without
+    /// one, each process makes its own.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl Default for ChallengeConfig {
+    fn default() -> Self {
+        ChallengeConfig {
+            cookie: "__portcullis_challenge".into(),
+            lifetime: Duration::from_secs(3600),
+            key_file: None,
+        }
+    }
+}
+
+fn read_challenge(table: Option<Table<'_>>) -> ChallengeConfig {
+    let mut config = ChallengeConfig::default();
+    let Some(t) = table else { return config };
+    if let Some(name) = t.str("cookie") {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+            t.error(
+                "cookie",
+                format!("\"{name}\" is not a cookie name (letters, digits, '_', '-', '.')"),
+            );
+        } else {
+            config.cookie = name.to_owned();
+        }
+    }
+    if let Some(d) = t.duration("lifetime") {
+        if d < Duration::from_secs(60) {
+            t.error("lifetime", "must be at least 1m");
+        } else {
+            config.lifetime = d;
+        }
+    }
+    config.key_file = t.str("key_file").map(std::path::PathBuf::from);
+    t.finish();
+    config
 }
 
 /// The default `body_rate_grace`.
@@ -169,6 +217,7 @@ impl Default for ProtectConfig {
             ip_filter: IpFilter::default(),
             min_body_rate: None,
             body_rate_grace: BODY_RATE_GRACE,
+            challenge: ChallengeConfig::default(),
         }
     }
 }
@@ -207,6 +256,7 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
     if let Some(grace) = t.duration("body_rate_grace") {
         config.body_rate_grace = grace;
     }
+    config.challenge = read_challenge(t.table("challenge"));
     t.finish();
     config
 }

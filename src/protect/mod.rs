@@ -13,8 +13,10 @@
 //! the request limits with the pipeline (`validate`). Adaptive spike
 //! detection, challenges and bans are the next layers.
 
+pub mod challenge;
 pub mod connections;
 pub mod rate;
 
+pub use challenge::{Challenge, CookieError};
 pub use connections::{ConnSlot, ConnTable, Refusal};
 pub use rate::{Limiter, RouteLimiter};
