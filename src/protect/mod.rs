@@ -15,6 +15,7 @@
 
 pub mod challenge;
 pub mod connections;
+pub mod detect;
 pub mod rate;
 
 pub use challenge::{Challenge, CookieError};

@@ -1,0 +1,292 @@
+//! The detector's algorithms on synthetic traffic; no clock, no I/O.
+
+use super::*;
+
+/// A well-mixed hash of `i` (splitmix64), standing in for a client or a
+/// signature hash.
+fn h(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn settings() -> Settings {
+    Settings {
+        window: 1.0,
+        baseline_tau: 30.0,
+        ..Settings::default()
+    }
+}
+
+/// A normal window: `rate` requests from 200 returning clients, varied
+/// signatures, with cookies.
+fn normal_window(d: &mut Detector, rate: u64, offset: u64) {
+    for i in 0..rate {
+        d.observe(Sample {
+            client: h(1_000_000 + (i + offset) % 200),
+            signature: h(2_000_000 + (i * 7 + offset) % 40),
+            has_cookie: true,
+        });
+    }
+}
+
+/// Twenty normal windows at 100 requests/s.
+fn warmed() -> Detector {
+    let mut d = Detector::new(settings());
+    for w in 0..20 {
+        normal_window(&mut d, 100, w);
+        let (v, t) = d.tick();
+        assert!(t.is_none());
+        if w > 0 {
+            assert_eq!(v.kind, Kind::Normal, "{v:?}");
+        }
+    }
+    d
+}
+
+#[test]
+fn ewma_converges_to_a_steady_rate() {
+    let mut e = Ewma::new(10.0);
+    assert!(!e.is_warm());
+    e.update(100.0, 1.0);
+    assert_eq!(e.value(), 100.0, "the first sample is taken as is");
+    for _ in 0..100 {
+        e.update(200.0, 1.0);
+    }
+    assert!((e.value() - 200.0).abs() < 0.01, "{}", e.value());
+    // One second of a time constant of 10 s moves about 9.5% of the way.
+    let mut f = Ewma::new(10.0);
+    f.update(0.0, 1.0);
+    f.update(100.0, 1.0);
+    assert!((f.value() - 9.516).abs() < 0.01, "{}", f.value());
+}
+
+#[test]
+fn heavy_hitters_are_found_in_bounded_memory_among_a_million_keys() {
+    let mut s = SpaceSaving::new(64);
+    for i in 0..1_000_000u64 {
+        s.observe(h(i));
+        // Five heavy keys, each 2% of the traffic.
+        if i % 10 == 0 {
+            s.observe(h(10_000_000 + (i / 10) % 5));
+        }
+    }
+    assert_eq!(s.len(), 64, "never more counters than the capacity");
+    let top: Vec<u64> = s.top(5).into_iter().map(|(k, _)| k).collect();
+    for heavy in 0..5 {
+        assert!(top.contains(&h(10_000_000 + heavy)), "heavy key {heavy} found");
+    }
+    assert_eq!(s.total(), 1_100_000);
+}
+
+#[test]
+fn hyperloglog_estimates_distinct_counts_within_a_few_percent() {
+    for n in [100u64, 10_000, 200_000] {
+        let mut hll = Hll::default();
+        for i in 0..n {
+            hll.add(h(i));
+            hll.add(h(i)); // repeats do not count
+        }
+        let e = hll.estimate();
+        let error = (e - n as f64).abs() / n as f64;
+        assert!(error < 0.08, "{n}: estimated {e:.0} ({:.1}% off)", error * 100.0);
+    }
+}
+
+#[test]
+fn the_seen_filter_remembers_two_generations() {
+    let mut f = SeenFilter::default();
+    f.insert(h(1));
+    assert!(!f.contains(h(1)), "new for the whole window it first appears in");
+    f.commit(true);
+    assert!(f.contains(h(1)));
+    assert!(!f.contains(h(2)));
+    f.rotate();
+    assert!(f.contains(h(1)), "still in the previous generation");
+    f.rotate();
+    assert!(!f.contains(h(1)), "forgotten after two rotations");
+    f.insert(h(3));
+    f.commit(false);
+    assert!(!f.contains(h(3)), "an attack window's clients are not remembered");
+    // False positives at 100k entries: 3 hashes in 2^20 bits give about
+    // (1 - e^(-0.3))^3 = 1.7%, a small bias in the "new clients" share.
+    let mut g = SeenFilter::default();
+    for i in 0..100_000 {
+        g.insert(h(i));
+    }
+    g.commit(true);
+    let false_positives = (1_000_000..1_010_000).filter(|i| g.contains(h(*i))).count();
+    assert!(false_positives < 250, "{false_positives} false positives in 10,000");
+}
+
+#[test]
+fn a_flash_crowd_of_varied_clients_is_legitimate() {
+    let mut d = warmed();
+    // 1,000 requests/s from 2,000 new clients, varied signatures, some with
+    // cookies (returning visitors among them).
+    for w in 0..5 {
+        for i in 0..1000u64 {
+            d.observe(Sample {
+                client: h(5_000_000 + (w * 1000 + i) % 2000),
+                signature: h(6_000_000 + i % 300),
+                has_cookie: i % 3 == 0,
+            });
+        }
+        let (v, t) = d.tick();
+        assert_eq!(v.kind, Kind::FlashCrowd, "{v:?}");
+        assert!(t.is_none(), "a flash crowd never enters attack mode");
+        assert!(v.reasons[1].starts_with("flash crowd"), "{:?}", v.reasons);
+    }
+    assert!(!d.in_attack());
+}
+
+#[test]
+fn eight_sources_at_a_high_rate_are_an_attack() {
+    let mut d = warmed();
+    let mut entered = None;
+    for w in 0..3 {
+        normal_window(&mut d, 100, w);
+        for i in 0..2000u64 {
+            d.observe(Sample {
+                client: h(7_000_000 + i % 8),
+                signature: h(8_000_000 + i % 20),
+                has_cookie: false,
+            });
+        }
+        let (v, t) = d.tick();
+        assert_eq!(v.kind, Kind::Attack, "{v:?}");
+        assert!(
+            v.reasons.iter().any(|r| r.starts_with("few sources")),
+            "{:?}",
+            v.reasons
+        );
+        assert!(v.top_sources_share > 0.9);
+        for k in 0..8 {
+            assert!(
+                v.top_sources.contains(&h(7_000_000 + k)),
+                "the offending sources are named"
+            );
+        }
+        if t.is_some() {
+            entered = Some((w, t));
+        }
+    }
+    let (window, transition) = entered.expect("entered attack mode");
+    assert_eq!(window, 1, "after two attack windows (hysteresis)");
+    assert!(matches!(transition, Some(Transition::Entered(ref reasons)) if reasons.len() >= 2));
+    assert!(d.in_attack());
+}
+
+#[test]
+fn two_hundred_sources_with_one_signature_are_an_attack() {
+    let mut d = warmed();
+    for w in 0..2 {
+        normal_window(&mut d, 100, w);
+        for i in 0..2000u64 {
+            d.observe(Sample {
+                client: h(9_000_000 + i % 200),
+                signature: h(42),
+                has_cookie: false,
+            });
+        }
+        let (v, _) = d.tick();
+        assert_eq!(v.kind, Kind::Attack, "{v:?}");
+        assert!(
+            v.reasons.iter().any(|r| r.starts_with("one signature")),
+            "{:?}",
+            v.reasons
+        );
+        assert!(
+            v.reasons.iter().any(|r| r.starts_with("new clients without cookies")),
+            "{:?}",
+            v.reasons
+        );
+        assert!(
+            !v.reasons.iter().any(|r| r.starts_with("few sources")),
+            "200 sources are not few"
+        );
+    }
+    assert!(d.in_attack());
+}
+
+#[test]
+fn hysteresis_needs_consecutive_windows_both_ways() {
+    let mut d = warmed();
+    let flood = |d: &mut Detector| {
+        for i in 0..2000u64 {
+            d.observe(Sample {
+                client: h(7_000_000 + i % 4),
+                signature: h(1),
+                has_cookie: false,
+            });
+        }
+    };
+    // One attack window, then calm: no attack mode.
+    flood(&mut d);
+    assert_eq!(d.tick().0.kind, Kind::Attack);
+    normal_window(&mut d, 100, 0);
+    assert!(d.tick().1.is_none());
+    assert!(!d.in_attack());
+    // Two in a row: attack mode.
+    flood(&mut d);
+    assert!(d.tick().1.is_none());
+    flood(&mut d);
+    assert!(matches!(d.tick().1, Some(Transition::Entered(_))));
+    // Calm windows interrupted by an attack window start the count again.
+    for _ in 0..5 {
+        normal_window(&mut d, 100, 0);
+        assert!(d.tick().1.is_none());
+    }
+    flood(&mut d);
+    assert!(d.tick().1.is_none(), "still in attack mode");
+    for i in 0..6 {
+        normal_window(&mut d, 100, 0);
+        let (_, t) = d.tick();
+        if i < 5 {
+            assert!(t.is_none(), "calm window {i}");
+        } else {
+            assert_eq!(t, Some(Transition::Left), "left after six calm windows");
+        }
+    }
+    assert!(!d.in_attack());
+}
+
+#[test]
+fn the_baseline_does_not_learn_from_attacks() {
+    let mut d = warmed();
+    let before = d.last_verdict().map(|v| v.baseline).unwrap_or(0.0);
+    for _ in 0..20 {
+        for i in 0..5000u64 {
+            d.observe(Sample {
+                client: h(7_000_000 + i % 8),
+                signature: h(1),
+                has_cookie: false,
+            });
+        }
+        d.tick();
+    }
+    normal_window(&mut d, 100, 0);
+    let (v, _) = d.tick();
+    assert!(
+        (v.baseline - before).abs() < 5.0,
+        "baseline {} moved from {before}",
+        v.baseline
+    );
+}
+
+#[test]
+fn quiet_traffic_is_never_a_spike() {
+    let mut d = Detector::new(settings());
+    // Below min_rate, even from one source, nothing is classified.
+    for _ in 0..10 {
+        for _ in 0..40 {
+            d.observe(Sample {
+                client: h(1),
+                signature: h(1),
+                has_cookie: false,
+            });
+        }
+        assert_eq!(d.tick().0.kind, Kind::Normal);
+    }
+}
