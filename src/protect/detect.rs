@@ -460,7 +460,7 @@ impl Detector {
         // Clients of attack windows are not remembered as returning.
         self.seen.commit(kind != Kind::Attack && !self.attack);
         self.windows += 1;
-        if self.windows.is_multiple_of(u64::from(s.seen_generation.max(1))) {
+        if self.windows % u64::from(s.seen_generation.max(1)) == 0 {
             self.seen.rotate();
         }
         self.requests = 0;
