@@ -28,10 +28,12 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::{BodyTooLarge, BodyTooSlow, ProxyBody, RequestBody, find_cause};
-use crate::config::{Limits, RouteConfig, UpstreamProtocol};
+use crate::config::{AdaptiveMode, ChallengeWhen, Limits, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::forwarding::{self, Hop};
 use crate::observe::{Observation, Trace, request_id};
+use crate::protect::adaptive;
+use crate::protect::detect::Sample;
 use crate::server::conn::ConnInfo;
 use crate::state::Snapshot;
 use crate::upstream::pool::SendError;
@@ -173,7 +175,9 @@ async fn forward(
 
     // protect: the route's IP lists and rate limit
     let limiter = snapshot.route_limits.get(route_index).and_then(Option::as_ref);
-    if limiter.is_some() || !route.ip_filter.is_empty() || route.challenge {
+    let adaptive = snapshot.adaptive.as_ref();
+    if limiter.is_some() || !route.ip_filter.is_empty() || route.challenge != ChallengeWhen::Never || adaptive.is_some()
+    {
         let client = crate::observe::client_ip(
             req.headers(),
             conn.peer.ip().to_canonical(),
@@ -184,6 +188,33 @@ async fn forward(
             trace.protection = Some("ip_denied");
             return Err(ProxyError::Forbidden);
         }
+        let mut challenge = route.challenge == ChallengeWhen::Always;
+        if let Some(adaptive) = adaptive {
+            let client_key = adaptive::client_hash(client);
+            adaptive.observe(Sample {
+                client: client_key,
+                signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
+                has_cookie: req.headers().contains_key(header::COOKIE),
+            });
+            if adaptive.in_attack() {
+                let enforce = adaptive.config.mode == AdaptiveMode::Enforce;
+                if adaptive.is_suspect(client_key) {
+                    if enforce {
+                        trace.protection = Some("attack_source_refused");
+                        let retry_after = adaptive.config.window.as_secs().max(1) as u32;
+                        return Err(ProxyError::RateLimited { retry_after });
+                    }
+                    trace.protection = Some("shadow_attack_source");
+                }
+                if route.challenge == ChallengeWhen::DuringAttack {
+                    if enforce {
+                        challenge = true;
+                    } else if trace.protection.is_none() {
+                        trace.protection = Some("shadow_challenge");
+                    }
+                }
+            }
+        }
         if let Some(limit) = limiter {
             if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
                 trace.protection = Some("rate_limited");
@@ -193,7 +224,7 @@ async fn forward(
                 return Err(ProxyError::RateLimited { retry_after });
             }
         }
-        if route.challenge {
+        if challenge {
             let name = &config.protect.challenge.cookie;
             let now = crate::state::unix_now();
             let passed = balance::cookie(req.headers(), name)

@@ -184,7 +184,7 @@ mod tests {
             log_sample: 1,
             ip_filter: Default::default(),
             rate_limit: None,
-            challenge: false,
+            challenge: Default::default(),
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::{Config, ConfigErrors};
 use crate::observe::{Observe, Observed};
-use crate::protect::{Challenge, RouteLimiter};
+use crate::protect::{Adaptive, Challenge, RouteLimiter};
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -39,6 +39,9 @@ pub struct Snapshot {
     /// (not built yet) must carry this over, or a random key would change
     /// and every issued cookie become invalid.
     pub challenge: Challenge,
+    /// Spike detection and attack mode, when `[protect.adaptive]` is on
+    /// (the same FIXME as `challenge` applies to reloads).
+    pub adaptive: Option<Adaptive>,
 }
 
 impl Snapshot {
@@ -92,9 +95,11 @@ impl Snapshot {
             .iter()
             .map(|r| r.rate_limit.as_ref().map(RouteLimiter::new))
             .collect();
+        let adaptive = config.protect.adaptive.as_ref().map(Adaptive::new);
         Ok(Snapshot {
             route_limits,
             challenge,
+            adaptive,
             config,
             router,
             upstreams,

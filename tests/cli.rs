@@ -39,8 +39,10 @@ servers = ["127.0.0.1:9"]
 const CASES: &[(&str, &str, &[&str])] = &[
     (
         "protection sections",
-        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\n[protect.challenge]\ncookie = \"bad name\"\nlifetime = \"1s\"\n[[routes]]\nupstream = \"app\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
+        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\n[protect.challenge]\ncookie = \"bad name\"\nlifetime = \"1s\"\n[protect.adaptive]\nmode = \"auto\"\nwindow = \"1ms\"\n[[routes]]\nupstream = \"app\"\nchallenge = \"sometimes\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
         &[
+            "protect.adaptive.mode: unknown value \"auto\", expected one of \"off\", \"shadow\", \"enforce\"",
+            "protect.adaptive.window: must be between 100ms and 5m",
             "protect.allow: invalid IP address or CIDR \"10.0.0.0/33\"",
             "protect.challenge.cookie: \"bad name\" is not a cookie name (letters, digits, '_', '-', '.')",
             "protect.challenge.lifetime: must be at least 1m",
@@ -49,6 +51,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "protect.max_connections_per_ip: must be between 1 and 1000000, found 2000000",
             "protect.min_body_rate: \"fast\" is not a byte rate such as \"1KiB/s\"",
             "protect.new_connections_per_ip: \"fast\" is not a rate such as \"100/s\", \"6000/min\" or \"20/h\"",
+            "routes[0].challenge: expected true, false or \"attack\", found \"sometimes\"",
             "routes[0].deny[0]: invalid IP address or CIDR \"1.2.3.4/40\"",
             "routes[0].rate_limit.burst: must be between 1 and 1000000000, found 0",
             "routes[0].rate_limit.key: unknown key \"ip_prefix:99\", expected \"client_ip\", \"ip_prefix:BITS\" (IPv4 bits; IPv6 uses /64), \"ip_prefix:V4BITS:V6BITS\", \"header:NAME\" or \"cookie:NAME\"",

@@ -345,3 +345,189 @@ async fn the_challenge_lets_cookie_keeping_clients_through_and_scrubs_the_rest()
         "{text}"
     );
 }
+
+/// Eight sources sending back to back until `stop` (at most 20,000
+/// requests each).
+fn flood_from_eight(
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u32>> {
+    (1..=8u8)
+        .map(|i| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut sent = 0;
+                let Ok(mut c) = h1_from_block(1, i, addr).await else {
+                    return 0;
+                };
+                while sent < 20_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+                    match c.send_ready(req).await {
+                        Ok(r) => {
+                            read(r).await;
+                        }
+                        Err(_) => break,
+                    }
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect()
+}
+
+async fn h1_from_block(
+    third: u8,
+    last: u8,
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(IpAddr::from([127, 0, third, last]), 0))
+        .expect("bind source address");
+    let stream = socket.connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+fn adaptive_config(origin: SocketAddr, mode: &str, audit: &std::path::Path) -> String {
+    format!(
+        "{}\n[protect.adaptive]\nmode = \"{mode}\"\nwindow = \"200ms\"\nmin_rate = 20\nenter_after = 2\nleave_after = 2\n[audit_log]\npath = {:?}\n",
+        config(origin, "challenge = \"attack\""),
+        audit.display().to_string()
+    )
+}
+
+/// Waits (bounded) until attack mode is `on`: on the detector's own
+/// change notification, no polling.
+async fn attack_mode_is(proxy: &TestProxy, on: bool) {
+    let snapshot = proxy.snapshot.load_full();
+    let adaptive = snapshot.adaptive.as_ref().expect("adaptive");
+    let mut changes = adaptive.subscribe();
+    let waited = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        changes.wait_for(|state| *state == on),
+    )
+    .await;
+    assert!(
+        matches!(waited, Ok(Ok(_))),
+        "attack mode never became {on}: {:?}",
+        adaptive.state().last
+    );
+}
+
+#[tokio::test]
+async fn attack_mode_refuses_the_flooding_sources_and_challenges_only_while_on() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    let proxy = start_proxy(&adaptive_config(origin.addr, "enforce", &audit)).await;
+    // Before any attack, the route does not challenge.
+    assert_eq!(get_from(50, proxy.addr).await, Some(StatusCode::OK));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = flood_from_eight(proxy.addr, stop.clone());
+    attack_mode_is(&proxy, true).await;
+    // The flooding sources are refused; a newcomer is challenged; a
+    // browser that keeps the cookie passes.
+    let mut refused = false;
+    for _ in 0..100 {
+        if get_from_block(1, 1, proxy.addr).await == Some(StatusCode::TOO_MANY_REQUESTS) {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a flooding source is refused in attack mode");
+    let mut c = h1_from(51, proxy.addr).await.expect("connect");
+    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+    let challenged = read(c.send_ready(req).await.expect("send")).await;
+    assert_eq!(challenged.status, 307);
+    let cookie = challenged
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .expect("cookie")
+        .to_owned();
+    let req = Request::get("/")
+        .header("host", "a")
+        .header("cookie", cookie)
+        .body(empty())
+        .expect("request");
+    assert_eq!(read(c.send_ready(req).await.expect("send")).await.status, 200);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await.expect("flood task");
+    }
+    attack_mode_is(&proxy, false).await;
+    assert_eq!(
+        get_from(52, proxy.addr).await,
+        Some(StatusCode::OK),
+        "no challenge once the attack is over"
+    );
+    let text = metrics(&proxy).await;
+    assert!(text.contains("portcullis_attack_mode 0"), "{text}");
+    proxy.shutdown().await;
+
+    let records = std::fs::read_to_string(&audit).expect("audit");
+    let changes: Vec<serde_json::Value> = records
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["event"] == "protection.attack_mode")
+        .collect();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(changes[0]["state"], "entered");
+    assert_eq!(changes[0]["mode"], "enforce");
+    assert!(
+        changes[0]["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .any(|r| r.as_str().is_some_and(|r| r.starts_with("few sources"))),
+        "{changes:?}"
+    );
+    assert_eq!(changes[1]["state"], "left");
+}
+
+async fn get_from_block(third: u8, last: u8, addr: SocketAddr) -> Option<StatusCode> {
+    let mut c = h1_from_block(third, last, addr).await.ok()?;
+    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+    Some(read(c.send_ready(req).await.ok()?).await.status)
+}
+
+#[tokio::test]
+async fn shadow_mode_detects_but_changes_no_response() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    let proxy = start_proxy(&adaptive_config(origin.addr, "shadow", &audit)).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = flood_from_eight(proxy.addr, stop.clone());
+    attack_mode_is(&proxy, true).await;
+    assert_eq!(
+        get_from_block(1, 1, proxy.addr).await,
+        Some(StatusCode::OK),
+        "a flooding source still passes"
+    );
+    assert_eq!(
+        get_from(53, proxy.addr).await,
+        Some(StatusCode::OK),
+        "no challenge in shadow mode"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await.expect("flood task");
+    }
+    let text = metrics(&proxy).await;
+    assert!(text.contains("action=\"shadow_attack_source\""), "{text}");
+    assert!(text.contains("action=\"shadow_challenge\""), "{text}");
+    assert!(!text.contains("action=\"challenged\""), "{text}");
+    proxy.shutdown().await;
+    assert!(
+        std::fs::read_to_string(&audit)
+            .expect("audit")
+            .contains("\"mode\":\"shadow\"")
+    );
+}

@@ -29,7 +29,10 @@ pub use observe::{
     AccessLogConfig, AuditLogConfig, LogDestination, LogField, LogFormat, MetricsConfig, RequestIdConfig,
 };
 pub use parse::parse;
-pub use protect::{ChallengeConfig, IpFilter, ProtectConfig, Rate, RateKey, RateLimitConfig, parse_rate};
+pub use protect::{
+    AdaptiveConfig, AdaptiveMode, ChallengeConfig, ChallengeWhen, IpFilter, ProtectConfig, Rate, RateKey,
+    RateLimitConfig, parse_rate,
+};
 pub use reader::{ConfigError, ConfigErrors};
 
 /// The whole validated configuration.
@@ -213,8 +216,8 @@ pub struct RouteConfig {
     pub ip_filter: IpFilter,
     /// Requests over it get 429.
     pub rate_limit: Option<RateLimitConfig>,
-    /// Clients without a valid challenge cookie get a 307 that sets one.
-    pub challenge: bool,
+    /// When clients without a valid challenge cookie get a 307 that sets one.
+    pub challenge: ChallengeWhen,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

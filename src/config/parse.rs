@@ -954,7 +954,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
         };
         let ip_filter = protect::read_ip_filter(&t);
         let rate_limit = protect::read_rate_limit(t.table("rate_limit"));
-        let challenge = t.bool("challenge").unwrap_or(false);
+        let challenge = protect::read_challenge_when(&t);
         t.finish();
 
         let keys: Vec<HostPattern> = if hosts.is_empty() {

@@ -102,6 +102,111 @@ pub struct ProtectConfig {
     pub body_rate_grace: Duration,
     /// The challenge cookie of routes with `challenge = true`.
     pub challenge: ChallengeConfig,
+    /// Spike detection and attack mode; `None` = off.
+    pub adaptive: Option<AdaptiveConfig>,
+}
+
+/// What attack mode does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdaptiveMode {
+    /// Detect, log, audit and count what would be done; change nothing.
+    Shadow,
+    /// Detect and act: refuse the heaviest sources of a few-source attack,
+    /// challenge clients on `challenge = "attack"` routes.
+    Enforce,
+}
+
+/// `[protect.adaptive]`.
+#[derive(Debug, Clone)]
+pub struct AdaptiveConfig {
+    pub mode: AdaptiveMode,
+    pub window: Duration,
+    pub spike_factor: f64,
+    /// Requests per second below which nothing is a spike.
+    pub min_rate: f64,
+    pub enter_after: u32,
+    pub leave_after: u32,
+}
+
+/// When a route challenges clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChallengeWhen {
+    #[default]
+    Never,
+    Always,
+    /// Only while attack mode is on (and enforced).
+    DuringAttack,
+}
+
+fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
+    let t = table?;
+    let mut config = AdaptiveConfig {
+        mode: AdaptiveMode::Shadow,
+        window: Duration::from_secs(5),
+        spike_factor: 3.0,
+        min_rate: 50.0,
+        enter_after: 2,
+        leave_after: 6,
+    };
+    let mode = t.choice(
+        "mode",
+        &[
+            ("off", None),
+            ("shadow", Some(AdaptiveMode::Shadow)),
+            ("enforce", Some(AdaptiveMode::Enforce)),
+        ],
+    );
+    if let Some(w) = t.duration("window") {
+        if w < Duration::from_millis(100) || w > Duration::from_secs(300) {
+            t.error("window", "must be between 100ms and 5m");
+        } else {
+            config.window = w;
+        }
+    }
+    if let Some(v) = t.get("spike_factor") {
+        match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
+            Some(f) if (1.0..=1000.0).contains(&f) => config.spike_factor = f,
+            _ => t.error("spike_factor", "must be a number from 1 to 1000"),
+        }
+    }
+    if let Some(n) = t.uint("min_rate") {
+        config.min_rate = n as f64;
+    }
+    for (key, slot) in [
+        ("enter_after", &mut config.enter_after),
+        ("leave_after", &mut config.leave_after),
+    ] {
+        if let Some(n) = t.uint(key) {
+            if (1..=1000).contains(&n) {
+                *slot = n as u32;
+            } else {
+                t.error(key, format!("must be between 1 and 1000 windows, found {n}"));
+            }
+        }
+    }
+    t.finish();
+    match mode {
+        Some(None) => None,
+        Some(Some(m)) => Some(AdaptiveConfig { mode: m, ..config }),
+        None => Some(config),
+    }
+}
+
+/// `challenge = true | false | "attack"` of a route.
+pub fn read_challenge_when(t: &Table<'_>) -> ChallengeWhen {
+    match t.get("challenge") {
+        None => ChallengeWhen::Never,
+        Some(toml::Value::Boolean(true)) => ChallengeWhen::Always,
+        Some(toml::Value::Boolean(false)) => ChallengeWhen::Never,
+        Some(toml::Value::String(s)) if s == "attack" => ChallengeWhen::DuringAttack,
+        Some(other) => {
+            t.error(
+                "challenge",
+                format!("expected true, false or \"attack\", found {other}"),
+            );
+            ChallengeWhen::Never
+        }
+    }
 }
 
 /// `[protect.challenge]`.
@@ -218,6 +323,7 @@ impl Default for ProtectConfig {
             min_body_rate: None,
             body_rate_grace: BODY_RATE_GRACE,
             challenge: ChallengeConfig::default(),
+            adaptive: None,
         }
     }
 }
@@ -257,6 +363,7 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
         config.body_rate_grace = grace;
     }
     config.challenge = read_challenge(t.table("challenge"));
+    config.adaptive = read_adaptive(t.table("adaptive"));
     t.finish();
     config
 }

@@ -77,6 +77,13 @@ pub enum Event {
         server: String,
         reason: String,
     },
+    /// Attack mode entered or left, with the detector's reasons.
+    #[serde(rename = "protection.attack_mode")]
+    AttackMode {
+        state: String,
+        mode: String,
+        reasons: Vec<String>,
+    },
     /// An HMAC-SHA256 over `"<seq>:<prev>"` of this record.
     #[serde(rename = "checkpoint")]
     Checkpoint { mac: String },

@@ -124,6 +124,8 @@ pub struct Metrics {
     pub access_log_records: Counter,
     pub access_log_dropped: Counter,
     pub audit_records: Counter,
+    /// 1 while attack mode is on.
+    pub attack_mode: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -239,6 +241,12 @@ impl Metrics {
         );
         let audit_records = Counter::default();
         registry.register("audit_records", "Audit log records queued", audit_records.clone());
+        let attack_mode = Gauge::default();
+        registry.register(
+            "attack_mode",
+            "1 while the spike detector holds attack mode on",
+            attack_mode.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -265,6 +273,7 @@ impl Metrics {
             access_log_records,
             access_log_dropped,
             audit_records,
+            attack_mode,
         }
     }
 

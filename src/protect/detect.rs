@@ -382,51 +382,61 @@ impl Detector {
         let distinct_clients = self.distinct.estimate();
         let new_client_share = self.new_clients as f64 / n;
         let cookieless_share = self.cookieless as f64 / n;
-        let spike = self.baseline.is_warm() && rate >= s.min_rate && rate > s.spike_factor * baseline;
+        // Before the baseline has learned anything, any rate over
+        // `min_rate` is judged by what it is made of.
+        let spike = rate >= s.min_rate && (!self.baseline.is_warm() || rate > s.spike_factor * baseline);
+
+        // What the window is made of, spike or not.
+        let mut signs = Vec::new();
+        if top_sources_share >= s.few_sources_share {
+            signs.push(format!(
+                "few sources: the top {} clients sent {:.0}% of requests",
+                top.len(),
+                top_sources_share * 100.0
+            ));
+        }
+        if top_signature_share >= s.one_signature_share && distinct_clients >= 50.0 {
+            signs.push(format!(
+                "one signature: {:.0}% of requests look alike across {distinct_clients:.0} clients",
+                top_signature_share * 100.0
+            ));
+        }
+        if new_client_share >= 0.9 && cookieless_share >= 0.9 && top_signature_share >= 0.5 {
+            signs.push(format!(
+                "new clients without cookies: {:.0}% never seen, {:.0}% without cookies, {:.0}% on one signature",
+                new_client_share * 100.0,
+                cookieless_share * 100.0,
+                top_signature_share * 100.0
+            ));
+        }
+        let clean = signs.is_empty();
 
         let mut reasons = Vec::new();
         let kind = if !spike {
             Kind::Normal
         } else {
-            let head = format!("rate {rate:.0}/s against a baseline of {baseline:.0}/s");
-            if top_sources_share >= s.few_sources_share {
-                reasons.push(format!(
-                    "few sources: the top {} clients sent {:.0}% of requests",
-                    top.len(),
-                    top_sources_share * 100.0
-                ));
-            }
-            if top_signature_share >= s.one_signature_share && distinct_clients >= 50.0 {
-                reasons.push(format!(
-                    "one signature: {:.0}% of requests look alike across {distinct_clients:.0} clients",
-                    top_signature_share * 100.0
-                ));
-            }
-            if new_client_share >= 0.9 && cookieless_share >= 0.9 && top_signature_share >= 0.5 {
-                reasons.push(format!(
-                    "new clients without cookies: {:.0}% never seen, {:.0}% without cookies, {:.0}% on one signature",
-                    new_client_share * 100.0,
-                    cookieless_share * 100.0,
-                    top_signature_share * 100.0
-                ));
-            }
-            if reasons.is_empty() {
+            reasons.push(if self.baseline.is_warm() {
+                format!("rate {rate:.0}/s against a baseline of {baseline:.0}/s")
+            } else {
+                format!("rate {rate:.0}/s with no baseline yet")
+            });
+            if clean {
                 reasons.push(format!(
                     "flash crowd: {distinct_clients:.0} clients, top 8 send {:.0}%, top signature {:.0}%",
                     top_sources_share * 100.0,
                     top_signature_share * 100.0
                 ));
-                reasons.insert(0, head);
                 Kind::FlashCrowd
             } else {
-                reasons.insert(0, head);
+                reasons.extend(signs);
                 Kind::Attack
             }
         };
 
-        // The baseline learns from calm windows only, so an attack (or a
-        // crowd) does not become the new normal.
-        if kind == Kind::Normal && !self.attack {
+        // The baseline learns only from windows that look legitimate and
+        // only outside attack mode, so an attack never becomes the new
+        // normal (a lasting flash crowd slowly does).
+        if clean && !self.attack {
             self.baseline.update(rate, s.window);
         }
         let transition = if kind == Kind::Attack {

@@ -13,11 +13,13 @@
 //! the request limits with the pipeline (`validate`). Adaptive spike
 //! detection, challenges and bans are the next layers.
 
+pub mod adaptive;
 pub mod challenge;
 pub mod connections;
 pub mod detect;
 pub mod rate;
 
+pub use adaptive::{Adaptive, AdaptiveState};
 pub use challenge::{Challenge, CookieError};
 pub use connections::{ConnSlot, ConnTable, Refusal};
 pub use rate::{Limiter, RouteLimiter};

@@ -405,6 +405,14 @@ impl Proxy {
             self.snapshot.clone(),
             stop_accepting.clone(),
         ));
+        if let Some(adaptive) = &self.snapshot.load().adaptive {
+            tokio::spawn(attack_watch(
+                adaptive.config.window,
+                self.snapshot.clone(),
+                self.observe.clone(),
+                stop_accepting.clone(),
+            ));
+        }
         let metrics_stop = CancellationToken::new();
         if let (Some((listener, path)), Some(metrics)) = (self.metrics_listener, &self.observe.metrics) {
             if let Ok(addr) = listener.local_addr() {
@@ -488,6 +496,48 @@ async fn housekeeping(connections: Arc<ConnTable>, snapshot: SharedSnapshot, sto
         for limit in snapshot.load().route_limits.iter().flatten() {
             limit.limiter.housekeeping();
         }
+    }
+}
+
+/// Closes a detector window every `window`: logs, audits and counts each
+/// change of attack mode with its reasons.
+async fn attack_watch(window: Duration, snapshot: SharedSnapshot, observe: Arc<Observe>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(window);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let current = snapshot.load();
+        let Some(adaptive) = &current.adaptive else { return };
+        let Some((verdict, transition)) = adaptive.tick() else {
+            continue;
+        };
+        let mode = match adaptive.config.mode {
+            crate::config::AdaptiveMode::Shadow => "shadow",
+            crate::config::AdaptiveMode::Enforce => "enforce",
+        };
+        let (state, reasons) = match transition {
+            None => continue,
+            Some(crate::protect::detect::Transition::Entered(reasons)) => {
+                tracing::warn!(%mode, reasons = ?reasons, "attack mode entered");
+                ("entered", reasons)
+            }
+            Some(crate::protect::detect::Transition::Left) => {
+                tracing::warn!(%mode, rate = verdict.rate, "attack mode left");
+                ("left", verdict.reasons.clone())
+            }
+        };
+        if let Some(m) = &observe.metrics {
+            m.attack_mode.set(i64::from(state == "entered"));
+        }
+        observe.audit(Event::AttackMode {
+            state: state.into(),
+            mode: mode.into(),
+            reasons,
+        });
     }
 }
 
