@@ -124,28 +124,50 @@ async fn connect_from(source: IpAddr, proxy: SocketAddr) -> Option<Sender> {
 }
 
 /// One GET on a kept connection (reconnecting when it closed): the status,
-/// or `None` when no answer came.
-async fn get(conn: &mut Option<Sender>, source: IpAddr, proxy: SocketAddr) -> Option<u16> {
-    if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        *conn = connect_from(source, proxy).await;
-    }
-    let sender = conn.as_mut()?;
-    if sender.ready().await.is_err() {
-        *conn = None;
-        return None;
-    }
-    let req = Request::get("/").header("host", "site").body(Empty::new()).ok()?;
-    match sender.send_request(req).await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let _ = response.into_body().collect().await;
-            Some(status)
+/// or `None` when no answer came. With a cookie jar, a challenge (307 with
+/// a cookie) is answered as a browser would: keep the cookie, ask again.
+async fn get(
+    conn: &mut Option<Sender>,
+    source: IpAddr,
+    proxy: SocketAddr,
+    mut jar: Option<&mut Option<String>>,
+    agent: &str,
+) -> Option<u16> {
+    for _ in 0..2 {
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            *conn = connect_from(source, proxy).await;
         }
-        Err(_) => {
+        let sender = conn.as_mut()?;
+        if sender.ready().await.is_err() {
             *conn = None;
-            None
+            return None;
+        }
+        let mut req = Request::get("/").header("host", "site").header("user-agent", agent);
+        if let Some(Some(cookie)) = jar.as_deref() {
+            req = req.header("cookie", cookie.as_str());
+        }
+        let req = req.body(Empty::new()).ok()?;
+        let response = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(_) => {
+                *conn = None;
+                return None;
+            }
+        };
+        let status = response.status().as_u16();
+        let set_cookie = response
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned);
+        let _ = response.into_body().collect().await;
+        match (status, set_cookie, jar.as_deref_mut()) {
+            (307, Some(cookie), Some(slot)) => *slot = Some(cookie),
+            _ => return Some(status),
         }
     }
+    None
 }
 
 /// The legitimate client: `rate` requests per second from 127.0.0.3 until
@@ -153,13 +175,18 @@ async fn get(conn: &mut Option<Sender>, source: IpAddr, proxy: SocketAddr) -> Op
 async fn legit(proxy: SocketAddr, rate: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<f64>) {
     let source = IpAddr::from([127, 0, 0, 3]);
     let mut conn = None;
+    let mut jar = None;
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
     let (mut sent, mut ok, mut latencies) = (0, 0, Vec::new());
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let started = Instant::now();
         sent += 1;
-        let answer = tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy)).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            get(&mut conn, source, proxy, Some(&mut jar), "Mozilla/5.0 (legit)"),
+        )
+        .await;
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
         if matches!(answer, Ok(Some(200))) {
             ok += 1;
@@ -176,7 +203,26 @@ async fn flood(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 
     let mut sent = 0;
     while !stop.load(Ordering::Relaxed) {
         sent += 1;
-        if tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy))
+        if tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy, None, "flood/1.0"))
+            .await
+            .is_err()
+        {
+            conn = None;
+        }
+    }
+    sent
+}
+
+/// A bot of a distributed flood: `rate` requests per second (under the
+/// per-IP limit), one signature, no cookies.
+async fn paced_bot(proxy: SocketAddr, source: IpAddr, rate: u64, stop: Arc<AtomicBool>) -> u64 {
+    let mut conn = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
+    let mut sent = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        sent += 1;
+        if tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy, None, "flood/1.0"))
             .await
             .is_err()
         {
@@ -247,12 +293,18 @@ async fn slow_post(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> 
 async fn browser(proxy: SocketAddr, source: IpAddr, phase: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
     tokio::time::sleep(Duration::from_millis(phase)).await;
     let mut conn = None;
+    let mut jar = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let (mut sent, mut bad) = (0, 0);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         sent += 1;
-        let answer = tokio::time::timeout(Duration::from_secs(2), get(&mut conn, source, proxy)).await;
+        let agent = format!("Mozilla/5.0 (browser {})", phase % 37);
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            get(&mut conn, source, proxy, Some(&mut jar), &agent),
+        )
+        .await;
         if !matches!(answer, Ok(Some(200))) {
             bad += 1;
         }
@@ -289,6 +341,7 @@ async fn main() {
 bind = "127.0.0.1:0"
 [[routes]]
 upstream = "app"
+challenge = "attack"
 [routes.rate_limit]
 rate = "20/s"
 burst = 40
@@ -301,6 +354,12 @@ header_read = "5s"
 max_connections_per_ip = 64
 min_body_rate = "1KiB/s"
 body_rate_grace = "2s"
+[protect.adaptive]
+mode = "enforce"
+window = "1s"
+min_rate = 50
+enter_after = 2
+leave_after = 3
 "#
     );
     let proxy = start_proxy(&binary, &config, dir.path());
@@ -311,13 +370,24 @@ body_rate_grace = "2s"
     let run_for = Duration::from_secs(seconds);
 
     type Attack = fn(SocketAddr, Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<u64>>;
-    let scenarios: [(&str, Option<Attack>); 4] = [
+    let scenarios: [(&str, Option<Attack>); 5] = [
         ("no attack (baseline)", None),
         (
             "flood: 8 sources, back to back",
             Some(|addr, stop| {
                 (1..=8u8)
                     .map(|i| tokio::spawn(flood(addr, IpAddr::from([127, 0, 1, i]), stop.clone())))
+                    .collect()
+            }),
+        ),
+        (
+            "distributed flood: 200 sources x 15 req/s",
+            Some(|addr, stop| {
+                (0..200u16)
+                    .map(|i| {
+                        let source = IpAddr::from([127, 0, 1, 10 + (i % 200) as u8]);
+                        tokio::spawn(paced_bot(addr, source, 15, stop.clone()))
+                    })
                     .collect()
             }),
         ),
@@ -345,6 +415,9 @@ body_rate_grace = "2s"
         ),
     ];
     for (name, attack) in scenarios {
+        // Let attack mode from the previous scenario end (it leaves after
+        // 3 calm windows of 1 s), so each scenario starts from calm.
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let before = counts.attack.load(Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let attackers = attack.map(|a| a(addr, stop.clone())).unwrap_or_default();
@@ -365,7 +438,7 @@ body_rate_grace = "2s"
             legit: legit_result,
             attack_sent: if name.starts_with("no attack") {
                 "-".into()
-            } else if name.starts_with("flood") {
+            } else if name.contains("flood") {
                 format!("{sent} requests")
             } else {
                 format!("{sent} connections")
@@ -377,6 +450,7 @@ body_rate_grace = "2s"
 
     // Flash crowd: 200 browsers at 2 requests per second each, with the
     // legitimate client beside them.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let browsers: Vec<_> = (0..200u16)
         .map(|i| {

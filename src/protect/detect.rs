@@ -296,7 +296,9 @@ pub struct Verdict {
     pub top_signature_share: f64,
     pub new_client_share: f64,
     pub cookieless_share: f64,
-    /// The heaviest clients of the window (hashes), largest first.
+    /// The heaviest clients of the window (hashes), largest first: only
+    /// those sending at least 5 times what a typical client sent in calm
+    /// windows, so an ordinary client is never among them.
     pub top_sources: Vec<u64>,
 }
 
@@ -313,6 +315,8 @@ pub enum Transition {
 pub struct Detector {
     settings: Settings,
     baseline: Ewma,
+    /// Distinct clients per calm window, for the typical per-client rate.
+    baseline_clients: Ewma,
     sources: SpaceSaving,
     signatures: SpaceSaving,
     distinct: Hll,
@@ -331,6 +335,7 @@ impl Detector {
     pub fn new(settings: Settings) -> Detector {
         Detector {
             baseline: Ewma::new(settings.baseline_tau),
+            baseline_clients: Ewma::new(settings.baseline_tau),
             settings,
             sources: SpaceSaving::new(64),
             signatures: SpaceSaving::new(64),
@@ -438,7 +443,16 @@ impl Detector {
         // normal (a lasting flash crowd slowly does).
         if clean && !self.attack {
             self.baseline.update(rate, s.window);
+            self.baseline_clients.update(distinct_clients, s.window);
         }
+        // What one client typically sends per second in calm windows
+        // (before any: a tenth of min_rate); heavy sources are 5x that.
+        let typical = if self.baseline.is_warm() && self.baseline_clients.value() >= 1.0 {
+            self.baseline.value() / self.baseline_clients.value()
+        } else {
+            s.min_rate / 10.0
+        };
+        let heavy = (5.0 * typical * s.window).max(1.0);
         let transition = if kind == Kind::Attack {
             self.attack_windows += 1;
             self.calm_windows = 0;
@@ -465,7 +479,11 @@ impl Detector {
             top_signature_share,
             new_client_share,
             cookieless_share,
-            top_sources: top.iter().map(|(k, _)| *k).collect(),
+            top_sources: top
+                .iter()
+                .filter(|(_, count)| *count as f64 >= heavy)
+                .map(|(k, _)| *k)
+                .collect(),
         };
         // Clients of attack windows are not remembered as returning.
         self.seen.commit(kind != Kind::Attack && !self.attack);

@@ -290,3 +290,31 @@ fn quiet_traffic_is_never_a_spike() {
         assert_eq!(d.tick().0.kind, Kind::Normal);
     }
 }
+
+#[test]
+fn an_ordinary_client_beside_a_few_heavy_sources_is_not_a_suspect() {
+    let mut d = warmed();
+    // 8 heavy sources and one client at the typical rate (100/s over 200
+    // clients = 0.5/s; this one sends 2 in the window).
+    for i in 0..2000u64 {
+        d.observe(Sample {
+            client: h(7_000_000 + i % 8),
+            signature: h(1),
+            has_cookie: false,
+        });
+    }
+    for _ in 0..2 {
+        d.observe(Sample {
+            client: h(1_000_000),
+            signature: h(2_000_000),
+            has_cookie: true,
+        });
+    }
+    let (v, _) = d.tick();
+    assert_eq!(v.kind, Kind::Attack);
+    assert_eq!(v.top_sources.len(), 8, "{:?}", v.top_sources);
+    assert!(
+        !v.top_sources.contains(&h(1_000_000)),
+        "the ordinary client is not named"
+    );
+}
