@@ -232,8 +232,18 @@ async fn paced_bot(proxy: SocketAddr, source: IpAddr, rate: u64, stop: Arc<Atomi
     sent
 }
 
-/// Slowloris: a request head sent one header line per second, never ended.
-async fn slowloris(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 {
+/// Opens raw connections from `source` one after another until `stop`,
+/// each sending `head` and then `drip` every `every` until the proxy cuts
+/// it: slowloris (a head never ended) and slow POST (a body never
+/// finished). Returns the connections opened.
+async fn slow_client(
+    proxy: SocketAddr,
+    source: IpAddr,
+    head: &'static [u8],
+    drip: &'static [u8],
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> u64 {
     let mut opened = 0;
     while !stop.load(Ordering::Relaxed) {
         let Ok(socket) = TcpSocket::new_v4() else { return opened };
@@ -245,12 +255,12 @@ async fn slowloris(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> 
             continue;
         };
         opened += 1;
-        if stream.write_all(b"GET / HTTP/1.1\r\nHost: site\r\n").await.is_err() {
+        if stream.write_all(head).await.is_err() {
             continue;
         }
         while !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            tokio::time::sleep(every).await;
+            if stream.write_all(drip).await.is_err() {
                 break;
             }
         }
@@ -258,34 +268,30 @@ async fn slowloris(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> 
     opened
 }
 
+/// Slowloris: a request head sent one header line per second, never ended.
+async fn slowloris(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 {
+    slow_client(
+        proxy,
+        source,
+        b"GET / HTTP/1.1\r\nHost: site\r\n",
+        b"X-Slow: 1\r\n",
+        Duration::from_secs(1),
+        stop,
+    )
+    .await
+}
+
 /// Slow POST: a body of 1 MB declared, sent one byte every 500 ms.
 async fn slow_post(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> u64 {
-    let mut opened = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(socket) = TcpSocket::new_v4() else { return opened };
-        if socket.bind(SocketAddr::new(source, 0)).is_err() {
-            return opened;
-        }
-        let Ok(mut stream) = socket.connect(proxy).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        opened += 1;
-        if stream
-            .write_all(b"POST / HTTP/1.1\r\nHost: site\r\nContent-Length: 1000000\r\n\r\n")
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        while !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if stream.write_all(b"x").await.is_err() {
-                break;
-            }
-        }
-    }
-    opened
+    slow_client(
+        proxy,
+        source,
+        b"POST / HTTP/1.1\r\nHost: site\r\nContent-Length: 1000000\r\n\r\n",
+        b"x",
+        Duration::from_millis(500),
+        stop,
+    )
+    .await
 }
 
 /// A browser of the flash crowd: 2 requests per second from its address;

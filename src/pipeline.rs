@@ -3,8 +3,9 @@
 //!
 //! 1. `validate`: limits and framing the parser did not already enforce
 //!    (URI length, header bytes, `Host` rules, CONNECT policy);
-//! 2. `route`: host + path -> route -> upstream group; then the route's
-//!    IP lists (403) and rate limit (429);
+//! 2. `route`: host + path -> route -> upstream group; then `protect`
+//!    (`protect::check_request`): the route's IP lists (403), attack mode,
+//!    rate limit (429) and challenge (307);
 //! 3. `admit`: a declared body larger than the limit is refused before a
 //!    byte of it is read (and before `100 Continue` is sent);
 //! 4. `rewrite`: the upstream request: hop-by-hop fields removed,
@@ -28,12 +29,10 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::{BodyTooLarge, BodyTooSlow, ProxyBody, RequestBody, find_cause};
-use crate::config::{AdaptiveMode, ChallengeWhen, Limits, RouteConfig, UpstreamProtocol};
+use crate::config::{Limits, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::forwarding::{self, Hop};
 use crate::observe::{Observation, Trace, request_id};
-use crate::protect::adaptive;
-use crate::protect::detect::Sample;
 use crate::server::conn::ConnInfo;
 use crate::state::Snapshot;
 use crate::upstream::pool::SendError;
@@ -173,72 +172,9 @@ async fn forward(
         return Err(ProxyError::MethodNotAllowed);
     }
 
-    // protect: the route's IP lists and rate limit
-    let limiter = snapshot.route_limits.get(route_index).and_then(Option::as_ref);
-    let adaptive = snapshot.adaptive.as_ref();
-    if limiter.is_some() || !route.ip_filter.is_empty() || route.challenge != ChallengeWhen::Never || adaptive.is_some()
-    {
-        let client = crate::observe::client_ip(
-            req.headers(),
-            conn.peer.ip().to_canonical(),
-            conn.trusted,
-            &config.server.trusted_proxies,
-        );
-        if !route.ip_filter.permits(client) {
-            trace.protection = Some("ip_denied");
-            return Err(ProxyError::Forbidden);
-        }
-        let mut challenge = route.challenge == ChallengeWhen::Always;
-        if let Some(adaptive) = adaptive {
-            let client_key = adaptive::client_hash(client);
-            adaptive.observe(Sample {
-                client: client_key,
-                signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
-                has_cookie: req.headers().contains_key(header::COOKIE),
-            });
-            if adaptive.in_attack() {
-                let enforce = adaptive.config.mode == AdaptiveMode::Enforce;
-                if adaptive.is_suspect(client_key) {
-                    if enforce {
-                        trace.protection = Some("attack_source_refused");
-                        let retry_after = adaptive.config.window.as_secs().max(1) as u32;
-                        return Err(ProxyError::RateLimited { retry_after });
-                    }
-                    trace.protection = Some("shadow_attack_source");
-                }
-                if route.challenge == ChallengeWhen::DuringAttack {
-                    if enforce {
-                        challenge = true;
-                    } else if trace.protection.is_none() {
-                        trace.protection = Some("shadow_challenge");
-                    }
-                }
-            }
-        }
-        if let Some(limit) = limiter {
-            if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
-                trace.protection = Some("rate_limited");
-                let retry_after = u32::try_from(wait.as_millis().div_ceil(1000))
-                    .unwrap_or(u32::MAX)
-                    .max(1);
-                return Err(ProxyError::RateLimited { retry_after });
-            }
-        }
-        if challenge {
-            let name = &config.protect.challenge.cookie;
-            let now = crate::state::unix_now();
-            let passed = balance::cookie(req.headers(), name)
-                .is_some_and(|value| snapshot.challenge.verify(value, client, now).is_ok());
-            if !passed {
-                trace.protection = Some("challenged");
-                return Ok(challenge_response(
-                    &req,
-                    name,
-                    &snapshot.challenge.issue(client, now),
-                    snapshot.challenge.lifetime(),
-                ));
-            }
-        }
+    // protect: the route's IP lists, attack mode, rate limit, challenge
+    if let Some(answer) = crate::protect::check_request(&req, conn, snapshot, route_index, &mut trace.protection)? {
+        return Ok(answer);
     }
 
     // admit
@@ -497,27 +433,6 @@ async fn forward(
         body
     };
     Ok(Response::from_parts(parts, body))
-}
-
-/// The challenge: `307` back to the same target with a cookie that proves,
-/// on the next request, that the client keeps cookies (browsers do, most
-/// flood tools do not). 307 keeps the method and body.
-fn challenge_response(req: &Request<Incoming>, name: &str, value: &str, lifetime: u64) -> Response<ProxyBody> {
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let mut response = Response::new(ProxyBody::empty());
-    *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    let headers = response.headers_mut();
-    if let Ok(location) = HeaderValue::from_str(target) {
-        headers.insert(header::LOCATION, location);
-    }
-    if let Ok(cookie) = HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; Max-Age={lifetime}; HttpOnly; SameSite=Lax"
-    )) {
-        headers.insert(header::SET_COOKIE, cookie);
-    }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-    response
 }
 
 /// `308 Permanent Redirect` to the same host, path and query over HTTPS

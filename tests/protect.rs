@@ -17,25 +17,13 @@ async fn h1_from(
     last: u8,
     addr: SocketAddr,
 ) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::new(IpAddr::from([127, 0, 0, last]), 0))
-        .expect("bind source address");
-    let stream = socket.connect(addr).await.expect("connect");
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+    h1_from_block(0, last, addr).await
 }
 
 /// GET `/` on a connection from `127.0.0.<last>`: the status, or `None`
 /// when the proxy closed the connection without an answer.
 async fn get_from(last: u8, addr: SocketAddr) -> Option<StatusCode> {
-    let mut c = h1_from(last, addr).await.ok()?;
-    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
-    let response = c.send_ready(req).await.ok()?;
-    Some(read(response).await.status)
+    get_from_block(0, last, addr).await
 }
 
 fn config(origin: SocketAddr, extra: &str) -> String {
