@@ -39,7 +39,7 @@ servers = ["127.0.0.1:9"]
 const CASES: &[(&str, &str, &[&str])] = &[
     (
         "protection sections",
-        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\n[protect.challenge]\ncookie = \"bad name\"\nlifetime = \"1s\"\n[protect.adaptive]\nmode = \"auto\"\nwindow = \"1ms\"\n[[routes]]\nupstream = \"app\"\nchallenge = \"sometimes\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
+        "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\nmax_requests_per_connection = 0\n[protect.challenge]\ncookie = \"bad name\"\nlifetime = \"1s\"\n[protect.adaptive]\nmode = \"auto\"\nwindow = \"1ms\"\n[[routes]]\nupstream = \"app\"\nchallenge = \"sometimes\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
         &[
             "protect.adaptive.mode: unknown value \"auto\", expected one of \"off\", \"shadow\", \"enforce\"",
             "protect.adaptive.window: must be between 100ms and 5m",
@@ -49,6 +49,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "protect.deny[0]: invalid IP address or CIDR \"not-an-ip\"",
             "protect.max_connections: must be between 1 and 10000000, found 0",
             "protect.max_connections_per_ip: must be between 1 and 1000000, found 2000000",
+            "protect.max_requests_per_connection: must be at least 1",
             "protect.min_body_rate: \"fast\" is not a byte rate such as \"1KiB/s\"",
             "protect.new_connections_per_ip: \"fast\" is not a rate such as \"100/s\", \"6000/min\" or \"20/h\"",
             "routes[0].challenge: expected true, false or \"attack\", found \"sometimes\"",

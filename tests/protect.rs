@@ -519,3 +519,39 @@ async fn shadow_mode_detects_but_changes_no_response() {
             .contains("\"mode\":\"shadow\"")
     );
 }
+
+#[tokio::test]
+async fn connections_end_after_their_request_limit() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let proxy = start_proxy(&format!(
+        "{}\n[protect]\nmax_requests_per_connection = 3\n",
+        config(origin.addr, "")
+    ))
+    .await;
+    let mut c = h1(proxy.addr).await;
+    for i in 1..=3 {
+        let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+        let got = read(c.send_ready(req).await.expect("send")).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("connection") == Some("close"), i == 3, "request {i}");
+    }
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), c.ready()).await;
+    assert!(
+        matches!(closed, Ok(Err(_))),
+        "the HTTP/1.1 connection is closed after 3 requests"
+    );
+
+    let mut c2 = h2(proxy.addr).await;
+    for _ in 0..3 {
+        let req = Request::get("http://a/").body(empty()).expect("request");
+        assert_eq!(read(c2.send_ready(req).await.expect("send")).await.status, 200);
+    }
+    // GOAWAY after the third stream: the connection takes no more.
+    let req = Request::get("http://a/").body(empty()).expect("request");
+    let fourth = tokio::time::timeout(std::time::Duration::from_secs(10), c2.send_ready(req)).await;
+    assert!(
+        matches!(fourth, Ok(Err(_))),
+        "the HTTP/2 connection drained after 3 streams"
+    );
+    assert_eq!(origin.requests(), 6);
+}

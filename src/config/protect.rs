@@ -104,6 +104,9 @@ pub struct ProtectConfig {
     pub challenge: ChallengeConfig,
     /// Spike detection and attack mode; `None` = off.
     pub adaptive: Option<AdaptiveConfig>,
+    /// Requests one client connection may carry, then it is closed
+    /// (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY); `None` = unlimited.
+    pub max_requests_per_connection: Option<u64>,
 }
 
 /// What attack mode does.
@@ -324,6 +327,7 @@ impl Default for ProtectConfig {
             body_rate_grace: BODY_RATE_GRACE,
             challenge: ChallengeConfig::default(),
             adaptive: None,
+            max_requests_per_connection: None,
         }
     }
 }
@@ -364,6 +368,13 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
     }
     config.challenge = read_challenge(t.table("challenge"));
     config.adaptive = read_adaptive(t.table("adaptive"));
+    if let Some(n) = t.uint("max_requests_per_connection") {
+        if n == 0 {
+            t.error("max_requests_per_connection", "must be at least 1");
+        } else {
+            config.max_requests_per_connection = Some(n);
+        }
+    }
     t.finish();
     config
 }

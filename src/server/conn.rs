@@ -59,6 +59,10 @@ pub struct ConnState {
     /// Set once a request arrived over HTTP/2, where the header timer does
     /// not apply (frames arrive between streams by design).
     is_h2: AtomicBool,
+    /// Requests received on this connection.
+    requests: AtomicU64,
+    /// Asks the connection to drain (HTTP/2 at its request limit).
+    drain: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -72,6 +76,8 @@ impl ConnState {
             head_started: AtomicU64::new(0),
             awaiting_head: AtomicBool::new(true),
             is_h2: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            drain: tokio::sync::Notify::new(),
         })
     }
 
@@ -301,11 +307,27 @@ pub(super) async fn serve<S>(
     let service_state = state.clone();
     let service_info = info.clone();
     let service = service_fn(move |req: Request<Incoming>| {
-        let guard = InFlight::new(&service_state, req.version() == http::Version::HTTP_2);
+        let h2 = req.version() == http::Version::HTTP_2;
+        let guard = InFlight::new(&service_state, h2);
         let snapshot = snapshot.load_full();
         let info = service_info.clone();
+        // The connection's last request: HTTP/1.1 says so in the response,
+        // HTTP/2 drains (GOAWAY, open streams finish).
+        let last = snapshot
+            .config
+            .protect
+            .max_requests_per_connection
+            .is_some_and(|max| service_state.requests.fetch_add(1, Ordering::Relaxed) + 1 >= max);
+        if last && h2 {
+            service_state.drain.notify_one();
+        }
         async move {
             let mut response = crate::pipeline::handle(req, &info, &snapshot).await;
+            if last && !h2 {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
             response.body_mut().set_in_flight(guard);
             Ok::<_, std::convert::Infallible>(response)
         }
@@ -315,6 +337,7 @@ pub(super) async fn serve<S>(
     let control = Gated::new(async {
         tokio::select! {
             _ = shutdown.cancelled() => Control::Drain,
+            _ = state.drain.notified() => Control::Drain,
             _ = info.hard_stop.cancelled() => Control::Cut,
             expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle) => match expiry {
                 Expiry::Idle => Control::Drain,
