@@ -391,7 +391,7 @@ leave_after = 3
             Some(|addr, stop| {
                 (0..200u16)
                     .map(|i| {
-                        let source = IpAddr::from([127, 0, 1, 10 + (i % 200) as u8]);
+                        let source = IpAddr::from([127, 0, 1, 10 + i as u8]);
                         tokio::spawn(paced_bot(addr, source, 15, stop.clone()))
                     })
                     .collect()

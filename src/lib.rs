@@ -15,6 +15,7 @@
 //! - [`protect`]: connection limits, IP lists and rate limits;
 //! - [`body`]: request and response body types (streaming, limits);
 //! - [`error`]: the error type and its status / `Proxy-Status` mapping;
+//! - [`secret`]: key files and hex, for the audit log and challenge cookie;
 //! - [`state`]: the runtime snapshot behind one `ArcSwap`;
 //! - [`demo`]: built-in origins for `portcullis demo` and tests.
 
@@ -27,6 +28,7 @@ pub mod observe;
 pub mod pipeline;
 pub mod protect;
 pub mod routing;
+pub mod secret;
 pub mod server;
 pub mod state;
 pub mod upstream;

@@ -44,7 +44,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: &Arc<ConnInfo>, snapshot: 
     let exchange = observe
         .tracks_requests()
         .then(|| Observation::start(observe, snapshot, conn, &req));
-    let (request_id, traceparent) = request_ids(&mut req, conn, snapshot);
+    let (request_id, traceparent) = request_ids(&mut req, conn, snapshot, exchange.is_some());
     let method = req.method().clone();
     let version = req.version();
     let mut trace = Trace {
@@ -86,6 +86,7 @@ fn request_ids(
     req: &mut Request<Incoming>,
     conn: &ConnInfo,
     snapshot: &Snapshot,
+    logged: bool,
 ) -> (Option<HeaderValue>, Option<HeaderValue>) {
     let settings = &snapshot.config.request_id;
     let id = settings.header.as_ref().map(|name| {
@@ -102,6 +103,10 @@ fn request_ids(
             }
         }
     });
+    // Read only when it is created or logged.
+    if !settings.create_traceparent && !logged {
+        return (id, None);
+    }
     let traceparent_name = HeaderName::from_static("traceparent");
     let mut traceparent = req.headers().get(&traceparent_name).cloned();
     if settings.create_traceparent && !traceparent.as_ref().is_some_and(request_id::valid_traceparent) {

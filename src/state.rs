@@ -58,7 +58,7 @@ impl Snapshot {
         }
         let settings = &config.protect.challenge;
         let key = match &settings.key_file {
-            Some(path) => match read_challenge_key(path) {
+            Some(path) => match crate::secret::read_key(path, "challenge key") {
                 Ok(k) => Some(k),
                 Err(message) => {
                     errors.push(crate::config::ConfigError {
@@ -116,19 +116,6 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn read_challenge_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the challenge key: {e}", path.display()))?;
-    let key = bytes.trim_ascii_end().to_vec();
-    if key.len() < 16 {
-        return Err(format!(
-            "{}: challenge key too short ({} bytes; at least 16)",
-            path.display(),
-            key.len()
-        ));
-    }
-    Ok(key)
 }
 
 /// The current snapshot; swapped whole on reload.

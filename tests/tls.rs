@@ -80,6 +80,20 @@ fn served_cert(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> Certifica
         .into_owned()
 }
 
+/// GET `https://site.test{path}` over HTTP/2, which ALPN must choose.
+async fn get_over_h2(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>, path: &str) -> Got {
+    let stream = handshake(addr, config, "site.test").await.expect("tls");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("h2");
+    tokio::spawn(conn);
+    let req = Request::get(format!("https://site.test{path}"))
+        .body(empty())
+        .expect("req");
+    read(sender.send_ready(req).await.expect("send")).await
+}
+
 fn tls_config(origin: std::net::SocketAddr, certs: &[(&Path, &Path)], extra: &str) -> String {
     let list: Vec<String> = certs
         .iter()
@@ -144,21 +158,7 @@ async fn alpn_h2_reaches_an_http1_origin_with_the_https_scheme() {
     let (c, k, _) = leaf(&ca, dir.path(), "site", &["site.test"], false);
     let origin = echo_origin().await;
     let proxy = start_proxy(&tls_config(origin.addr, &[(&c, &k)], "hsts_max_age = \"365d\"")).await;
-    let stream = handshake(proxy.addr, client_config(&ca, &[b"h2", b"http/1.1"]), "site.test")
-        .await
-        .expect("tls");
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .expect("h2");
-    tokio::spawn(conn);
-    let got = read(
-        sender
-            .send_ready(Request::get("https://site.test/x").body(empty()).expect("req"))
-            .await
-            .expect("send"),
-    )
-    .await;
+    let got = get_over_h2(proxy.addr, client_config(&ca, &[b"h2", b"http/1.1"]), "/x").await;
     assert_eq!(got.status, StatusCode::OK);
     let seen = got.echoed();
     assert_eq!(seen.line, "GET /x HTTP/1.1");
@@ -760,20 +760,7 @@ async fn tls_requests_are_logged_and_counted_and_reloads_audited() {
         let _ = stopped.await;
     }));
 
-    let stream = handshake(addr, client_config(&ca, &[b"h2"]), "site.test")
-        .await
-        .expect("tls");
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .expect("h2");
-    tokio::spawn(conn);
-    let got = read(
-        sender
-            .send_ready(Request::get("https://site.test/secure").body(empty()).expect("req"))
-            .await
-            .expect("send"),
-    )
-    .await;
+    let got = get_over_h2(addr, client_config(&ca, &[b"h2"]), "/secure").await;
     assert_eq!(got.status, StatusCode::OK);
     // A failed handshake (the client trusts another CA).
     assert!(

@@ -450,24 +450,30 @@ pub fn redact_query(query: &str, names: &[String]) -> String {
     out
 }
 
-/// A JSON string of arbitrary bytes: quotes, backslashes, control bytes
-/// and every byte outside printable ASCII are escaped, so a record is
+/// Copies `bytes`, escaping `"` and `\` with a backslash and every byte
+/// outside printable ASCII as `prefix` + two hex digits, so a record is
 /// always one valid line whatever a client sent.
-fn json_str(out: &mut Vec<u8>, bytes: &[u8]) {
+fn escape_into(out: &mut Vec<u8>, bytes: &[u8], prefix: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
     for &b in bytes {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
             0x20..=0x7e => out.push(b),
             _ => {
-                out.extend_from_slice(b"\\u00");
+                out.extend_from_slice(prefix);
                 out.push(HEX[(b >> 4) as usize]);
                 out.push(HEX[(b & 15) as usize]);
             }
         }
     }
+}
+
+/// A JSON string of arbitrary bytes (control and non-ASCII bytes as
+/// `\u00XX`).
+fn json_str(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    escape_into(out, bytes, b"\\u00");
     out.push(b'"');
 }
 
@@ -487,19 +493,7 @@ fn json_ms(out: &mut Vec<u8>, d: Duration) {
 /// Apache's escaping for log fields: `"` and `\` escaped, anything not
 /// printable ASCII as `\xhh`.
 fn clf_escape(out: &mut Vec<u8>, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x20..=0x7e => out.push(b),
-            _ => {
-                out.extend_from_slice(b"\\x");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 15) as usize]);
-            }
-        }
-    }
+    escape_into(out, bytes, b"\\x");
 }
 
 #[cfg(test)]

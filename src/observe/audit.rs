@@ -30,6 +30,7 @@ use aws_lc_rs::{digest, hmac};
 use serde::Serialize;
 
 use crate::config::AuditLogConfig;
+use crate::secret::hex;
 
 pub const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -100,16 +101,6 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(digest::digest(&digest::SHA256, bytes).as_ref())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 15) as usize] as char);
-    }
-    out
-}
-
 fn mac_hex(key: &hmac::Key, message: &str) -> String {
     hex(hmac::sign(key, message.as_bytes()).as_ref())
 }
@@ -117,16 +108,8 @@ fn mac_hex(key: &hmac::Key, message: &str) -> String {
 /// Reads an HMAC key file: at least 16 bytes once trailing whitespace is
 /// trimmed.
 pub fn read_key(path: &Path) -> Result<hmac::Key, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read HMAC key: {e}", path.display()))?;
-    let trimmed = bytes.trim_ascii_end();
-    if trimmed.len() < 16 {
-        return Err(format!(
-            "{}: HMAC key too short ({} bytes; at least 16)",
-            path.display(),
-            trimmed.len()
-        ));
-    }
-    Ok(hmac::Key::new(hmac::HMAC_SHA256, trimmed))
+    let key = crate::secret::read_key(path, "HMAC key")?;
+    Ok(hmac::Key::new(hmac::HMAC_SHA256, &key))
 }
 
 /// Builds the line of a record (without the newline) and its hash.

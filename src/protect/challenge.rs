@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use aws_lc_rs::hmac;
 
+use crate::secret::hex;
+
 /// Why a cookie was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CookieError {
@@ -78,15 +80,6 @@ fn mac(key: &hmac::Key, issued: u64, ip: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
     out.copy_from_slice(&tag.as_ref()[..16]);
     out
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .flat_map(|b| [HEX[(b >> 4) as usize] as char, HEX[(b & 15) as usize] as char])
-        .collect()
 }
 
 fn unhex(text: &str) -> Option<[u8; 16]> {
