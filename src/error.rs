@@ -63,6 +63,11 @@ pub enum ProxyError {
     NoHealthyServer,
     #[error("upstream group or server at its request limit")]
     ConnectionLimit,
+    #[error("upstream group at its adaptive concurrency limit (load shed)")]
+    Overloaded {
+        /// Seconds after which to try again (for `Retry-After`).
+        retry_after: u32,
+    },
 
     // Internal.
     #[error("proxy internal error")]
@@ -98,6 +103,7 @@ impl ProxyError {
             TlsProtocol => (StatusCode::BAD_GATEWAY, Some("tls_protocol_error")),
             NoHealthyServer => (StatusCode::SERVICE_UNAVAILABLE, Some("destination_unavailable")),
             ConnectionLimit => (StatusCode::SERVICE_UNAVAILABLE, Some("connection_limit_reached")),
+            Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some("connection_limit_reached")),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, Some("proxy_internal_error")),
         }
     }
@@ -127,7 +133,7 @@ impl ProxyError {
             // cannot carry another request.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let ProxyError::RateLimited { retry_after } = self {
+        if let ProxyError::RateLimited { retry_after } | ProxyError::Overloaded { retry_after } = self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         if matches!(self, ProxyError::MethodNotAllowed) {

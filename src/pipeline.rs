@@ -189,6 +189,8 @@ async fn forward(
         }
     }
 
+    crate::protect::check_load(&req, conn, snapshot, route.upstream, route_index, &mut trace.protection)?;
+
     let upstream = &snapshot.upstreams[route.upstream];
     let upgrade = kind != Exchange::Plain;
     if upgrade && upstream.config.protocol == UpstreamProtocol::H2 {
@@ -339,12 +341,18 @@ async fn forward(
                 if let Some((servers, _)) = server_metrics {
                     servers[index].response.observe(latency.as_secs_f64());
                 }
+                if let Some(Some(shedder)) = snapshot.shedders.get(route.upstream) {
+                    shedder.sample(latency, upstream.in_flight());
+                }
                 trace.upstream_header = Some(latency);
                 break (response, lease, guard, index);
             }
             Err(_) => {
                 // The origin may be working on it: never retried.
                 upstream.record(index, Outcome::Failed);
+                if let Some(Some(shedder)) = snapshot.shedders.get(route.upstream) {
+                    shedder.timed_out();
+                }
                 if let Some((servers, _)) = server_metrics {
                     servers[index].failures.inc();
                 }

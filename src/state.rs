@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicU64;
 
 use crate::config::{Config, ConfigErrors};
 use crate::observe::{Observe, Observed};
-use crate::protect::{Adaptive, Challenge, RouteLimiter};
+use crate::protect::{Adaptive, Bans, Challenge, RouteLimiter, Shedder};
 use crate::routing::Router;
 use crate::upstream::Upstream;
 
@@ -42,6 +42,12 @@ pub struct Snapshot {
     /// Spike detection and attack mode, when `[protect.adaptive]` is on
     /// (the same FIXME as `challenge` applies to reloads).
     pub adaptive: Option<Adaptive>,
+    /// Each upstream group's load shedding, when `[protect.load_shedding]`
+    /// is on (same order as `upstreams`).
+    pub shedders: Vec<Option<Shedder>>,
+    /// Temporary bans, when `[protect.bans]` is on (the same FIXME as
+    /// `challenge` applies to reloads: bans must be carried over).
+    pub bans: Option<Arc<Bans>>,
 }
 
 impl Snapshot {
@@ -96,7 +102,18 @@ impl Snapshot {
             .map(|r| r.rate_limit.as_ref().map(RouteLimiter::new))
             .collect();
         let adaptive = config.protect.adaptive.as_ref().map(Adaptive::new);
+        let shedders = upstreams
+            .iter()
+            .map(|_| config.protect.load_shedding.as_ref().map(Shedder::new))
+            .collect();
+        let bans = config
+            .protect
+            .bans
+            .as_ref()
+            .map(|b| Arc::new(Bans::new(b, &config.server.trusted_proxies)));
         Ok(Snapshot {
+            shedders,
+            bans,
             route_limits,
             challenge,
             adaptive,

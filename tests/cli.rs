@@ -61,6 +61,26 @@ const CASES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "protection ladder sections",
+        "[protect]\nh2_max_resets_per_second = 0\nh2_max_concurrent_streams = 200000\nevict_idle_after = \"soon\"\n[protect.load_shedding]\nmode = \"on\"\nmin_limit = 50\nmax_limit = 10\ntolerance = 0.5\nreserve = 1.5\nretry_after = \"0s\"\n[protect.bans]\nstrikes = 0\nwindow = \"0s\"\nmax_tracked = 5\n[protect.adaptive]\nsuspect_burst = 3\n[[listeners]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\ndeny = [\"nope\"]\n",
+        &[
+            "listeners[0].deny[0]: invalid IP address or CIDR \"nope\"",
+            "listeners[0].proxy_protocol: needs server.trusted_proxies: the load balancers allowed to send the header",
+            "protect.adaptive.suspect_burst: needs suspect_rate",
+            "protect.bans.max_tracked: must be between 100 and 10000000, found 5",
+            "protect.bans.strikes: must be between 1 and 1000000, found 0",
+            "protect.bans.window: must be between 1s and 7d",
+            "protect.evict_idle_after: invalid duration \"soon\": expected a number then a unit, like \"5s\"",
+            "protect.h2_max_concurrent_streams: must be between 1 and 100000, found 200000",
+            "protect.h2_max_resets_per_second: must be between 1 and 1000000, found 0",
+            "protect.load_shedding.min_limit: must not exceed max_limit (50 > 10)",
+            "protect.load_shedding.mode: unknown value \"on\", expected one of \"off\", \"shadow\", \"enforce\"",
+            "protect.load_shedding.reserve: must be a number from 0 to 0.9",
+            "protect.load_shedding.retry_after: must be between 1s and 1h",
+            "protect.load_shedding.tolerance: must be a number from 1 to 100",
+        ],
+    ),
+    (
         "observability sections",
         "[access_log]\nformat = \"xml\"\nfields = [\"time\", \"bogus\"]\nbuffer_records = 0\nredact_headers = [\"bad header\"]\ndestination = \"\"\n[request_id]\ntraceparent = \"make\"\nheader = \"x id\"\n[audit_log]\ncheckpoint_every = 0\n[metrics]\nlisten = \"nowhere\"\npath = \"metrics\"\n[[routes]]\nupstream = \"app\"\nlog_sample = 0\n",
         &[

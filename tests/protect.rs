@@ -3,28 +3,11 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use http::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use support::*;
-use tokio::net::TcpSocket;
-
-/// An HTTP/1.1 connection from source address `127.0.0.<last>`, or the
-/// error if the proxy closes it before answering.
-async fn h1_from(
-    last: u8,
-    addr: SocketAddr,
-) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
-    h1_from_block(0, last, addr).await
-}
-
-/// GET `/` on a connection from `127.0.0.<last>`: the status, or `None`
-/// when the proxy closed the connection without an answer.
-async fn get_from(last: u8, addr: SocketAddr) -> Option<StatusCode> {
-    get_from_block(0, last, addr).await
-}
 
 fn config(origin: SocketAddr, extra: &str) -> String {
     format!(
@@ -45,17 +28,6 @@ servers = ["{origin}"]
 listen = "127.0.0.1:0"
 "#
     )
-}
-
-/// The metrics text (no waiting: counters at accept move before the
-/// connection is closed).
-async fn metrics(proxy: &TestProxy) -> String {
-    let mut m = h1(proxy.metrics_addr.expect("metrics")).await;
-    let req = Request::get("/metrics")
-        .header("host", "m")
-        .body(empty())
-        .expect("request");
-    read(m.send_ready(req).await.expect("scrape")).await.text()
 }
 
 #[tokio::test]
@@ -364,23 +336,6 @@ fn flood_from_eight(
         .collect()
 }
 
-async fn h1_from_block(
-    third: u8,
-    last: u8,
-    addr: SocketAddr,
-) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::new(IpAddr::from([127, 0, third, last]), 0))
-        .expect("bind source address");
-    let stream = socket.connect(addr).await.expect("connect");
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
 fn adaptive_config(origin: SocketAddr, mode: &str, audit: &std::path::Path) -> String {
     format!(
         "{}\n[protect.adaptive]\nmode = \"{mode}\"\nwindow = \"200ms\"\nmin_rate = 20\nenter_after = 2\nleave_after = 2\n[audit_log]\npath = {:?}\n",
@@ -477,12 +432,6 @@ async fn attack_mode_refuses_the_flooding_sources_and_challenges_only_while_on()
         "{changes:?}"
     );
     assert_eq!(changes[1]["state"], "left");
-}
-
-async fn get_from_block(third: u8, last: u8, addr: SocketAddr) -> Option<StatusCode> {
-    let mut c = h1_from_block(third, last, addr).await.ok()?;
-    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
-    Some(read(c.send_ready(req).await.ok()?).await.status)
 }
 
 #[tokio::test]

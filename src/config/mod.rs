@@ -30,8 +30,8 @@ pub use observe::{
 };
 pub use parse::parse;
 pub use protect::{
-    AdaptiveConfig, AdaptiveMode, ChallengeConfig, ChallengeWhen, IpFilter, ProtectConfig, Rate, RateKey,
-    RateLimitConfig, parse_rate,
+    AdaptiveConfig, BanConfig, ChallengeConfig, ChallengeWhen, IpFilter, LoadSheddingConfig, ProtectConfig,
+    ProtectMode, Rate, RateKey, RateLimitConfig, parse_rate,
 };
 pub use reader::{ConfigError, ConfigErrors};
 
@@ -111,6 +111,11 @@ pub struct ListenerConfig {
     /// Cleartext listener that answers every request with a 308 to
     /// `https://` on this port.
     pub redirect_https_port: Option<u16>,
+    /// Checked at accept, before the `[protect]` lists.
+    pub ip_filter: IpFilter,
+    /// Connections start with a PROXY protocol v1 or v2 header naming the
+    /// real client; accepted only from `server.trusted_proxies`.
+    pub proxy_protocol: bool,
 }
 
 /// `[listeners.tls]`.

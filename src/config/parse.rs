@@ -68,6 +68,14 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
     let metrics = observe::read_metrics(top.table("metrics"));
     let protect = protect::read_protect(top.table("protect"));
     top.finish();
+    for (i, listener) in listeners.iter().enumerate() {
+        if listener.proxy_protocol && server.trusted_proxies.is_empty() {
+            errors.push(
+                format!("listeners[{i}].proxy_protocol"),
+                "needs server.trusted_proxies: the load balancers allowed to send the header",
+            );
+        }
+    }
 
     errors.into_result(Config {
         server,
@@ -321,6 +329,8 @@ fn read_listeners(top: &Table<'_>, errors: &Errors) -> Vec<ListenerConfig> {
                 "a TLS listener chooses HTTP/2 or HTTP/1.1 by ALPN: leave protocol out",
             );
         }
+        let ip_filter = protect::read_ip_filter(&t);
+        let proxy_protocol = t.bool("proxy_protocol").unwrap_or(false);
         t.finish();
         listeners.push(ListenerConfig {
             name,
@@ -328,6 +338,8 @@ fn read_listeners(top: &Table<'_>, errors: &Errors) -> Vec<ListenerConfig> {
             protocol,
             tls,
             redirect_https_port,
+            ip_filter,
+            proxy_protocol,
         });
     }
     listeners

@@ -90,6 +90,9 @@ impl IpFilter {
 pub struct ProtectConfig {
     /// Client connections open at once, all listeners together.
     pub max_connections: Option<usize>,
+    /// At `max_connections`, a new connection evicts one quiet (no request
+    /// in flight) for at least this long; `None`: never evict.
+    pub evict_idle_after: Option<Duration>,
     /// Client connections open at once from one IP address.
     pub max_connections_per_ip: Option<u32>,
     /// New connections per IP address.
@@ -107,11 +110,76 @@ pub struct ProtectConfig {
     /// Requests one client connection may carry, then it is closed
     /// (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY); `None` = unlimited.
     pub max_requests_per_connection: Option<u64>,
+    /// Origin load shedding (`[protect.load_shedding]`); `None` = off.
+    pub load_shedding: Option<LoadSheddingConfig>,
+    /// Temporary bans (`[protect.bans]`); `None` = off.
+    pub bans: Option<BanConfig>,
+    /// HTTP/2 streams a client connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may cancel (RST_STREAM) per second on one
+    /// connection before it is closed (Rapid Reset, CVE-2023-44487).
+    pub h2_max_resets_per_second: u32,
+}
+
+/// `[protect.load_shedding]`: an adaptive concurrency limit per upstream
+/// group (protect/shedding.rs).
+#[derive(Debug, Clone)]
+pub struct LoadSheddingConfig {
+    pub mode: ProtectMode,
+    pub initial_limit: u32,
+    pub min_limit: u32,
+    pub max_limit: u32,
+    /// Latency, as a multiple of the no-load baseline, the origin may
+    /// reach before the limit shrinks.
+    pub tolerance: f64,
+    /// Share of the limit kept for trusted clients (seen before the
+    /// spike, or with a valid challenge cookie).
+    pub reserve: f64,
+    pub retry_after: Duration,
+}
+
+impl Default for LoadSheddingConfig {
+    fn default() -> Self {
+        LoadSheddingConfig {
+            mode: ProtectMode::Enforce,
+            initial_limit: 100,
+            min_limit: 10,
+            max_limit: 1000,
+            tolerance: 2.0,
+            reserve: 0.25,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[protect.bans]`: a client that collects `strikes` (challenges it did
+/// not pass, requests refused by a rate limit or as an attack source)
+/// within `window` is banned for `duration`.
+#[derive(Debug, Clone)]
+pub struct BanConfig {
+    pub mode: ProtectMode,
+    pub strikes: u32,
+    pub window: Duration,
+    pub duration: Duration,
+    /// Clients tracked at once (strike counters and bans together).
+    pub max_tracked: usize,
+}
+
+impl Default for BanConfig {
+    fn default() -> Self {
+        BanConfig {
+            mode: ProtectMode::Enforce,
+            strikes: 100,
+            window: Duration::from_secs(60),
+            duration: Duration::from_secs(600),
+            max_tracked: 100_000,
+        }
+    }
 }
 
 /// What attack mode does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdaptiveMode {
+pub enum ProtectMode {
     /// Detect, log, audit and count what would be done; change nothing.
     Shadow,
     /// Detect and act: refuse the heaviest sources of a few-source attack,
@@ -122,13 +190,16 @@ pub enum AdaptiveMode {
 /// `[protect.adaptive]`.
 #[derive(Debug, Clone)]
 pub struct AdaptiveConfig {
-    pub mode: AdaptiveMode,
+    pub mode: ProtectMode,
     pub window: Duration,
     pub spike_factor: f64,
     /// Requests per second below which nothing is a spike.
     pub min_rate: f64,
     pub enter_after: u32,
     pub leave_after: u32,
+    /// The rate each heavy source of a few-source attack is held to while
+    /// attack mode is on (ladder step 1: tighten, per offending key).
+    pub suspect_rate: Rate,
 }
 
 /// When a route challenges clients.
@@ -144,21 +215,19 @@ pub enum ChallengeWhen {
 fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
     let t = table?;
     let mut config = AdaptiveConfig {
-        mode: AdaptiveMode::Shadow,
+        mode: ProtectMode::Shadow,
         window: Duration::from_secs(5),
         spike_factor: 3.0,
         min_rate: 50.0,
         enter_after: 2,
         leave_after: 6,
+        suspect_rate: Rate {
+            count: 1,
+            period: Duration::from_secs(1),
+            burst: 1,
+        },
     };
-    let mode = t.choice(
-        "mode",
-        &[
-            ("off", None),
-            ("shadow", Some(AdaptiveMode::Shadow)),
-            ("enforce", Some(AdaptiveMode::Enforce)),
-        ],
-    );
+    let mode = read_mode(&t, ProtectMode::Shadow);
     if let Some(w) = t.duration("window") {
         if w < Duration::from_millis(100) || w > Duration::from_secs(300) {
             t.error("window", "must be between 100ms and 5m");
@@ -166,12 +235,7 @@ fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
             config.window = w;
         }
     }
-    if let Some(v) = t.get("spike_factor") {
-        match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
-            Some(f) if (1.0..=1000.0).contains(&f) => config.spike_factor = f,
-            _ => t.error("spike_factor", "must be a number from 1 to 1000"),
-        }
-    }
+    read_number(&t, "spike_factor", 1.0, 1000.0, &mut config.spike_factor);
     if let Some(n) = t.uint("min_rate") {
         config.min_rate = n as f64;
     }
@@ -187,12 +251,13 @@ fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
             }
         }
     }
-    t.finish();
-    match mode {
-        Some(None) => None,
-        Some(Some(m)) => Some(AdaptiveConfig { mode: m, ..config }),
-        None => Some(config),
+    if let Some(rate) = read_rate(&t, "suspect_rate", "suspect_burst") {
+        config.suspect_rate = rate;
+    } else if t.get("suspect_burst").is_some() && t.get("suspect_rate").is_none() {
+        t.error("suspect_burst", "needs suspect_rate");
     }
+    t.finish();
+    Some(AdaptiveConfig { mode: mode?, ..config })
 }
 
 /// `challenge = true | false | "attack"` of a route.
@@ -320,6 +385,7 @@ impl Default for ProtectConfig {
     fn default() -> Self {
         ProtectConfig {
             max_connections: None,
+            evict_idle_after: Some(Duration::from_secs(1)),
             max_connections_per_ip: None,
             new_connections_per_ip: None,
             ip_filter: IpFilter::default(),
@@ -328,6 +394,10 @@ impl Default for ProtectConfig {
             challenge: ChallengeConfig::default(),
             adaptive: None,
             max_requests_per_connection: None,
+            load_shedding: None,
+            bans: None,
+            h2_max_concurrent_streams: 256,
+            h2_max_resets_per_second: 100,
         }
     }
 }
@@ -352,6 +422,15 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
             config.max_connections_per_ip = Some(n as u32);
         }
     }
+    match t.get("evict_idle_after") {
+        Some(toml::Value::String(s)) if s == "off" => config.evict_idle_after = None,
+        Some(_) => {
+            if let Some(d) = t.duration("evict_idle_after") {
+                config.evict_idle_after = Some(d);
+            }
+        }
+        None => {}
+    }
     config.new_connections_per_ip = read_rate(&t, "new_connections_per_ip", "new_connections_burst");
     if config.new_connections_per_ip.is_none() && t.get("new_connections_burst").is_some() {
         t.error("new_connections_burst", "needs new_connections_per_ip");
@@ -375,8 +454,121 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
             config.max_requests_per_connection = Some(n);
         }
     }
+    for (key, slot, max) in [
+        (
+            "h2_max_concurrent_streams",
+            &mut config.h2_max_concurrent_streams,
+            100_000,
+        ),
+        (
+            "h2_max_resets_per_second",
+            &mut config.h2_max_resets_per_second,
+            1_000_000,
+        ),
+    ] {
+        if let Some(n) = t.uint(key) {
+            if n == 0 || n > max {
+                t.error(key, format!("must be between 1 and {max}, found {n}"));
+            } else {
+                *slot = n as u32;
+            }
+        }
+    }
+    config.load_shedding = read_load_shedding(t.table("load_shedding"));
+    config.bans = read_bans(t.table("bans"));
     t.finish();
     config
+}
+
+/// `mode = "off" | "shadow" | "enforce"` of a ladder step: `None` = off.
+fn read_mode(t: &Table<'_>, default: ProtectMode) -> Option<ProtectMode> {
+    t.choice(
+        "mode",
+        &[
+            ("off", None),
+            ("shadow", Some(ProtectMode::Shadow)),
+            ("enforce", Some(ProtectMode::Enforce)),
+        ],
+    )
+    .unwrap_or(Some(default))
+}
+
+/// A count between `min` and `max`, or an error naming the key.
+fn read_count(t: &Table<'_>, key: &'static str, min: u64, max: u64, slot: &mut u32) {
+    if let Some(n) = t.uint(key) {
+        if (min..=max).contains(&n) {
+            *slot = n as u32;
+        } else {
+            t.error(key, format!("must be between {min} and {max}, found {n}"));
+        }
+    }
+}
+
+/// A number (integer or float) between `min` and `max`.
+fn read_number(t: &Table<'_>, key: &'static str, min: f64, max: f64, slot: &mut f64) {
+    if let Some(v) = t.get(key) {
+        match v.as_float().or_else(|| v.as_integer().map(|i| i as f64)) {
+            Some(f) if (min..=max).contains(&f) => *slot = f,
+            _ => t.error(key, format!("must be a number from {min} to {max}")),
+        }
+    }
+}
+
+fn read_load_shedding(table: Option<Table<'_>>) -> Option<LoadSheddingConfig> {
+    let t = table?;
+    let mut c = LoadSheddingConfig::default();
+    let mode = read_mode(&t, c.mode);
+    read_count(&t, "min_limit", 1, 1_000_000, &mut c.min_limit);
+    read_count(&t, "max_limit", 1, 1_000_000, &mut c.max_limit);
+    let initial_given = t.get("initial_limit").is_some();
+    read_count(&t, "initial_limit", 1, 1_000_000, &mut c.initial_limit);
+    if c.min_limit > c.max_limit {
+        t.error(
+            "min_limit",
+            format!("must not exceed max_limit ({} > {})", c.min_limit, c.max_limit),
+        );
+    }
+    if !initial_given {
+        c.initial_limit = c.initial_limit.clamp(c.min_limit, c.max_limit.max(c.min_limit));
+    } else if c.initial_limit < c.min_limit || c.initial_limit > c.max_limit {
+        t.error("initial_limit", "must be between min_limit and max_limit");
+    }
+    read_number(&t, "tolerance", 1.0, 100.0, &mut c.tolerance);
+    read_number(&t, "reserve", 0.0, 0.9, &mut c.reserve);
+    if let Some(d) = t.duration("retry_after") {
+        if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+            t.error("retry_after", "must be between 1s and 1h");
+        } else {
+            c.retry_after = d;
+        }
+    }
+    t.finish();
+    Some(LoadSheddingConfig { mode: mode?, ..c })
+}
+
+fn read_bans(table: Option<Table<'_>>) -> Option<BanConfig> {
+    let t = table?;
+    let mut c = BanConfig::default();
+    let mode = read_mode(&t, c.mode);
+    read_count(&t, "strikes", 1, 1_000_000, &mut c.strikes);
+    for (key, slot) in [("window", &mut c.window), ("duration", &mut c.duration)] {
+        if let Some(d) = t.duration(key) {
+            if d < Duration::from_secs(1) || d > Duration::from_secs(7 * 24 * 3600) {
+                t.error(key, "must be between 1s and 7d");
+            } else {
+                *slot = d;
+            }
+        }
+    }
+    if let Some(n) = t.uint("max_tracked") {
+        if (100..=10_000_000).contains(&n) {
+            c.max_tracked = n as usize;
+        } else {
+            t.error("max_tracked", format!("must be between 100 and 10000000, found {n}"));
+        }
+    }
+    t.finish();
+    Some(BanConfig { mode: mode?, ..c })
 }
 
 pub fn read_rate_limit(table: Option<Table<'_>>) -> Option<RateLimitConfig> {

@@ -85,6 +85,14 @@ pub enum Event {
         mode: String,
         reasons: Vec<String>,
     },
+    /// A client banned for a while (or, in shadow mode, that would be).
+    #[serde(rename = "protection.ban")]
+    Ban {
+        client: String,
+        mode: String,
+        reason: String,
+        seconds: u64,
+    },
     /// An HMAC-SHA256 over `"<seq>:<prev>"` of this record.
     #[serde(rename = "checkpoint")]
     Checkpoint { mac: String },

@@ -126,6 +126,9 @@ pub struct Metrics {
     pub audit_records: Counter,
     /// 1 while attack mode is on.
     pub attack_mode: Gauge,
+    pub bans_total: Counter,
+    bans_active: Gauge,
+    concurrency_limit: Family<UpstreamLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -247,6 +250,20 @@ impl Metrics {
             "1 while the spike detector holds attack mode on",
             attack_mode.clone(),
         );
+        let bans_total = Counter::default();
+        registry.register(
+            "bans",
+            "Clients banned (or, in shadow mode, that would be)",
+            bans_total.clone(),
+        );
+        let bans_active = Gauge::default();
+        registry.register("bans_active", "Bans in force", bans_active.clone());
+        let concurrency_limit = Family::<UpstreamLabels, Gauge>::default();
+        registry.register(
+            "upstream_concurrency_limit",
+            "The adaptive concurrency limit of each upstream group (load shedding)",
+            concurrency_limit.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -274,6 +291,9 @@ impl Metrics {
             access_log_dropped,
             audit_records,
             attack_mode,
+            bans_total,
+            bans_active,
+            concurrency_limit,
         }
     }
 
@@ -346,6 +366,19 @@ impl Metrics {
                 let up = server.health.status(now) == crate::upstream::health::ServerStatus::Healthy;
                 self.upstream_up.get_or_create(&labels).set(i64::from(up));
             }
+        }
+        for (upstream, shedder) in snapshot.upstreams.iter().zip(&snapshot.shedders) {
+            if let Some(shedder) = shedder {
+                let labels = UpstreamLabels {
+                    upstream: upstream.config.name.clone(),
+                };
+                self.concurrency_limit
+                    .get_or_create(&labels)
+                    .set(i64::from(shedder.limit()));
+            }
+        }
+        if let Some(bans) = &snapshot.bans {
+            self.bans_active.set(bans.list(now).len() as i64);
         }
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {

@@ -1,8 +1,8 @@
 //! Attack mode: the spike detector ([`super::detect`]) fed by every
 //! request, ticked once per window, and what attack mode does.
 //!
-//! In `enforce` mode, while under attack: requests from the heaviest
-//! sources of a few-source attack are refused (429), and routes with
+//! In `enforce` mode, while under attack: the heaviest sources of a
+//! few-source attack are held to `suspect_rate` (429 beyond it), and routes with
 //! `challenge = "attack"` challenge clients without a valid cookie. In
 //! `shadow` mode the same decisions are only counted and logged.
 
@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use http::HeaderMap;
 
 use super::detect::{Detector, Kind, Sample, Settings, Transition, Verdict};
-use super::rate::key_hash;
+use super::rate::{Limiter, key_hash};
 use crate::config::AdaptiveConfig;
 
 /// The detector and attack mode of a running proxy.
@@ -27,6 +27,8 @@ pub struct Adaptive {
     suspects: ArcSwap<Vec<u64>>,
     /// Follows attack mode, for whoever waits on a change (admin API, tests).
     mode: tokio::sync::watch::Sender<bool>,
+    /// The tightened rate of each suspect (ladder step 1).
+    suspect_limiter: Limiter,
 }
 
 /// What the admin API and tests can read.
@@ -52,7 +54,25 @@ impl Adaptive {
             attack: AtomicBool::new(false),
             suspects: ArcSwap::from_pointee(Vec::new()),
             mode: tokio::sync::watch::Sender::new(false),
+            suspect_limiter: Limiter::new(config.suspect_rate),
         }
+    }
+
+    /// Spends one request of a suspect's tightened allowance; the wait
+    /// until the next one when it is spent.
+    pub fn check_suspect(&self, client: u64) -> Result<(), std::time::Duration> {
+        self.suspect_limiter.check(client)
+    }
+
+    /// Whether `client` was seen in a calm window before now (a returning
+    /// client, trusted by load shedding).
+    pub fn is_returning(&self, client: u64) -> bool {
+        self.detector.lock().is_ok_and(|d| d.is_returning(client))
+    }
+
+    /// Forgets idle suspect keys.
+    pub fn housekeeping(&self) {
+        self.suspect_limiter.housekeeping();
     }
 
     pub fn observe(&self, sample: Sample) {

@@ -5,11 +5,22 @@
 //! the global cap, the per-IP cap. A refused connection is closed at once
 //! and counted by reason. An admitted one holds a [`ConnSlot`] until it
 //! closes, which gives its place back.
+//!
+//! When the global cap is reached, a new connection first tries to evict
+//! one that is doing nothing: no request in flight and quiet for at least
+//! `evict_idle_after` (an idle keep-alive connection, or a slowloris that
+//! never finishes its request head). Of 16 connections sampled at random
+//! the one quiet longest goes (the approximated LRU of Redis), so the cost
+//! per accept stays constant however many are open; a connection with a
+//! request in flight is never evicted. Only when none qualifies is the new
+//! connection refused. So a table filled by idle or slow connections still
+//! lets new clients in.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::rate::{Limiter, key_hash};
 use crate::config::{IpFilter, ProtectConfig};
@@ -34,6 +45,46 @@ impl Refusal {
     }
 }
 
+/// What eviction knows of one open connection; the connection marks
+/// itself busy and quiet, and waits on [`Activity::evicted`].
+pub struct Activity {
+    /// Milliseconds on the table's clock since the connection went quiet
+    /// (opened, or finished its last response); `BUSY` while a request is
+    /// in flight.
+    quiet_since: AtomicU64,
+    /// Set once chosen, so two accepts never pick the same one.
+    evicting: AtomicBool,
+    evict: tokio::sync::Notify,
+    /// Position in the registry, kept by the registry's lock.
+    index: AtomicUsize,
+    clock: Instant,
+}
+
+const BUSY: u64 = u64::MAX;
+/// Connections looked at per eviction.
+const EVICTION_SAMPLE: usize = 16;
+
+impl Activity {
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// A request arrived.
+    pub fn busy(&self) {
+        self.quiet_since.store(BUSY, Ordering::Relaxed);
+    }
+
+    /// The last request in flight finished.
+    pub fn quiet(&self) {
+        self.quiet_since.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Resolves when the table evicts this connection.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
+}
+
 /// Open connections, process-wide (all listeners).
 pub struct ConnTable {
     filter: IpFilter,
@@ -44,6 +95,14 @@ pub struct ConnTable {
     /// Open connections per IP; only IPs with one open are kept, so the map
     /// is bounded by the number of open connections.
     per_ip: Mutex<HashMap<IpAddr, u32>>,
+    /// How long a connection must have been quiet to be evicted; `None`:
+    /// no eviction (no global cap, or turned off).
+    evict_after: Option<Duration>,
+    /// Every open connection's activity, when eviction is on.
+    registry: Mutex<Vec<Arc<Activity>>>,
+    clock: Instant,
+    /// Sampling state (xorshift), under the registry lock.
+    seed: AtomicU64,
 }
 
 impl std::fmt::Debug for ConnTable {
@@ -61,7 +120,76 @@ impl ConnTable {
             new_connections: config.new_connections_per_ip.map(Limiter::new),
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            evict_after: config.max_connections.and(config.evict_idle_after),
+            registry: Mutex::new(Vec::new()),
+            clock: Instant::now(),
+            seed: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         })
+    }
+
+    /// Picks the connection quiet longest among a random sample, if one has
+    /// been quiet for `evict_after`, and tells it to close.
+    fn evict_one(&self) -> bool {
+        let Some(after) = self.evict_after else { return false };
+        let Ok(registry) = self.registry.lock() else {
+            return false;
+        };
+        if registry.is_empty() {
+            return false;
+        }
+        let now = self.clock.elapsed().as_millis() as u64;
+        let after = after.as_millis() as u64;
+        let mut x = self.seed.load(Ordering::Relaxed);
+        let mut best: Option<(&Arc<Activity>, u64)> = None;
+        for _ in 0..EVICTION_SAMPLE.min(registry.len() * 2) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let candidate = &registry[(x % registry.len() as u64) as usize];
+            let since = candidate.quiet_since.load(Ordering::Relaxed);
+            if since == BUSY || candidate.evicting.load(Ordering::Relaxed) || now.saturating_sub(since) < after {
+                continue;
+            }
+            if best.is_none_or(|(_, s)| since < s) {
+                best = Some((candidate, since));
+            }
+        }
+        self.seed.store(x, Ordering::Relaxed);
+        match best {
+            Some((victim, _)) => {
+                victim.evicting.store(true, Ordering::Relaxed);
+                // notify_one keeps the permit if the connection is not
+                // waiting yet: it sees it on its first poll.
+                victim.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn register(&self) -> Option<Arc<Activity>> {
+        self.evict_after?;
+        let mut registry = self.registry.lock().ok()?;
+        let activity = Arc::new(Activity {
+            quiet_since: AtomicU64::new(self.clock.elapsed().as_millis() as u64),
+            evicting: AtomicBool::new(false),
+            evict: tokio::sync::Notify::new(),
+            index: AtomicUsize::new(registry.len()),
+            clock: self.clock,
+        });
+        registry.push(activity.clone());
+        Some(activity)
+    }
+
+    fn unregister(&self, activity: &Arc<Activity>) {
+        let Ok(mut registry) = self.registry.lock() else { return };
+        let index = activity.index.load(Ordering::Relaxed);
+        if registry.get(index).is_some_and(|a| Arc::ptr_eq(a, activity)) {
+            registry.swap_remove(index);
+            if let Some(moved) = registry.get(index) {
+                moved.index.store(index, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Admits a connection from `ip`, or says why not.
@@ -80,7 +208,9 @@ impl ConnTable {
             }
         }
         let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.max_total.is_some_and(|max| total > max) {
+        // Over the cap, a quiet connection makes room (the count stays one
+        // over until it has closed).
+        if self.max_total.is_some_and(|max| total > max) && !self.evict_one() {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::MaxConnections);
         }
@@ -100,6 +230,7 @@ impl ConnTable {
         Ok(ConnSlot {
             table: self.clone(),
             ip,
+            activity: self.register(),
         })
     }
 
@@ -120,10 +251,21 @@ impl ConnTable {
 pub struct ConnSlot {
     table: Arc<ConnTable>,
     ip: IpAddr,
+    activity: Option<Arc<Activity>>,
+}
+
+impl ConnSlot {
+    /// What the connection reports for eviction (when it is on).
+    pub fn activity(&self) -> Option<Arc<Activity>> {
+        self.activity.clone()
+    }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
+        if let Some(activity) = &self.activity {
+            self.table.unregister(activity);
+        }
         self.table.total.fetch_sub(1, Ordering::AcqRel);
         if self.table.max_per_ip.is_some() {
             if let Ok(mut map) = self.table.per_ip.lock() {
@@ -185,6 +327,62 @@ mod tests {
         }
         assert!(t.per_ip.lock().expect("lock").is_empty());
         assert_eq!(t.open(), 0);
+    }
+
+    fn evicting(total: usize) -> Arc<ConnTable> {
+        ConnTable::new(&ProtectConfig {
+            max_connections: Some(total),
+            evict_idle_after: Some(Duration::ZERO),
+            ..ProtectConfig::default()
+        })
+    }
+
+    #[test]
+    fn a_full_table_evicts_a_quiet_connection_never_a_busy_one() {
+        let t = evicting(2);
+        let busy = t.admit(ip(2)).expect("1");
+        busy.activity().expect("registered").busy();
+        let quiet = t.admit(ip(3)).expect("2");
+        let new = t.admit(ip(4)).expect("room made by eviction");
+        new.activity().expect("registered").busy();
+        let victim = quiet.activity().expect("registered");
+        assert!(victim.evicting.load(Ordering::Relaxed), "the quiet one was told to go");
+        assert!(!busy.activity().expect("registered").evicting.load(Ordering::Relaxed));
+        assert_eq!(t.open(), 3, "one over until the evicted connection closes");
+        // Nothing else is quiet and not already leaving: refused.
+        assert_eq!(t.admit(ip(5)).err(), Some(Refusal::MaxConnections));
+        drop(quiet);
+        assert_eq!(t.open(), 2);
+        assert_eq!(
+            t.registry.lock().expect("lock").len(),
+            2,
+            "the registry forgets closed ones"
+        );
+    }
+
+    #[test]
+    fn connections_quiet_for_less_than_the_threshold_stay() {
+        let t = ConnTable::new(&ProtectConfig {
+            max_connections: Some(1),
+            evict_idle_after: Some(Duration::from_secs(3600)),
+            ..ProtectConfig::default()
+        });
+        let _a = t.admit(ip(2)).expect("1");
+        assert_eq!(t.admit(ip(3)).err(), Some(Refusal::MaxConnections));
+    }
+
+    #[test]
+    fn the_registry_stays_consistent_through_swap_removes() {
+        let t = evicting(1000);
+        let mut slots: Vec<_> = (0..100u8).map(|i| t.admit(ip(i)).expect("admit")).collect();
+        for i in (0..100).step_by(3).rev() {
+            slots.remove(i);
+        }
+        let registry = t.registry.lock().expect("lock");
+        assert_eq!(registry.len(), slots.len());
+        for (i, a) in registry.iter().enumerate() {
+            assert_eq!(a.index.load(Ordering::Relaxed), i);
+        }
     }
 
     #[test]

@@ -370,6 +370,12 @@ impl Detector {
         self.attack
     }
 
+    /// Whether `client` was seen in a calm window of the last one or two
+    /// periods (not counting the current window).
+    pub fn is_returning(&self, client: u64) -> bool {
+        self.seen.contains(client)
+    }
+
     pub fn last_verdict(&self) -> Option<&Verdict> {
         self.last.as_ref()
     }

@@ -15,21 +15,28 @@
 //!
 //! The timers against slow clients (header read from the first byte, idle
 //! keep-alive, TLS handshake) live with the connection (`server/conn.rs`),
-//! the request limits with the pipeline (`validate`). Bans and origin load
-//! shedding are the next layers.
+//! the request limits with the pipeline (`validate`).
+//!
+//! - [`bans`]: clients that keep failing (challenges, refused requests)
+//!   are shut out for a while, at accept and per request;
+//! - [`shedding`]: the adaptive concurrency limit per upstream group
+//!   ([`check_load`], the pipeline's `admit` phase).
 
 pub mod adaptive;
+pub mod bans;
 pub mod challenge;
 pub mod connections;
 pub mod detect;
+pub mod proxy_protocol;
 pub mod rate;
+pub mod shedding;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
-use crate::config::{AdaptiveMode, ChallengeWhen};
+use crate::config::{ChallengeWhen, ProtectMode};
 use crate::error::ProxyError;
 use crate::server::conn::ConnInfo;
 use crate::state::Snapshot;
@@ -37,13 +44,17 @@ use crate::upstream::balance;
 use detect::Sample;
 
 pub use adaptive::{Adaptive, AdaptiveState};
+pub use bans::{BanInfo, Bans, Strike};
 pub use challenge::{Challenge, CookieError};
 pub use connections::{ConnSlot, ConnTable, Refusal};
 pub use rate::{Limiter, RouteLimiter};
+pub use shedding::Shedder;
 
-/// The `protect` phase of a routed request: the route's IP lists (403),
-/// attack mode (429 for the flooding sources), its rate limit (429) and
-/// the challenge (a 307 answer). `Ok(None)`: the request goes on.
+/// The `protect` phase of a routed request: bans (403), the route's IP
+/// lists (403), attack mode (a tightened rate for the flooding sources,
+/// 429 beyond it), the route's rate limit (429) and the challenge (a 307
+/// answer). `Ok(None)`: the request goes on. Challenges sent and requests
+/// refused by a rate are strikes toward a ban.
 pub fn check_request(
     req: &Request<Incoming>,
     conn: &ConnInfo,
@@ -55,71 +66,178 @@ pub fn check_request(
     let route = &config.routes[route_index];
     let limiter = snapshot.route_limits.get(route_index).and_then(Option::as_ref);
     let adaptive = snapshot.adaptive.as_ref();
-    if limiter.is_some() || !route.ip_filter.is_empty() || route.challenge != ChallengeWhen::Never || adaptive.is_some()
+    let bans = snapshot.bans.as_deref();
+    if limiter.is_none()
+        && route.ip_filter.is_empty()
+        && route.challenge == ChallengeWhen::Never
+        && adaptive.is_none()
+        && bans.is_none()
     {
-        let client = crate::observe::client_ip(
-            req.headers(),
-            conn.peer.ip().to_canonical(),
-            conn.trusted,
-            &config.server.trusted_proxies,
-        );
-        if !route.ip_filter.permits(client) {
-            *protection = Some("ip_denied");
-            return Err(ProxyError::Forbidden);
+        return Ok(None);
+    }
+    let client = client_of(req, conn, snapshot);
+    let now_ms = crate::upstream::health::now_ms();
+    if let Some(bans) = bans {
+        if bans.is_banned(client, now_ms) {
+            if bans.enforced() {
+                *protection = Some("banned");
+                return Err(ProxyError::Forbidden);
+            }
+            *protection = Some("shadow_banned");
         }
-        let mut challenge = route.challenge == ChallengeWhen::Always;
-        if let Some(adaptive) = adaptive {
-            let client_key = adaptive::client_hash(client);
-            adaptive.observe(Sample {
-                client: client_key,
-                signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
-                has_cookie: req.headers().contains_key(header::COOKIE),
-            });
-            if adaptive.in_attack() {
-                let enforce = adaptive.config.mode == AdaptiveMode::Enforce;
-                if adaptive.is_suspect(client_key) {
+    }
+    if !route.ip_filter.permits(client) {
+        *protection = Some("ip_denied");
+        return Err(ProxyError::Forbidden);
+    }
+    let mut challenge = route.challenge == ChallengeWhen::Always;
+    if let Some(adaptive) = adaptive {
+        let client_key = adaptive::client_hash(client);
+        adaptive.observe(Sample {
+            client: client_key,
+            signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
+            has_cookie: req.headers().contains_key(header::COOKIE),
+        });
+        if adaptive.in_attack() {
+            let enforce = adaptive.config.mode == ProtectMode::Enforce;
+            if adaptive.is_suspect(client_key) {
+                if let Err(wait) = adaptive.check_suspect(client_key) {
                     if enforce {
-                        *protection = Some("attack_source_refused");
-                        let retry_after = adaptive.config.window.as_secs().max(1) as u32;
-                        return Err(ProxyError::RateLimited { retry_after });
+                        *protection = Some("attack_source_limited");
+                        strike(snapshot, client, now_ms);
+                        return Err(ProxyError::RateLimited {
+                            retry_after: retry_after(wait),
+                        });
                     }
                     *protection = Some("shadow_attack_source");
                 }
-                if route.challenge == ChallengeWhen::DuringAttack {
-                    if enforce {
-                        challenge = true;
-                    } else if protection.is_none() {
-                        *protection = Some("shadow_challenge");
-                    }
+            }
+            if route.challenge == ChallengeWhen::DuringAttack {
+                if enforce {
+                    challenge = true;
+                } else if protection.is_none() {
+                    *protection = Some("shadow_challenge");
                 }
             }
         }
-        if let Some(limit) = limiter {
-            if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
-                *protection = Some("rate_limited");
-                let retry_after = u32::try_from(wait.as_millis().div_ceil(1000))
-                    .unwrap_or(u32::MAX)
-                    .max(1);
-                return Err(ProxyError::RateLimited { retry_after });
-            }
-        }
-        if challenge {
-            let name = &config.protect.challenge.cookie;
-            let now = crate::state::unix_now();
-            let passed = balance::cookie(req.headers(), name)
-                .is_some_and(|value| snapshot.challenge.verify(value, client, now).is_ok());
-            if !passed {
-                *protection = Some("challenged");
-                return Ok(Some(challenge_response(
-                    req,
-                    name,
-                    &snapshot.challenge.issue(client, now),
-                    snapshot.challenge.lifetime(),
-                )));
-            }
+    }
+    if let Some(limit) = limiter {
+        if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
+            *protection = Some("rate_limited");
+            strike(snapshot, client, now_ms);
+            return Err(ProxyError::RateLimited {
+                retry_after: retry_after(wait),
+            });
         }
     }
+    if challenge && !has_valid_cookie(req, snapshot, client) {
+        *protection = Some("challenged");
+        strike(snapshot, client, now_ms);
+        let now = crate::state::unix_now();
+        return Ok(Some(challenge_response(
+            req,
+            &config.protect.challenge.cookie,
+            &snapshot.challenge.issue(client, now),
+            snapshot.challenge.lifetime(),
+        )));
+    }
     Ok(None)
+}
+
+/// The `admit` phase's load shedding: when the upstream group is at its
+/// adaptive concurrency limit, untrusted clients are answered `503` at
+/// once; trusted ones (seen before the spike, or with a valid challenge
+/// cookie) may use the reserve. Only consulted when the group is past
+/// the untrusted share of its limit, so a calm proxy pays one atomic load.
+pub fn check_load(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+    upstream_index: usize,
+    route_index: usize,
+    protection: &mut Option<&'static str>,
+) -> Result<(), ProxyError> {
+    let Some(Some(shedder)) = snapshot.shedders.get(upstream_index) else {
+        return Ok(());
+    };
+    let Some(upstream) = snapshot.upstreams.get(upstream_index) else {
+        return Ok(());
+    };
+    let in_flight = upstream.in_flight();
+    if shedder.admits(in_flight, false) {
+        return Ok(());
+    }
+    let client = client_of(req, conn, snapshot);
+    let route = &snapshot.config.routes[route_index];
+    // Without a way to tell clients apart, everyone may use the whole limit.
+    let can_tell = snapshot.adaptive.is_some() || route.challenge != ChallengeWhen::Never;
+    let trusted = !can_tell
+        || snapshot
+            .adaptive
+            .as_ref()
+            .is_some_and(|a| a.is_returning(adaptive::client_hash(client)))
+        || has_valid_cookie(req, snapshot, client);
+    if shedder.admits(in_flight, trusted) {
+        return Ok(());
+    }
+    if shedder.mode == ProtectMode::Enforce {
+        *protection = Some("shed");
+        return Err(ProxyError::Overloaded {
+            retry_after: shedder.retry_after,
+        });
+    }
+    if protection.is_none() {
+        *protection = Some("shadow_shed");
+    }
+    Ok(())
+}
+
+/// The client as protection sees it: the peer, or the address a trusted
+/// proxy forwarded for.
+fn client_of(req: &Request<Incoming>, conn: &ConnInfo, snapshot: &Snapshot) -> std::net::IpAddr {
+    crate::observe::client_ip(
+        req.headers(),
+        conn.peer.ip().to_canonical(),
+        conn.trusted,
+        &snapshot.config.server.trusted_proxies,
+    )
+}
+
+fn has_valid_cookie(req: &Request<Incoming>, snapshot: &Snapshot, client: std::net::IpAddr) -> bool {
+    let name = &snapshot.config.protect.challenge.cookie;
+    let now = crate::state::unix_now();
+    balance::cookie(req.headers(), name).is_some_and(|value| snapshot.challenge.verify(value, client, now).is_ok())
+}
+
+/// Whole seconds to wait, at least 1 (for `Retry-After`).
+fn retry_after(wait: std::time::Duration) -> u32 {
+    u32::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// Counts a strike toward a ban; logs, audits and counts a new ban.
+fn strike(snapshot: &Snapshot, client: std::net::IpAddr, now_ms: u64) {
+    let Some(bans) = &snapshot.bans else { return };
+    if bans.strike(client, now_ms) == Strike::Banned {
+        let mode = if bans.enforced() { "enforce" } else { "shadow" };
+        let seconds = bans.config.duration.as_secs();
+        let reason = format!(
+            "{} strikes (challenges or refused requests) within {}s",
+            bans.config.strikes,
+            bans.config.window.as_secs()
+        );
+        tracing::warn!(client = %bans::shown(client), %mode, seconds, %reason, "client banned");
+        if let Some(m) = &snapshot.observe.metrics {
+            m.bans_total.inc();
+        }
+        snapshot.observe.audit(crate::observe::Event::Ban {
+            client: bans::shown(client),
+            mode: mode.into(),
+            reason,
+            seconds,
+        });
+    }
 }
 
 /// The challenge: `307` back to the same target with a cookie that proves,

@@ -63,10 +63,18 @@ pub struct ConnState {
     requests: AtomicU64,
     /// Asks the connection to drain (HTTP/2 at its request limit).
     drain: tokio::sync::Notify,
+    /// HTTP/2 streams the client cancelled before their response, in the
+    /// one-second window that started at `resets_since` (ms since `start`).
+    resets: AtomicU32,
+    resets_since: AtomicU64,
+    /// Closes the connection at once (an HTTP/2 reset flood).
+    abort: tokio::sync::Notify,
+    /// What the connection table's eviction sees, when it is on.
+    activity: Option<Arc<crate::protect::connections::Activity>>,
 }
 
 impl ConnState {
-    fn new() -> Arc<Self> {
+    fn new(activity: Option<Arc<crate::protect::connections::Activity>>) -> Arc<Self> {
         Arc::new(ConnState {
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
@@ -78,7 +86,39 @@ impl ConnState {
             is_h2: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             drain: tokio::sync::Notify::new(),
+            resets: AtomicU32::new(0),
+            resets_since: AtomicU64::new(0),
+            abort: tokio::sync::Notify::new(),
+            activity,
         })
+    }
+
+    /// Resolves when the connection table evicts this connection; never
+    /// when eviction is off.
+    async fn evicted(&self) {
+        match &self.activity {
+            Some(a) => a.evicted().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Counts an HTTP/2 stream the client cancelled before its response;
+    /// past `max` in one second the connection is aborted (Rapid Reset:
+    /// each cancelled stream costs the proxy, and maybe the origin, a
+    /// request, while the client's concurrent-stream count stays low).
+    fn count_reset(&self, max: u32) {
+        let now = self.now_ms();
+        let since = self.resets_since.load(Ordering::Relaxed);
+        let count = if now.saturating_sub(since) >= 1000 {
+            self.resets_since.store(now, Ordering::Relaxed);
+            self.resets.store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.resets.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if count > max {
+            self.abort.notify_one();
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -126,6 +166,33 @@ enum Control {
     /// The drain deadline passed.
     Cut,
     HeaderTimeout,
+    /// Too many HTTP/2 streams cancelled per second.
+    ResetFlood,
+    /// The connection table needs the room (the connection was quiet).
+    Evicted,
+}
+
+/// Lives in an HTTP/2 request's service future: dropped before it is
+/// disarmed means the client reset the stream before the response.
+struct ResetWatch {
+    state: Arc<ConnState>,
+    max: u32,
+    armed: bool,
+}
+
+impl ResetWatch {
+    /// The response is ready: not a reset.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ResetWatch {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.count_reset(self.max);
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -200,7 +267,11 @@ impl InFlight {
         }
         state.awaiting_head.store(false, Ordering::Relaxed);
         state.head_started.store(NONE, Ordering::Relaxed);
-        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        if state.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            if let Some(a) = &state.activity {
+                a.busy();
+            }
+        }
         InFlight { state: state.clone() }
     }
 }
@@ -210,6 +281,9 @@ impl Drop for InFlight {
         if self.state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.state.idle_since.store(self.state.now_ms(), Ordering::Relaxed);
             self.state.awaiting_head.store(true, Ordering::Relaxed);
+            if let Some(a) = &self.state.activity {
+                a.quiet();
+            }
         }
     }
 }
@@ -285,6 +359,8 @@ pub struct ConnInfo {
     pub hard_stop: CancellationToken,
     /// TLS protocol version and cipher suite (TLS listeners).
     pub tls: Option<(&'static str, &'static str)>,
+    /// Reported to the connection table for eviction (when it is on).
+    pub activity: Option<Arc<crate::protect::connections::Activity>>,
 }
 
 /// Serves one accepted connection until it closes, drains or is cut.
@@ -298,8 +374,11 @@ pub(super) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = ConnState::new();
-    let timeouts = snapshot.load().config.timeouts;
+    let state = ConnState::new(info.activity.clone());
+    let (timeouts, max_resets) = {
+        let current = snapshot.load();
+        (current.config.timeouts, current.config.protect.h2_max_resets_per_second)
+    };
     let io = TokioIo::new(WatchedIo {
         stream,
         state: state.clone(),
@@ -321,8 +400,14 @@ pub(super) async fn serve<S>(
         if last && h2 {
             service_state.drain.notify_one();
         }
+        let reset_watch = ResetWatch {
+            state: service_state.clone(),
+            max: max_resets,
+            armed: h2,
+        };
         async move {
             let mut response = crate::pipeline::handle(req, &info, &snapshot).await;
+            reset_watch.disarm();
             if last && !h2 {
                 response
                     .headers_mut()
@@ -338,6 +423,8 @@ pub(super) async fn serve<S>(
         tokio::select! {
             _ = shutdown.cancelled() => Control::Drain,
             _ = state.drain.notified() => Control::Drain,
+            _ = state.abort.notified() => Control::ResetFlood,
+            _ = state.evicted() => Control::Evicted,
             _ = info.hard_stop.cancelled() => Control::Cut,
             expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle) => match expiry {
                 Expiry::Idle => Control::Drain,
@@ -371,6 +458,26 @@ pub(super) async fn serve<S>(
                             conn.as_mut().graceful_shutdown();
                         }
                         Control::Cut => return,
+                        Control::Evicted => {
+                            if let Some(m) = &listener.metrics {
+                                m.rejected("evicted_idle");
+                            }
+                            if state.in_flight.load(Ordering::Acquire) == 0 {
+                                tracing::debug!(peer = %info.peer, "connection evicted to make room; closing");
+                                return;
+                            }
+                            // A request arrived since it was chosen: let
+                            // it finish.
+                            draining = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        Control::ResetFlood => {
+                            tracing::debug!(peer = %info.peer, "HTTP/2 stream resets over the limit; closing");
+                            if let Some(m) = &listener.metrics {
+                                m.rejected("h2_reset_flood");
+                            }
+                            return;
+                        }
                         Control::HeaderTimeout => {
                             tracing::debug!(peer = %info.peer, "request header read timed out; closing");
                             if let Some(m) = &listener.metrics {

@@ -66,10 +66,12 @@ pub(crate) struct ListenerRuntime {
     pub redirect_https_port: Option<u16>,
     /// Connection counters, when metrics are on.
     pub metrics: Option<ListenerMetrics>,
+    /// The listener's own allow / deny lists, checked at accept.
+    pub ip_filter: crate::config::IpFilter,
+    /// Connections start with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
-/// Most concurrent streams per HTTP/2 client connection.
-const MAX_CONCURRENT_STREAMS: u32 = 256;
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -100,7 +102,7 @@ impl ListenerRuntime {
                 $builder
                     .timer(TokioTimer::new())
                     .max_header_list_size(limits.max_request_header_bytes as u32)
-                    .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                    .max_concurrent_streams(config.protect.h2_max_concurrent_streams)
                     .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
                     .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                     .enable_connect_protocol()
@@ -135,6 +137,8 @@ impl ListenerRuntime {
                 .and_then(|age| http::HeaderValue::from_str(&format!("max-age={}", age.as_secs())).ok()),
             redirect_https_port: listener.redirect_https_port,
             metrics: observe.metrics.as_ref().map(|m| m.listener(&listener.name)),
+            ip_filter: listener.ip_filter.clone(),
+            proxy_protocol: listener.proxy_protocol,
         }
     }
 }
@@ -482,8 +486,8 @@ async fn watch_certificates(
     }
 }
 
-/// Forgets idle rate-limit keys every few seconds, so their memory is
-/// bounded by the keys seen recently.
+/// Forgets idle rate-limit keys, expired bans and old strike counts every
+/// few seconds, so their memory is bounded by the keys seen recently.
 async fn housekeeping(connections: Arc<ConnTable>, snapshot: SharedSnapshot, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -493,8 +497,15 @@ async fn housekeeping(connections: Arc<ConnTable>, snapshot: SharedSnapshot, sto
             _ = tick.tick() => {}
         }
         connections.housekeeping();
-        for limit in snapshot.load().route_limits.iter().flatten() {
+        let current = snapshot.load();
+        for limit in current.route_limits.iter().flatten() {
             limit.limiter.housekeeping();
+        }
+        if let Some(adaptive) = &current.adaptive {
+            adaptive.housekeeping();
+        }
+        if let Some(bans) = &current.bans {
+            bans.housekeeping(crate::upstream::health::now_ms());
         }
     }
 }
@@ -516,8 +527,8 @@ async fn attack_watch(window: Duration, snapshot: SharedSnapshot, observe: Arc<O
             continue;
         };
         let mode = match adaptive.config.mode {
-            crate::config::AdaptiveMode::Shadow => "shadow",
-            crate::config::AdaptiveMode::Enforce => "enforce",
+            crate::config::ProtectMode::Shadow => "shadow",
+            crate::config::ProtectMode::Enforce => "enforce",
         };
         let (state, reasons) = match transition {
             None => continue,
@@ -571,16 +582,119 @@ async fn accept_loop(
                 }
             }
         };
-        let slot = match connections.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                // Closed before a byte is read: the cheapest answer.
-                if let Some(m) = &runtime.metrics {
-                    m.rejected(refusal.reason());
+        let accepted = Accepted {
+            runtime: runtime.clone(),
+            snapshot: snapshot.clone(),
+            connections: connections.clone(),
+            stop: stop.clone(),
+            hard_stop: hard_stop.clone(),
+            tasks: tasks.clone(),
+            local: local.unwrap_or(peer),
+        };
+        if !runtime.proxy_protocol {
+            accepted.start(stream, peer);
+            continue;
+        }
+        // The peer is a load balancer that names the client in a PROXY
+        // protocol header: only a trusted one may, and the checks of the
+        // connection apply to the client it names.
+        if !is_trusted(&snapshot, peer.ip()) {
+            accepted.refuse(peer, "proxy_protocol_untrusted");
+            continue;
+        }
+        let header_timeout = snapshot.load().config.timeouts.header_read;
+        tasks.spawn(async move {
+            let mut stream = stream;
+            let header = tokio::select! {
+                _ = accepted.stop.cancelled() => return,
+                header = tokio::time::timeout(
+                    header_timeout,
+                    crate::protect::proxy_protocol::read_header(&mut stream),
+                ) => header,
+            };
+            let client = match header {
+                Ok(Ok(crate::protect::proxy_protocol::ProxyHeader::Proxied { source, .. })) => source,
+                Ok(Ok(crate::protect::proxy_protocol::ProxyHeader::Unknown)) => peer,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "bad PROXY protocol header; closing");
+                    accepted.refuse(peer, "proxy_protocol_invalid");
+                    return;
                 }
-                tracing::debug!(peer = %peer, reason = refusal.reason(), "connection refused");
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "no PROXY protocol header in time; closing");
+                    accepted.refuse(peer, "proxy_protocol_timeout");
+                    return;
+                }
+            };
+            accepted.start(stream, client);
+        });
+    }
+    // Dropping the listener here closes the socket: new connections are
+    // refused from now on.
+    drop(listener);
+}
+
+fn is_trusted(snapshot: &SharedSnapshot, ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    snapshot
+        .load()
+        .config
+        .server
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&ip))
+}
+
+/// What a just-accepted connection needs from its listener.
+struct Accepted {
+    runtime: Arc<ListenerRuntime>,
+    snapshot: SharedSnapshot,
+    connections: Arc<ConnTable>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    tasks: TaskTracker,
+    local: SocketAddr,
+}
+
+impl Accepted {
+    /// Closed before a byte of HTTP is read: the cheapest answer.
+    fn refuse(&self, peer: SocketAddr, reason: &'static str) {
+        if let Some(m) = &self.runtime.metrics {
+            m.rejected(reason);
+        }
+        tracing::debug!(peer = %peer, reason, "connection refused");
+    }
+
+    /// Admits a connection from `peer` (the socket's peer, or the client a
+    /// PROXY protocol header named) or refuses it; an admitted connection
+    /// is served on its own task.
+    fn start(self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let runtime = &self.runtime;
+        let trusted = is_trusted(&self.snapshot, peer.ip());
+        let refused = if !runtime.ip_filter.permits(peer.ip()) {
+            Some("ip_denied")
+        } else if !trusted
+            && self
+                .snapshot
+                .load()
+                .bans
+                .as_ref()
+                .is_some_and(|b| b.enforced() && b.is_banned(peer.ip(), crate::upstream::health::now_ms()))
+        {
+            Some("banned")
+        } else {
+            None
+        };
+        let admitted = match refused {
+            Some(reason) => Err(reason),
+            None => self.connections.admit(peer.ip()).map_err(|r| r.reason()),
+        };
+        let slot = match admitted {
+            Ok(slot) => slot,
+            Err(reason) => {
+                self.refuse(peer, reason);
                 drop(stream);
-                continue;
+                return;
             }
         };
         let open_guard = runtime.metrics.as_ref().map(|m| {
@@ -591,11 +705,6 @@ async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on client connection");
         }
-        let trusted = {
-            let snap = snapshot.load();
-            let ip = peer.ip().to_canonical();
-            snap.config.server.trusted_proxies.iter().any(|net| net.contains(&ip))
-        };
         let info = conn::ConnInfo {
             peer,
             client_cert_headers: runtime.client_cert_headers.clone(),
@@ -604,12 +713,20 @@ async fn accept_loop(
             hsts: runtime.hsts.clone(),
             redirect_https_port: runtime.redirect_https_port,
             forwarded: crate::forwarding::Peer::new(peer.ip()),
-            local: local.unwrap_or(peer),
+            local: self.local,
             trusted,
-            tasks: tasks.clone(),
-            hard_stop: hard_stop.clone(),
+            tasks: self.tasks.clone(),
+            hard_stop: self.hard_stop.clone(),
             tls: None,
+            activity: slot.activity(),
         };
+        let Accepted {
+            runtime,
+            snapshot,
+            stop,
+            tasks,
+            ..
+        } = self;
         match &runtime.tls {
             None => {
                 let serve = conn::serve(
@@ -617,8 +734,8 @@ async fn accept_loop(
                     runtime.protocol,
                     Arc::new(info),
                     runtime.clone(),
-                    snapshot.clone(),
-                    stop.clone(),
+                    snapshot,
+                    stop,
                 );
                 tasks.spawn(async move {
                     serve.await;
@@ -628,7 +745,6 @@ async fn accept_loop(
             Some((acceptor, handshake_timeout)) => {
                 let acceptor = acceptor.clone();
                 let handshake_timeout = *handshake_timeout;
-                let (runtime, snapshot, stop) = (runtime.clone(), snapshot.clone(), stop.clone());
                 let mut info = info;
                 tasks.spawn(async move {
                     let _open = (open_guard, slot);
@@ -676,9 +792,6 @@ async fn accept_loop(
             }
         }
     }
-    // Dropping the listener here closes the socket: new connections are
-    // refused from now on.
-    drop(listener);
 }
 
 /// Counts a connection open until dropped.

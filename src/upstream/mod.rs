@@ -192,6 +192,11 @@ impl Upstream {
         Ok(upstream)
     }
 
+    /// Requests of this group in flight now (until their responses end).
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Chooses a server for a request and counts it in flight.
     pub fn select(self: &Arc<Self>, ctx: &PickContext<'_>) -> Result<(usize, ServerGuard), ProxyError> {
         if let Some(max) = self.config.max_requests {

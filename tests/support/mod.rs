@@ -447,3 +447,58 @@ impl SendReady for hyper::client::conn::http2::SendRequest<TestBody> {
         self.send_request(req).await
     }
 }
+
+/// An HTTP/1.1 connection from source address `127.0.<third>.<last>`
+/// (the whole 127.0.0.0/8 is local), or the error if the proxy closes it
+/// before answering.
+pub async fn h1_from_block(
+    third: u8,
+    last: u8,
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
+    let stream = tcp_from(std::net::IpAddr::from([127, 0, third, last]), addr).await;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// A TCP connection to `addr` from `source`.
+pub async fn tcp_from(source: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(source, 0)).expect("bind source address");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// [`h1_from_block`] from `127.0.0.<last>`.
+pub async fn h1_from(
+    last: u8,
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<TestBody>, hyper::Error> {
+    h1_from_block(0, last, addr).await
+}
+
+/// GET `/` on a new connection from `127.0.<third>.<last>`: the status, or
+/// `None` when the proxy closed the connection without an answer.
+pub async fn get_from_block(third: u8, last: u8, addr: SocketAddr) -> Option<StatusCode> {
+    let mut c = h1_from_block(third, last, addr).await.ok()?;
+    let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+    Some(read(c.send_ready(req).await.ok()?).await.status)
+}
+
+/// [`get_from_block`] from `127.0.0.<last>`.
+pub async fn get_from(last: u8, addr: SocketAddr) -> Option<StatusCode> {
+    get_from_block(0, last, addr).await
+}
+
+/// The metrics text of a proxy with `[metrics]` on (no waiting: counters
+/// at accept move before the connection is closed).
+pub async fn metrics(proxy: &TestProxy) -> String {
+    let mut m = h1(proxy.metrics_addr.expect("metrics")).await;
+    let req = Request::get("/metrics")
+        .header("host", "m")
+        .body(empty())
+        .expect("request");
+    read(m.send_ready(req).await.expect("scrape")).await.text()
+}

@@ -1,0 +1,366 @@
+//! Temporary bans: a client that keeps failing is shut out for a while.
+//!
+//! Strikes are what a client chooses to do, never what happens to it:
+//! a challenge it was sent (a client that keeps cookies passes with the
+//! first), a request refused by its rate limit, a request refused as an
+//! attack source. Timeouts, connection refusals and upstream errors are
+//! not strikes, so a real user whose requests fail because of an attack
+//! is never banned for retrying. `strikes` within `window` ban the client
+//! (IPv4 address, IPv6 /64) for `duration`: its connections are closed at
+//! accept, and its requests through a trusted proxy get `403`. Trusted
+//! proxies themselves are never banned.
+//!
+//! Memory is bounded: at most `max_tracked` clients (striking or banned)
+//! are kept; beyond that new strikers are not tracked until housekeeping
+//! frees room. The table is sharded so floods from many sources do not
+//! contend on one lock. Time is passed in (milliseconds), so the tests
+//! need no clock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ipnet::IpNet;
+
+use crate::config::{BanConfig, ProtectMode};
+
+const SHARDS: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Striking { since: u64, strikes: u32 },
+    Banned { until: u64 },
+}
+
+/// A ban as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BanInfo {
+    /// The banned network: an IPv4 address or an IPv6 /64.
+    pub client: IpAddr,
+    /// Milliseconds (same clock as the calls) when it ends.
+    pub until: u64,
+}
+
+/// What a strike did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strike {
+    Counted,
+    /// This strike started a ban.
+    Banned,
+    /// Not tracked: exempt, already banned, or the table is full.
+    Ignored,
+}
+
+pub struct Bans {
+    pub config: BanConfig,
+    exempt: Vec<IpNet>,
+    shards: [Mutex<HashMap<IpAddr, Entry>>; SHARDS],
+    /// Entries in all shards, against `max_tracked`.
+    tracked: AtomicUsize,
+    /// Bans in force (possibly expired, until housekeeping): lets the
+    /// common case, no bans at all, skip every lock.
+    banned: AtomicUsize,
+}
+
+/// The unit a ban applies to: an IPv4 address, an IPv6 /64 (one host
+/// usually holds a whole /64).
+fn ban_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+    }
+}
+
+impl Bans {
+    pub fn new(config: &BanConfig, exempt: &[IpNet]) -> Bans {
+        Bans {
+            config: config.clone(),
+            exempt: exempt.to_vec(),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            tracked: AtomicUsize::new(0),
+            banned: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, key: IpAddr) -> &Mutex<HashMap<IpAddr, Entry>> {
+        let hash = match key {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+        };
+        let index = (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60) as usize % SHARDS;
+        &self.shards[index]
+    }
+
+    pub fn enforced(&self) -> bool {
+        self.config.mode == ProtectMode::Enforce
+    }
+
+    /// Whether `ip` is banned at `now` (milliseconds).
+    pub fn is_banned(&self, ip: IpAddr, now: u64) -> bool {
+        if self.banned.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let key = ban_key(ip);
+        let Ok(shard) = self.shard(key).lock() else {
+            return false;
+        };
+        matches!(shard.get(&key), Some(Entry::Banned { until }) if *until > now)
+    }
+
+    /// Counts one strike against `ip` at `now`.
+    pub fn strike(&self, ip: IpAddr, now: u64) -> Strike {
+        let ip = ip.to_canonical();
+        if self.exempt.iter().any(|net| net.contains(&ip)) {
+            return Strike::Ignored;
+        }
+        let key = ban_key(ip);
+        let window = self.config.window.as_millis() as u64;
+        let Ok(mut shard) = self.shard(key).lock() else {
+            return Strike::Ignored;
+        };
+        let entry = match shard.get_mut(&key) {
+            Some(entry) => entry,
+            None => {
+                if self.tracked.load(Ordering::Relaxed) >= self.config.max_tracked {
+                    return Strike::Ignored;
+                }
+                self.tracked.fetch_add(1, Ordering::Relaxed);
+                shard.entry(key).or_insert(Entry::Striking { since: now, strikes: 0 })
+            }
+        };
+        match entry {
+            Entry::Banned { until } if *until > now => Strike::Ignored,
+            Entry::Banned { .. } => {
+                // An expired ban: start counting afresh.
+                self.banned.fetch_sub(1, Ordering::Relaxed);
+                *entry = Entry::Striking { since: now, strikes: 1 };
+                self.check(entry, now)
+            }
+            Entry::Striking { since, strikes } => {
+                if now.saturating_sub(*since) > window {
+                    *since = now;
+                    *strikes = 0;
+                }
+                *strikes += 1;
+                self.check(entry, now)
+            }
+        }
+    }
+
+    fn check(&self, entry: &mut Entry, now: u64) -> Strike {
+        match *entry {
+            Entry::Striking { strikes, .. } if strikes >= self.config.strikes => {
+                *entry = Entry::Banned {
+                    until: now + self.config.duration.as_millis() as u64,
+                };
+                self.banned.fetch_add(1, Ordering::Relaxed);
+                Strike::Banned
+            }
+            _ => Strike::Counted,
+        }
+    }
+
+    /// Bans `ip` until `until` (admin API).
+    pub fn ban(&self, ip: IpAddr, until: u64) {
+        let key = ban_key(ip);
+        if let Ok(mut shard) = self.shard(key).lock() {
+            match shard.insert(key, Entry::Banned { until }) {
+                None => {
+                    self.tracked.fetch_add(1, Ordering::Relaxed);
+                    self.banned.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Entry::Striking { .. }) => {
+                    self.banned.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Entry::Banned { .. }) => {}
+            }
+        }
+    }
+
+    /// Lifts the ban on `ip`; true if there was one (admin API).
+    pub fn unban(&self, ip: IpAddr) -> bool {
+        let key = ban_key(ip);
+        let Ok(mut shard) = self.shard(key).lock() else {
+            return false;
+        };
+        match shard.remove(&key) {
+            Some(Entry::Banned { .. }) => {
+                self.tracked.fetch_sub(1, Ordering::Relaxed);
+                self.banned.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            Some(Entry::Striking { .. }) => {
+                self.tracked.fetch_sub(1, Ordering::Relaxed);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// The bans in force at `now`.
+    pub fn list(&self, now: u64) -> Vec<BanInfo> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            if let Ok(shard) = shard.lock() {
+                out.extend(shard.iter().filter_map(|(client, entry)| match entry {
+                    Entry::Banned { until } if *until > now => Some(BanInfo {
+                        client: *client,
+                        until: *until,
+                    }),
+                    _ => None,
+                }));
+            }
+        }
+        out.sort_by_key(|b| b.client);
+        out
+    }
+
+    /// Forgets expired bans and strike counts older than the window.
+    pub fn housekeeping(&self, now: u64) {
+        let window = self.config.window.as_millis() as u64;
+        for shard in &self.shards {
+            let Ok(mut shard) = shard.lock() else { continue };
+            shard.retain(|_, entry| {
+                let keep = match entry {
+                    Entry::Banned { until } => *until > now,
+                    Entry::Striking { since, .. } => now.saturating_sub(*since) <= window,
+                };
+                if !keep {
+                    self.tracked.fetch_sub(1, Ordering::Relaxed);
+                    if matches!(entry, Entry::Banned { .. }) {
+                        self.banned.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                keep
+            });
+        }
+    }
+
+    /// Clients tracked now (striking or banned).
+    pub fn tracked(&self) -> usize {
+        self.tracked.load(Ordering::Relaxed)
+    }
+
+    /// Bans in force or not yet cleaned up.
+    pub fn banned_count(&self) -> usize {
+        self.banned.load(Ordering::Relaxed)
+    }
+}
+
+/// The banned unit of `ip`, as logged.
+pub fn shown(ip: IpAddr) -> String {
+    match ban_key(ip) {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("{v6}/64"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn bans(strikes: u32) -> Bans {
+        Bans::new(
+            &BanConfig {
+                strikes,
+                window: Duration::from_secs(10),
+                duration: Duration::from_secs(60),
+                max_tracked: 1000,
+                ..BanConfig::default()
+            },
+            &["10.0.0.0/8".parse().expect("net")],
+        )
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("ip")
+    }
+
+    #[test]
+    fn strikes_within_the_window_ban_until_the_duration_ends() {
+        let b = bans(3);
+        let a = ip("192.0.2.1");
+        assert_eq!(b.strike(a, 0), Strike::Counted);
+        assert_eq!(b.strike(a, 1000), Strike::Counted);
+        assert!(!b.is_banned(a, 1000));
+        assert_eq!(b.strike(a, 2000), Strike::Banned);
+        assert!(b.is_banned(a, 2000));
+        assert!(b.is_banned(a, 61_999));
+        assert!(!b.is_banned(a, 62_000), "bans expire");
+        assert!(!b.is_banned(ip("192.0.2.2"), 2000), "only the striking client");
+        assert_eq!(
+            b.list(2000),
+            vec![BanInfo {
+                client: a,
+                until: 62_000
+            }]
+        );
+    }
+
+    #[test]
+    fn strikes_spread_over_more_than_the_window_never_ban() {
+        let b = bans(3);
+        let a = ip("192.0.2.1");
+        for i in 0..100u64 {
+            // Two strikes per 11 s window: always under three.
+            b.strike(a, i * 5_500);
+        }
+        assert!(!b.is_banned(a, 550_000));
+    }
+
+    #[test]
+    fn trusted_proxies_are_never_banned() {
+        let b = bans(1);
+        assert_eq!(b.strike(ip("10.1.2.3"), 0), Strike::Ignored);
+        assert!(!b.is_banned(ip("10.1.2.3"), 0));
+    }
+
+    #[test]
+    fn ipv6_clients_are_banned_by_64() {
+        let b = bans(2);
+        b.strike(ip("2001:db8:1:2::1"), 0);
+        assert_eq!(b.strike(ip("2001:db8:1:2::ffff"), 0), Strike::Banned);
+        assert!(b.is_banned(ip("2001:db8:1:2:abcd::9"), 1));
+        assert!(!b.is_banned(ip("2001:db8:1:3::1"), 1));
+        assert_eq!(shown(ip("2001:db8:1:2::1")), "2001:db8:1:2::/64");
+        let mapped = ip("::ffff:192.0.2.7");
+        b.strike(mapped, 0);
+        b.strike(ip("192.0.2.7"), 0);
+        assert!(b.is_banned(ip("192.0.2.7"), 1), "IPv4-mapped counts as IPv4");
+    }
+
+    #[test]
+    fn memory_is_bounded_and_housekeeping_frees_it() {
+        let b = bans(5);
+        for i in 0..5000u32 {
+            b.strike(IpAddr::from((0xC000_0000u32 + i).to_be_bytes()), 0);
+        }
+        assert_eq!(b.tracked(), 1000, "never more than max_tracked");
+        b.housekeeping(20_000);
+        assert_eq!(b.tracked(), 0, "stale strike counts are dropped");
+        b.strike(ip("192.0.2.1"), 20_000);
+        assert_eq!(b.tracked(), 1);
+    }
+
+    #[test]
+    fn admin_ban_and_unban() {
+        let b = bans(100);
+        let a = ip("198.51.100.4");
+        b.ban(a, 5000);
+        assert!(b.is_banned(a, 10));
+        assert_eq!(b.banned_count(), 1);
+        assert!(b.unban(a));
+        assert!(!b.is_banned(a, 10));
+        assert!(!b.unban(a));
+        assert_eq!((b.banned_count(), b.tracked()), (0, 0));
+        b.ban(a, 5000);
+        b.housekeeping(6000);
+        assert_eq!((b.banned_count(), b.tracked()), (0, 0), "expired bans are dropped");
+    }
+}

@@ -1,0 +1,276 @@
+//! Origin load shedding: an adaptive concurrency limit per upstream group.
+//!
+//! A distributed flood whose every source stays under any per-IP limit
+//! still adds up to more than the origin can serve; once the origin's
+//! queue grows, every client waits behind the flood. Shedding keeps the
+//! origin out of that regime: the proxy estimates how many requests the
+//! group can have in flight before its latency degrades ([`Gradient`],
+//! a latency-gradient estimator in the manner of Netflix's
+//! concurrency-limits), and answers the excess at once with `503` and
+//! `Retry-After` instead of queueing it.
+//!
+//! Part of the limit (`reserve`) is kept for clients the proxy already
+//! trusts: those seen in a calm window before the spike (the detector's
+//! returning-client filter) or presenting a valid challenge cookie. So
+//! when the origin is full, new cookieless sources are shed first and
+//! the clients of before the spike keep being served.
+//!
+//! [`Gradient`] is pure (samples in, limit out) and unit-tested alone;
+//! [`Shedder`] wraps it for concurrent use: the limit is read from an
+//! atomic on every request, the estimator is updated under a short lock
+//! once per upstream response.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::config::{LoadSheddingConfig, ProtectMode};
+
+/// The latency-gradient estimator of a concurrency limit.
+///
+/// It keeps a fast average of response latency (`short`) and the no-load
+/// baseline (`long`): the lowest `short` seen. Each sample moves the limit
+/// toward `limit * gradient + sqrt(limit)`, with `gradient = tolerance *
+/// long / short` clamped to 0.5..=1: while the origin answers within
+/// tolerance the limit grows by about `sqrt(limit)`; once latency passes
+/// it, the limit shrinks in proportion. The `sqrt(limit)` term is the
+/// queue the origin may hold; the limit settles where latency is a little
+/// above `tolerance x baseline`.
+///
+/// The baseline never drifts up under load (a sustained attack must not
+/// become the new normal). It is learned again only when the limit is at
+/// its floor and latency is still past tolerance: so few requests cannot
+/// overload the origin, so the origin itself became slower.
+#[derive(Debug, Clone)]
+pub struct Gradient {
+    limit: f64,
+    min: f64,
+    max: f64,
+    tolerance: f64,
+    short: Option<f64>,
+    long: Option<f64>,
+}
+
+/// How far each sample moves the limit toward its target.
+const SMOOTHING: f64 = 0.2;
+/// Weight of one sample in the fast latency average.
+const SHORT_WEIGHT: f64 = 0.2;
+/// A timed-out request shrinks the limit by this factor.
+const TIMEOUT_BACKOFF: f64 = 0.9;
+
+impl Gradient {
+    pub fn new(initial: u32, min: u32, max: u32, tolerance: f64) -> Gradient {
+        let (min, max) = (f64::from(min.max(1)), f64::from(max.max(min.max(1))));
+        Gradient {
+            limit: f64::from(initial).clamp(min, max),
+            min,
+            max,
+            tolerance: tolerance.max(1.0),
+            short: None,
+            long: None,
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit as u32
+    }
+
+    /// One response's latency (seconds), with the group's requests in
+    /// flight when it arrived; returns the new limit.
+    pub fn sample(&mut self, latency: f64, in_flight: u32) -> u32 {
+        if !latency.is_finite() || latency < 0.0 {
+            return self.limit();
+        }
+        let latency = latency.max(1e-6);
+        let short = match self.short {
+            None => latency,
+            Some(s) => s + SHORT_WEIGHT * (latency - s),
+        };
+        self.short = Some(short);
+        let long = self.long.map_or(short, |l| l.min(short));
+        self.long = Some(long);
+        let gradient = (self.tolerance * long / short).clamp(0.5, 1.0);
+        if gradient < 1.0 && self.limit <= self.min {
+            // At the floor and still slow: the origin's own speed changed.
+            self.long = Some(short);
+            return self.limit();
+        }
+        // Growing needs evidence that the limit is what holds traffic
+        // back: a group using less than half of it learns nothing.
+        if gradient >= 1.0 && f64::from(in_flight) < self.limit / 2.0 {
+            return self.limit();
+        }
+        let target = self.limit * gradient + self.limit.sqrt();
+        self.limit = (self.limit + SMOOTHING * (target - self.limit)).clamp(self.min, self.max);
+        self.limit()
+    }
+
+    /// A request that got no answer in time: the origin is past its limit.
+    pub fn timed_out(&mut self) -> u32 {
+        self.limit = (self.limit * TIMEOUT_BACKOFF).clamp(self.min, self.max);
+        self.limit()
+    }
+}
+
+/// The load shedding of one upstream group.
+pub struct Shedder {
+    pub mode: ProtectMode,
+    /// The current limit, read by every request.
+    limit: AtomicU32,
+    gradient: Mutex<Gradient>,
+    /// Share of the limit only trusted clients may use.
+    reserve: f64,
+    pub retry_after: u32,
+}
+
+impl Shedder {
+    pub fn new(config: &LoadSheddingConfig) -> Shedder {
+        let gradient = Gradient::new(
+            config.initial_limit,
+            config.min_limit,
+            config.max_limit,
+            config.tolerance,
+        );
+        Shedder {
+            mode: config.mode,
+            limit: AtomicU32::new(gradient.limit()),
+            gradient: Mutex::new(gradient),
+            reserve: config.reserve,
+            retry_after: config.retry_after.as_secs().max(1) as u32,
+        }
+    }
+
+    /// Requests the group may have in flight (trusted clients).
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight above which untrusted clients are shed.
+    pub fn open_limit(&self) -> u32 {
+        let limit = self.limit();
+        ((f64::from(limit) * (1.0 - self.reserve)) as u32).max(1)
+    }
+
+    /// Whether a request may join `in_flight` others; `trusted` clients
+    /// may use the reserve.
+    pub fn admits(&self, in_flight: u32, trusted: bool) -> bool {
+        in_flight < if trusted { self.limit() } else { self.open_limit() }
+    }
+
+    pub fn sample(&self, latency: Duration, in_flight: u32) {
+        if let Ok(mut g) = self.gradient.lock() {
+            let limit = g.sample(latency.as_secs_f64(), in_flight);
+            self.limit.store(limit, Ordering::Relaxed);
+        }
+    }
+
+    pub fn timed_out(&self) {
+        if let Ok(mut g) = self.gradient.lock() {
+            let limit = g.timed_out();
+            self.limit.store(limit, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `n` samples from a simulated origin whose latency grows with
+    /// the load above its capacity (a queue): `base` seconds up to
+    /// `capacity` requests in flight, then proportionally more. The
+    /// offered load keeps the limit full. Returns the last limit.
+    fn run(g: &mut Gradient, n: usize, base: f64, capacity: f64) -> u32 {
+        let mut limit = g.limit();
+        for _ in 0..n {
+            let in_flight = f64::from(limit);
+            let latency = base * (in_flight / capacity).max(1.0);
+            limit = g.sample(latency, limit);
+        }
+        limit
+    }
+
+    #[test]
+    fn grows_while_latency_stays_at_the_baseline() {
+        let mut g = Gradient::new(20, 5, 1000, 2.0);
+        let limit = run(&mut g, 500, 0.002, 10_000.0);
+        assert_eq!(limit, 1000, "no sign of overload: the limit reaches its maximum");
+    }
+
+    #[test]
+    fn settles_near_capacity_when_latency_rises() {
+        // Capacity 100: the limit settles where latency is about twice the
+        // baseline (tolerance 2), i.e. near 2 x capacity, not at the max.
+        let mut g = Gradient::new(50, 5, 5000, 2.0);
+        let limit = run(&mut g, 5000, 0.002, 100.0);
+        assert!((150..=300).contains(&limit), "limit {limit}");
+    }
+
+    #[test]
+    fn shrinks_when_the_origin_slows_down() {
+        let mut g = Gradient::new(500, 5, 1000, 1.5);
+        run(&mut g, 200, 0.001, 10_000.0);
+        let before = g.limit();
+        // The origin becomes 10x slower at the same load: well past the
+        // tolerance, the limit drops within a few dozen responses.
+        for _ in 0..50 {
+            g.sample(0.010, g.limit());
+        }
+        assert!(g.limit() < before / 4, "{before} -> {}", g.limit());
+        assert!(g.limit() >= 5, "never below the minimum");
+    }
+
+    #[test]
+    fn a_permanently_slower_origin_is_learned_at_the_floor() {
+        let mut g = Gradient::new(200, 5, 1000, 2.0);
+        run(&mut g, 200, 0.001, 10_000.0);
+        // 5x slower whatever the load: the limit falls to its floor, the
+        // baseline is learned again, and the limit grows back.
+        for _ in 0..200 {
+            g.sample(0.005, g.limit());
+        }
+        let limit = run(&mut g, 500, 0.005, 10_000.0);
+        assert_eq!(limit, 1000, "not stuck at the floor");
+    }
+
+    #[test]
+    fn an_idle_group_does_not_grow() {
+        let mut g = Gradient::new(40, 5, 1000, 2.0);
+        for _ in 0..1000 {
+            g.sample(0.001, 3);
+        }
+        assert_eq!(g.limit(), 40, "3 in flight of 40 says nothing about capacity");
+    }
+
+    #[test]
+    fn timeouts_back_off_to_the_minimum() {
+        let mut g = Gradient::new(100, 10, 1000, 2.0);
+        assert_eq!(g.timed_out(), 90);
+        for _ in 0..100 {
+            g.timed_out();
+        }
+        assert_eq!(g.limit(), 10);
+    }
+
+    #[test]
+    fn bad_samples_change_nothing() {
+        let mut g = Gradient::new(100, 10, 1000, 2.0);
+        for latency in [f64::NAN, f64::INFINITY, -1.0] {
+            assert_eq!(g.sample(latency, 100), 100);
+        }
+    }
+
+    #[test]
+    fn trusted_clients_keep_the_reserve() {
+        let shedder = Shedder::new(&LoadSheddingConfig {
+            initial_limit: 100,
+            reserve: 0.25,
+            ..LoadSheddingConfig::default()
+        });
+        assert_eq!(shedder.open_limit(), 75);
+        assert!(shedder.admits(74, false));
+        assert!(!shedder.admits(75, false));
+        assert!(shedder.admits(99, true));
+        assert!(!shedder.admits(100, true));
+    }
+}
