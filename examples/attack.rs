@@ -7,7 +7,14 @@
 //! flash-crowd browsers 127.0.3.x. The origin (in this process) tells them
 //! apart by the address the proxy appends to `X-Forwarded-For`.
 //!
+//! The origin has a finite capacity (`ORIGIN_WORKERS` requests at once,
+//! 2 ms each, `ATTACK_ORIGIN_MS` to change), so a flood can saturate it; it and the
+//! legitimate client each run on a thread of their own, away from the
+//! attackers' tasks.
+//!
 //! Usage: attack PORTCULLIS_BINARY [SECONDS_PER_SCENARIO]
+//! (`ATTACK_SHEDDING=off` turns load shedding off, for comparison;
+//! `ATTACK_ORIGIN_MS=0` makes the origin answer at once, without a limit)
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -32,16 +39,60 @@ struct OriginCounts {
     crowd: AtomicU64,
 }
 
+/// Requests the origin works on at once, and how long each takes (2 ms
+/// unless `ATTACK_ORIGIN_MS` says otherwise; 0: answer at once): a
+/// capacity of about 4 / 2.5 ms = 1,600 requests/s (tokio's timer rounds
+/// 2 ms up), below what the distributed flood sends.
+const ORIGIN_WORKERS: usize = 4;
+
+fn origin_service() -> Duration {
+    let ms = std::env::var("ATTACK_ORIGIN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    Duration::from_millis(ms)
+}
+
+/// Runs `future` on a thread of its own (a current-thread runtime), so the
+/// origin and the legitimate client are not scheduled behind the
+/// attackers' tasks: what they measure is the proxy, not this harness.
+fn on_own_thread<F>(future: F) -> tokio::sync::oneshot::Receiver<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = done.send(runtime.block_on(future));
+    });
+    result
+}
+
+/// The origin, on its own thread: at most `ORIGIN_WORKERS` requests at
+/// once, `ORIGIN_SERVICE` each; the rest wait in line, as on a real
+/// application server.
 async fn origin(counts: Arc<OriginCounts>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-    let addr = listener.local_addr().expect("addr");
-    let body = Bytes::from(vec![b'x'; 1024]);
-    tokio::spawn(async move {
+    let (bound, addr) = tokio::sync::oneshot::channel();
+    // The origin runs until the process exits.
+    drop(on_own_thread(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let _ = bound.send(listener.local_addr().expect("addr"));
+        let body = Bytes::from(vec![b'x'; 1024]);
+        let service_time = origin_service();
+        let workers = Arc::new(tokio::sync::Semaphore::new(if service_time.is_zero() {
+            tokio::sync::Semaphore::MAX_PERMITS
+        } else {
+            ORIGIN_WORKERS
+        }));
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (counts, body) = (counts.clone(), body.clone());
+            let (counts, body, workers) = (counts.clone(), body.clone(), workers.clone());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let client = req
@@ -60,10 +111,14 @@ async fn origin(counts: Arc<OriginCounts>) -> SocketAddr {
                         &counts.legit
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    let body = body.clone();
+                    let (body, workers) = (body.clone(), workers.clone());
                     async move {
                         // Drain any request body before answering.
                         let _ = req.into_body().collect().await;
+                        let _worker = workers.acquire().await;
+                        if !service_time.is_zero() {
+                            tokio::time::sleep(service_time).await;
+                        }
                         Ok::<_, Infallible>(Response::new(Full::new(body)))
                     }
                 });
@@ -72,8 +127,8 @@ async fn origin(counts: Arc<OriginCounts>) -> SocketAddr {
                     .await;
             });
         }
-    });
-    addr
+    }));
+    addr.await.expect("origin bound")
 }
 
 struct Proxy(Child, SocketAddr);
@@ -170,14 +225,24 @@ async fn get(
     None
 }
 
+/// What the legitimate client saw.
+struct Legit {
+    sent: u64,
+    ok: u64,
+    /// Milliseconds per request.
+    latencies: Vec<f64>,
+    /// Each failure: a status, "no answer" or "timeout".
+    failures: Vec<String>,
+}
+
 /// The legitimate client: `rate` requests per second from 127.0.0.3 until
-/// `stop`; returns (sent, succeeded, latencies in ms).
-async fn legit(proxy: SocketAddr, rate: u64, stop: Arc<AtomicBool>) -> (u64, u64, Vec<f64>) {
+/// `stop`.
+async fn legit(proxy: SocketAddr, rate: u64, stop: Arc<AtomicBool>) -> Legit {
     let source = IpAddr::from([127, 0, 0, 3]);
     let mut conn = None;
     let mut jar = None;
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / rate));
-    let (mut sent, mut ok, mut latencies) = (0, 0, Vec::new());
+    let (mut sent, mut ok, mut latencies, mut failures) = (0, 0, Vec::new(), Vec::new());
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         let started = Instant::now();
@@ -188,13 +253,22 @@ async fn legit(proxy: SocketAddr, rate: u64, stop: Arc<AtomicBool>) -> (u64, u64
         )
         .await;
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
-        if matches!(answer, Ok(Some(200))) {
-            ok += 1;
-        } else if answer.is_err() {
-            conn = None;
+        match answer {
+            Ok(Some(200)) => ok += 1,
+            Ok(Some(status)) => failures.push(status.to_string()),
+            Ok(None) => failures.push("no answer".into()),
+            Err(_) => {
+                failures.push("timeout".into());
+                conn = None;
+            }
         }
     }
-    (sent, ok, latencies)
+    Legit {
+        sent,
+        ok,
+        latencies,
+        failures,
+    }
 }
 
 /// Back-to-back requests from `source` until `stop`: requests sent.
@@ -327,7 +401,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 struct Row {
     scenario: &'static str,
-    legit: (u64, u64, Vec<f64>),
+    legit: Legit,
     attack_sent: String,
     attack_at_origin: u64,
     note: String,
@@ -341,6 +415,9 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let counts = Arc::new(OriginCounts::default());
     let origin = origin(counts.clone()).await;
+    // ATTACK_SHEDDING=off runs the same scenarios without load shedding,
+    // for comparison.
+    let shedding = std::env::var("ATTACK_SHEDDING").unwrap_or_else(|_| "enforce".into());
     let config = format!(
         r#"
 [[listeners]]
@@ -366,6 +443,10 @@ window = "1s"
 min_rate = 50
 enter_after = 2
 leave_after = 3
+[protect.bans]
+[protect.load_shedding]
+mode = "{shedding}"
+min_limit = 4
 "#
     );
     let proxy = start_proxy(&binary, &config, dir.path());
@@ -427,7 +508,7 @@ leave_after = 3
         let before = counts.attack.load(Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let attackers = attack.map(|a| a(addr, stop.clone())).unwrap_or_default();
-        let legit_task = tokio::spawn(legit(addr, legit_rate, stop.clone()));
+        let legit_task = on_own_thread(legit(addr, legit_rate, stop.clone()));
         tokio::time::sleep(run_for).await;
         stop.store(true, Ordering::Relaxed);
         let legit_result = legit_task.await.expect("legit");
@@ -464,7 +545,7 @@ leave_after = 3
             tokio::spawn(browser(addr, source, u64::from(i) * 500 / 200, stop.clone()))
         })
         .collect();
-    let legit_task = tokio::spawn(legit(addr, legit_rate, stop.clone()));
+    let legit_task = on_own_thread(legit(addr, legit_rate, stop.clone()));
     tokio::time::sleep(run_for).await;
     stop.store(true, Ordering::Relaxed);
     let legit_result = legit_task.await.expect("legit");
@@ -488,7 +569,19 @@ leave_after = 3
     );
     println!("|---|---:|---:|---:|---:|---:|---|");
     for row in rows {
-        let (sent, ok, mut latencies) = row.legit;
+        let Legit {
+            sent,
+            ok,
+            mut latencies,
+            failures,
+        } = row.legit;
+        let mut note = row.note;
+        if !failures.is_empty() {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            note.push_str(&format!("legit failures: {}", failures.join(", ")));
+        }
         latencies.sort_by(f64::total_cmp);
         println!(
             "| {} | {:.2}% ({ok}/{sent}) | {:.2} | {:.2} | {} | {} | {} |",
@@ -502,7 +595,7 @@ leave_after = 3
             percentile(&latencies, 0.99),
             row.attack_sent,
             row.attack_at_origin,
-            row.note
+            note
         );
     }
     drop(proxy);

@@ -32,6 +32,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("client address not allowed")]
     Forbidden,
+    #[error("client banned")]
+    Banned,
     #[error("rate limit exceeded")]
     RateLimited {
         /// Seconds until a request would be allowed (for `Retry-After`).
@@ -89,7 +91,7 @@ impl ProxyError {
             MethodNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_denied")),
             TransferCodingNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_error")),
             NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
-            Forbidden => (StatusCode::FORBIDDEN, Some("http_request_denied")),
+            Forbidden | Banned => (StatusCode::FORBIDDEN, Some("http_request_denied")),
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),
             ConnectionRefused => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
             ConnectionTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
@@ -128,9 +130,10 @@ impl ProxyError {
         if let Some(kind) = kind {
             headers.insert(PROXY_STATUS.clone(), proxy_status_value(kind));
         }
-        if self == ProxyError::RequestTimeout {
+        if matches!(self, ProxyError::RequestTimeout | ProxyError::Banned) {
             // The rest of the body is still on its way: the connection
-            // cannot carry another request.
+            // cannot carry another request. A banned client's next
+            // connection is closed at accept, the cheapest refusal.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ProxyError::RateLimited { retry_after } | ProxyError::Overloaded { retry_after } = self {

@@ -101,7 +101,11 @@ impl Snapshot {
             .iter()
             .map(|r| r.rate_limit.as_ref().map(RouteLimiter::new))
             .collect();
-        let adaptive = config.protect.adaptive.as_ref().map(Adaptive::new);
+        let adaptive = config
+            .protect
+            .adaptive
+            .as_ref()
+            .map(|a| Adaptive::new(a, config.routes.iter().map(|r| r.name.clone()).collect()));
         let shedders = upstreams
             .iter()
             .map(|_| config.protect.load_shedding.as_ref().map(Shedder::new))

@@ -186,7 +186,21 @@ async fn a_client_that_keeps_getting_refused_is_banned_at_accept_until_lifted() 
     let audit = dir.path().join("audit.jsonl");
     let proxy = start_proxy(&config(origin.addr, RATE_LIMIT, &bans("enforce", &audit))).await;
 
-    assert_eq!(strike_three_times(30, proxy.addr).await, [200, 429, 429, 429, 403]);
+    let mut c = h1_from(30, proxy.addr).await.expect("connect");
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..5 {
+        let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+        let got = read(c.send_ready(req).await.expect("send")).await;
+        statuses.push(got.status.as_u16());
+        last = Some(got);
+    }
+    assert_eq!(statuses, [200, 429, 429, 429, 403]);
+    assert_eq!(
+        last.expect("answered").header("connection"),
+        Some("close"),
+        "a banned client's connection is closed after the 403"
+    );
     assert_eq!(get_from(30, proxy.addr).await, None, "closed at accept");
     assert_eq!(get_from(31, proxy.addr).await, Some(StatusCode::OK), "others pass");
 
@@ -361,6 +375,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -511,6 +526,89 @@ async fn a_full_connection_table_evicts_a_quiet_connection_for_a_newcomer() {
     assert!(
         text.contains(r#"portcullis_connections_rejected_total{listener="web",reason="evicted_idle"} 1"#),
         "{text}"
+    );
+    proxy.shutdown().await;
+}
+
+/// Reads HTTP/2 frames (type, stream, payload) from `stream` until `done`
+/// says so or the connection closes; bounded in time.
+async fn frames_until(
+    stream: &mut tokio::net::TcpStream,
+    done: impl Fn(u8, u32, &[u8]) -> bool,
+) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            while buf.len() >= 9 {
+                let len = (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let kind = buf[3];
+                let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                let finished = done(kind, id, &payload);
+                frames.push((kind, id, payload));
+                if finished {
+                    return;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "no answer in time: {frames:?}");
+    frames
+}
+
+#[tokio::test]
+async fn an_empty_data_frame_flood_gets_goaway_enhance_your_calm() {
+    let (seen, mut bodies) = mpsc::unbounded_channel();
+    let origin = origin(move |req| {
+        let seen = seen.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let method = req.method().clone();
+            let _ = seen.send((method, req.into_body().collect().await.is_ok()));
+            text(200, "ok")
+        }
+    })
+    .await;
+    let proxy = start_proxy(&config(origin.addr, "", "")).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(SETTINGS, 0, 0, &[]));
+    // A POST whose body is a stream of empty DATA frames: work for the
+    // server, nothing for the message.
+    bytes.extend(frame(HEADERS, END_HEADERS, 1, &[0x83, 0x86, 0x84, 0x01, 0x01, b'a']));
+    for _ in 0..1000 {
+        bytes.extend(frame(DATA, 0, 1, &[]));
+    }
+    let _ = stream.write_all(&bytes).await;
+    let frames = frames_until(&mut stream, |kind, _, _| kind == GOAWAY).await;
+    let goaway = frames
+        .iter()
+        .find(|(kind, _, _)| *kind == GOAWAY)
+        .unwrap_or_else(|| panic!("GOAWAY sent: {frames:?}"));
+    // The error code follows the last stream id: ENHANCE_YOUR_CALM (0xb).
+    assert_eq!(goaway.2.get(4..8), Some(&[0u8, 0, 0, 0xb][..]), "{goaway:?}");
+    // The proxy goes on serving; the flooded body never completed at the
+    // origin (by the time a later request has).
+    assert_eq!(get(proxy.addr, "/").await.status, 200);
+    let mut reports = Vec::new();
+    while let Ok(report) = bodies.try_recv() {
+        reports.push(report);
+    }
+    assert!(reports.contains(&(http::Method::GET, true)), "{reports:?}");
+    assert!(
+        !reports.contains(&(http::Method::POST, true)),
+        "the origin never got a whole body: {reports:?}"
     );
     proxy.shutdown().await;
 }

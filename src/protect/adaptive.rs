@@ -39,7 +39,9 @@ pub struct AdaptiveState {
 }
 
 impl Adaptive {
-    pub fn new(config: &AdaptiveConfig) -> Adaptive {
+    /// Attack mode judged on the whole proxy's traffic and on each of
+    /// `routes` (names, in config order) alone.
+    pub fn new(config: &AdaptiveConfig, routes: Vec<String>) -> Adaptive {
         let settings = Settings {
             window: config.window.as_secs_f64(),
             spike_factor: config.spike_factor,
@@ -50,7 +52,7 @@ impl Adaptive {
         };
         Adaptive {
             config: config.clone(),
-            detector: Mutex::new(Detector::new(settings)),
+            detector: Mutex::new(Detector::with_routes(settings, routes)),
             attack: AtomicBool::new(false),
             suspects: ArcSwap::from_pointee(Vec::new()),
             mode: tokio::sync::watch::Sender::new(false),
@@ -91,7 +93,7 @@ impl Adaptive {
         };
         self.attack.store(attack, Ordering::Relaxed);
         self.mode.send_if_modified(|on| std::mem::replace(on, attack) != attack);
-        let few_sources = verdict.kind == Kind::Attack && verdict.reasons.iter().any(|r| r.starts_with("few sources"));
+        let few_sources = verdict.kind == Kind::Attack && verdict.reasons.iter().any(|r| r.contains("few sources"));
         let suspects = if attack && few_sources {
             verdict.top_sources.clone()
         } else if attack {

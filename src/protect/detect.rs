@@ -236,6 +236,9 @@ pub struct Sample {
     /// Hash of method, path, header names in order and user agent.
     pub signature: u64,
     pub has_cookie: bool,
+    /// The route's index, for the per-route judgement (`None`: only the
+    /// global one).
+    pub route: Option<usize>,
 }
 
 /// Thresholds of the classifier.
@@ -309,81 +312,68 @@ pub enum Transition {
     Left,
 }
 
-/// The detector: counts samples into the current window and classifies
-/// each window when it closes.
+/// One scope's window counters and baseline: the whole proxy, or one
+/// route. A small route under attack can be drowned in the global
+/// numbers, so each route is judged on its own as well.
 #[derive(Debug, Clone)]
-pub struct Detector {
-    settings: Settings,
+struct Scope {
+    /// `None` for the global scope; the route's name otherwise.
+    name: Option<String>,
     baseline: Ewma,
     /// Distinct clients per calm window, for the typical per-client rate.
     baseline_clients: Ewma,
     sources: SpaceSaving,
     signatures: SpaceSaving,
     distinct: Hll,
-    seen: SeenFilter,
     requests: u64,
     new_clients: u64,
     cookieless: u64,
-    windows: u64,
-    attack: bool,
-    attack_windows: u32,
-    calm_windows: u32,
-    last: Option<Verdict>,
 }
 
-impl Detector {
-    pub fn new(settings: Settings) -> Detector {
-        Detector {
+/// What one scope's window was.
+struct ScopeVerdict {
+    kind: Kind,
+    reasons: Vec<String>,
+    rate: f64,
+    baseline: f64,
+    distinct_clients: f64,
+    top_sources_share: f64,
+    top_signature_share: f64,
+    new_client_share: f64,
+    cookieless_share: f64,
+    top_sources: Vec<u64>,
+}
+
+impl Scope {
+    fn new(name: Option<String>, settings: &Settings) -> Scope {
+        Scope {
+            name,
             baseline: Ewma::new(settings.baseline_tau),
             baseline_clients: Ewma::new(settings.baseline_tau),
-            settings,
             sources: SpaceSaving::new(64),
             signatures: SpaceSaving::new(64),
             distinct: Hll::default(),
-            seen: SeenFilter::default(),
             requests: 0,
             new_clients: 0,
             cookieless: 0,
-            windows: 0,
-            attack: false,
-            attack_windows: 0,
-            calm_windows: 0,
-            last: None,
         }
     }
 
-    pub fn observe(&mut self, sample: Sample) {
+    fn observe(&mut self, sample: &Sample, new: bool) {
         self.requests += 1;
         self.sources.observe(sample.client);
         self.signatures.observe(sample.signature);
         self.distinct.add(sample.client);
-        if !self.seen.contains(sample.client) {
+        if new {
             self.new_clients += 1;
         }
         if !sample.has_cookie {
             self.cookieless += 1;
         }
-        self.seen.insert(sample.client);
     }
 
-    pub fn in_attack(&self) -> bool {
-        self.attack
-    }
-
-    /// Whether `client` was seen in a calm window of the last one or two
-    /// periods (not counting the current window).
-    pub fn is_returning(&self, client: u64) -> bool {
-        self.seen.contains(client)
-    }
-
-    pub fn last_verdict(&self) -> Option<&Verdict> {
-        self.last.as_ref()
-    }
-
-    /// Closes the window: classifies it, updates the baseline and attack
-    /// mode, and starts the next window.
-    pub fn tick(&mut self) -> (Verdict, Option<Transition>) {
-        let s = &self.settings;
+    /// Classifies the window; `attack` is whether attack mode is on.
+    fn close(&mut self, s: &Settings, attack: bool) -> ScopeVerdict {
         let n = self.requests.max(1) as f64;
         let rate = self.requests as f64 / s.window;
         let baseline = self.baseline.value();
@@ -443,11 +433,16 @@ impl Detector {
                 Kind::Attack
             }
         };
+        if let Some(name) = &self.name {
+            for reason in &mut reasons {
+                *reason = format!("route {name}: {reason}");
+            }
+        }
 
         // The baseline learns only from windows that look legitimate and
         // only outside attack mode, so an attack never becomes the new
         // normal (a lasting flash crowd slowly does).
-        if clean && !self.attack {
+        if clean && !attack {
             self.baseline.update(rate, s.window);
             self.baseline_clients.update(distinct_clients, s.window);
         }
@@ -459,6 +454,133 @@ impl Detector {
             s.min_rate / 10.0
         };
         let heavy = (5.0 * typical * s.window).max(1.0);
+        let top_sources = top
+            .iter()
+            .filter(|(_, count)| *count as f64 >= heavy)
+            .map(|(k, _)| *k)
+            .collect();
+        self.requests = 0;
+        self.new_clients = 0;
+        self.cookieless = 0;
+        self.sources.clear();
+        self.signatures.clear();
+        self.distinct.clear();
+        ScopeVerdict {
+            kind,
+            reasons,
+            rate,
+            baseline,
+            distinct_clients,
+            top_sources_share,
+            top_signature_share,
+            new_client_share,
+            cookieless_share,
+            top_sources,
+        }
+    }
+}
+
+/// The detector: counts samples into the current window, globally and per
+/// route, and classifies each window when it closes. A window is an
+/// attack if the whole proxy's traffic or any one route's is.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    settings: Settings,
+    global: Scope,
+    routes: Vec<Scope>,
+    seen: SeenFilter,
+    windows: u64,
+    attack: bool,
+    attack_windows: u32,
+    calm_windows: u32,
+    last: Option<Verdict>,
+}
+
+impl Detector {
+    /// A detector of the whole proxy's traffic only.
+    pub fn new(settings: Settings) -> Detector {
+        Detector::with_routes(settings, Vec::new())
+    }
+
+    /// A detector that also judges each named route alone (samples carry
+    /// the route's index in this list).
+    pub fn with_routes(settings: Settings, routes: Vec<String>) -> Detector {
+        Detector {
+            global: Scope::new(None, &settings),
+            routes: routes.into_iter().map(|r| Scope::new(Some(r), &settings)).collect(),
+            settings,
+            seen: SeenFilter::default(),
+            windows: 0,
+            attack: false,
+            attack_windows: 0,
+            calm_windows: 0,
+            last: None,
+        }
+    }
+
+    pub fn observe(&mut self, sample: Sample) {
+        let new = !self.seen.contains(sample.client);
+        self.global.observe(&sample, new);
+        if let Some(route) = sample.route.and_then(|r| self.routes.get_mut(r)) {
+            route.observe(&sample, new);
+        }
+        self.seen.insert(sample.client);
+    }
+
+    pub fn in_attack(&self) -> bool {
+        self.attack
+    }
+
+    /// Whether `client` was seen in a calm window of the last one or two
+    /// periods (not counting the current window).
+    pub fn is_returning(&self, client: u64) -> bool {
+        self.seen.contains(client)
+    }
+
+    pub fn last_verdict(&self) -> Option<&Verdict> {
+        self.last.as_ref()
+    }
+
+    /// Closes the window: classifies it (globally and per route), updates
+    /// the baselines and attack mode, and starts the next window.
+    pub fn tick(&mut self) -> (Verdict, Option<Transition>) {
+        let s = &self.settings;
+        let global = self.global.close(s, self.attack);
+        let routes: Vec<ScopeVerdict> = self.routes.iter_mut().map(|r| r.close(s, self.attack)).collect();
+
+        // The whole proxy's verdict, with the routes' attacks added: their
+        // reasons (named by route) and their heavy sources.
+        let mut kind = global.kind;
+        let mut reasons = global.reasons;
+        let mut top_sources = if global.kind == Kind::Attack {
+            global.top_sources
+        } else {
+            Vec::new()
+        };
+        for route in routes {
+            match route.kind {
+                Kind::Attack => {
+                    if kind != Kind::Attack {
+                        // The route's attack is the story; a global flash
+                        // crowd reason would only confuse it.
+                        reasons.clear();
+                    }
+                    kind = Kind::Attack;
+                    reasons.extend(route.reasons);
+                    for source in route.top_sources {
+                        if !top_sources.contains(&source) {
+                            top_sources.push(source);
+                        }
+                    }
+                }
+                Kind::FlashCrowd if kind == Kind::Normal => {
+                    kind = Kind::FlashCrowd;
+                    reasons.extend(route.reasons);
+                }
+                _ => {}
+            }
+        }
+
         let transition = if kind == Kind::Attack {
             self.attack_windows += 1;
             self.calm_windows = 0;
@@ -478,18 +600,14 @@ impl Detector {
         let verdict = Verdict {
             kind,
             reasons,
-            rate,
-            baseline,
-            distinct_clients,
-            top_sources_share,
-            top_signature_share,
-            new_client_share,
-            cookieless_share,
-            top_sources: top
-                .iter()
-                .filter(|(_, count)| *count as f64 >= heavy)
-                .map(|(k, _)| *k)
-                .collect(),
+            rate: global.rate,
+            baseline: global.baseline,
+            distinct_clients: global.distinct_clients,
+            top_sources_share: global.top_sources_share,
+            top_signature_share: global.top_signature_share,
+            new_client_share: global.new_client_share,
+            cookieless_share: global.cookieless_share,
+            top_sources,
         };
         // Clients of attack windows are not remembered as returning.
         self.seen.commit(kind != Kind::Attack && !self.attack);
@@ -497,12 +615,6 @@ impl Detector {
         if self.windows % u64::from(s.seen_generation.max(1)) == 0 {
             self.seen.rotate();
         }
-        self.requests = 0;
-        self.new_clients = 0;
-        self.cookieless = 0;
-        self.sources.clear();
-        self.signatures.clear();
-        self.distinct.clear();
         self.last = Some(verdict.clone());
         (verdict, transition)
     }

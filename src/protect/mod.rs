@@ -81,7 +81,7 @@ pub fn check_request(
         if bans.is_banned(client, now_ms) {
             if bans.enforced() {
                 *protection = Some("banned");
-                return Err(ProxyError::Forbidden);
+                return Err(ProxyError::Banned);
             }
             *protection = Some("shadow_banned");
         }
@@ -97,6 +97,7 @@ pub fn check_request(
             client: client_key,
             signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
             has_cookie: req.headers().contains_key(header::COOKIE),
+            route: Some(route_index),
         });
         if adaptive.in_attack() {
             let enforce = adaptive.config.mode == ProtectMode::Enforce;

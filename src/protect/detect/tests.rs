@@ -27,6 +27,7 @@ fn normal_window(d: &mut Detector, rate: u64, offset: u64) {
             client: h(1_000_000 + (i + offset) % 200),
             signature: h(2_000_000 + (i * 7 + offset) % 40),
             has_cookie: true,
+            route: None,
         });
     }
 }
@@ -131,6 +132,7 @@ fn a_flash_crowd_of_varied_clients_is_legitimate() {
                 client: h(5_000_000 + (w * 1000 + i) % 2000),
                 signature: h(6_000_000 + i % 300),
                 has_cookie: i % 3 == 0,
+                route: None,
             });
         }
         let (v, t) = d.tick();
@@ -152,6 +154,7 @@ fn eight_sources_at_a_high_rate_are_an_attack() {
                 client: h(7_000_000 + i % 8),
                 signature: h(8_000_000 + i % 20),
                 has_cookie: false,
+                route: None,
             });
         }
         let (v, t) = d.tick();
@@ -188,6 +191,7 @@ fn two_hundred_sources_with_one_signature_are_an_attack() {
                 client: h(9_000_000 + i % 200),
                 signature: h(42),
                 has_cookie: false,
+                route: None,
             });
         }
         let (v, _) = d.tick();
@@ -219,6 +223,7 @@ fn hysteresis_needs_consecutive_windows_both_ways() {
                 client: h(7_000_000 + i % 4),
                 signature: h(1),
                 has_cookie: false,
+                route: None,
             });
         }
     };
@@ -262,6 +267,7 @@ fn the_baseline_does_not_learn_from_attacks() {
                 client: h(7_000_000 + i % 8),
                 signature: h(1),
                 has_cookie: false,
+                route: None,
             });
         }
         d.tick();
@@ -285,6 +291,7 @@ fn quiet_traffic_is_never_a_spike() {
                 client: h(1),
                 signature: h(1),
                 has_cookie: false,
+                route: None,
             });
         }
         assert_eq!(d.tick().0.kind, Kind::Normal);
@@ -301,6 +308,7 @@ fn an_ordinary_client_beside_a_few_heavy_sources_is_not_a_suspect() {
             client: h(7_000_000 + i % 8),
             signature: h(1),
             has_cookie: false,
+            route: None,
         });
     }
     for _ in 0..2 {
@@ -308,6 +316,7 @@ fn an_ordinary_client_beside_a_few_heavy_sources_is_not_a_suspect() {
             client: h(1_000_000),
             signature: h(2_000_000),
             has_cookie: true,
+            route: None,
         });
     }
     let (v, _) = d.tick();
@@ -317,4 +326,99 @@ fn an_ordinary_client_beside_a_few_heavy_sources_is_not_a_suspect() {
         !v.top_sources.contains(&h(1_000_000)),
         "the ordinary client is not named"
     );
+}
+
+/// A window of the two-route site below: `busy` requests/s on route 0
+/// from 500 returning clients and 10/s on the small route 1 (the login
+/// page) from 50 of them, plus `attack` requests from 8 sources on route
+/// 1.
+fn two_route_window(d: &mut Detector, busy: u64, attack: u64, offset: u64) {
+    for i in 0..busy {
+        d.observe(Sample {
+            client: h(1_000_000 + (i + offset) % 500),
+            signature: h(2_000_000 + (i * 7 + offset) % 40),
+            has_cookie: true,
+            route: Some(0),
+        });
+    }
+    for i in 0..10 {
+        d.observe(Sample {
+            client: h(1_000_000 + (i * 10 + offset) % 50),
+            signature: h(3_000_000 + i % 3),
+            has_cookie: true,
+            route: Some(1),
+        });
+    }
+    for i in 0..attack {
+        d.observe(Sample {
+            client: h(9_000_000 + i % 8),
+            signature: h(3_000_000),
+            has_cookie: false,
+            route: Some(1),
+        });
+    }
+}
+
+#[test]
+fn an_attack_on_one_small_route_is_seen_although_the_global_rate_barely_moves() {
+    let mut d = Detector::with_routes(settings(), vec!["site".into(), "login".into()]);
+    for w in 0..20 {
+        two_route_window(&mut d, 1000, 0, w);
+        let (v, t) = d.tick();
+        assert_ne!(v.kind, Kind::Attack, "window {w}: {:?}", v.reasons);
+        assert!(t.is_none());
+    }
+    // 8 sources send 240 requests/s to the login route: the whole site
+    // goes from 1,010 to 1,250 requests/s (no spike), the route from 10
+    // to 250.
+    two_route_window(&mut d, 1000, 240, 100);
+    let (v, t) = d.tick();
+    assert_eq!(v.kind, Kind::Attack, "{:?}", v.reasons);
+    assert!(t.is_none(), "enter_after is 2");
+    assert!(
+        v.reasons.iter().any(|r| r.starts_with("route login: few sources")),
+        "{:?}",
+        v.reasons
+    );
+    assert!(
+        v.rate < 3.0 * v.baseline,
+        "globally no spike: {} vs {}",
+        v.rate,
+        v.baseline
+    );
+    assert_eq!(v.top_sources.len(), 8, "the attackers, found on the route");
+    two_route_window(&mut d, 1000, 240, 101);
+    let (_, t) = d.tick();
+    assert!(matches!(t, Some(Transition::Entered(_))));
+
+    // The same numbers with only the global judgement: nothing seen.
+    let mut global_only = Detector::new(settings());
+    for w in 0..20 {
+        two_route_window(&mut global_only, 1000, 0, w);
+        global_only.tick();
+    }
+    two_route_window(&mut global_only, 1000, 240, 100);
+    assert_eq!(global_only.tick().0.kind, Kind::Normal);
+}
+
+#[test]
+fn a_flash_crowd_on_one_route_is_not_an_attack() {
+    let mut d = Detector::with_routes(settings(), vec!["site".into(), "sale".into()]);
+    for w in 0..20 {
+        two_route_window(&mut d, 200, 0, w);
+        d.tick();
+    }
+    // 3,000 new visitors with cookies and varied requests on the sale page.
+    for i in 0..3000u64 {
+        d.observe(Sample {
+            client: h(5_000_000 + i),
+            signature: h(6_000_000 + i % 300),
+            has_cookie: true,
+            route: Some(1),
+        });
+    }
+    two_route_window(&mut d, 200, 0, 100);
+    let (v, t) = d.tick();
+    assert_eq!(v.kind, Kind::FlashCrowd, "{:?}", v.reasons);
+    assert!(t.is_none());
 }
