@@ -189,7 +189,9 @@ async fn forward(
         }
     }
 
-    crate::protect::check_load(&req, conn, snapshot, route.upstream, route_index, &mut trace.protection)?;
+    // Held until the response head arrives (or the exchange fails).
+    let shed_wait =
+        crate::protect::check_load(&req, conn, snapshot, route.upstream, route_index, &mut trace.protection)?;
 
     let upstream = &snapshot.upstreams[route.upstream];
     let upgrade = kind != Exchange::Plain;
@@ -342,7 +344,7 @@ async fn forward(
                     servers[index].response.observe(latency.as_secs_f64());
                 }
                 if let Some(Some(shedder)) = snapshot.shedders.get(route.upstream) {
-                    shedder.sample(latency, upstream.in_flight());
+                    shedder.sample(latency, response.status().as_u16());
                 }
                 trace.upstream_header = Some(latency);
                 break (response, lease, guard, index);
@@ -406,6 +408,7 @@ async fn forward(
     };
 
     // respond
+    drop(shed_wait);
     trace.server = Some((route.upstream, chosen));
     let status = response.status();
     let tunnel = match kind {

@@ -44,7 +44,7 @@ pub struct Snapshot {
     pub adaptive: Option<Adaptive>,
     /// Each upstream group's load shedding, when `[protect.load_shedding]`
     /// is on (same order as `upstreams`).
-    pub shedders: Vec<Option<Shedder>>,
+    pub shedders: Vec<Option<Arc<Shedder>>>,
     /// Temporary bans, when `[protect.bans]` is on (the same FIXME as
     /// `challenge` applies to reloads: bans must be carried over).
     pub bans: Option<Arc<Bans>>,
@@ -108,7 +108,7 @@ impl Snapshot {
             .map(|a| Adaptive::new(a, config.routes.iter().map(|r| r.name.clone()).collect()));
         let shedders = upstreams
             .iter()
-            .map(|_| config.protect.load_shedding.as_ref().map(Shedder::new))
+            .map(|_| config.protect.load_shedding.as_ref().map(|c| Arc::new(Shedder::new(c))))
             .collect();
         let bans = config
             .protect

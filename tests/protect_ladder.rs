@@ -334,6 +334,18 @@ async fn the_proxy_protocol_names_the_client_for_trusted_balancers_only() {
     .await;
     assert_eq!(status_of(&denied), 403, "{denied}");
 
+    // UNKNOWN keeps the balancer's address but not its trust: the
+    // client's own X-Forwarded-For is not believed.
+    let unknown = exchange_from(
+        balancer,
+        proxy.addr,
+        b"PROXY UNKNOWN\r\nGET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 198.51.100.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&unknown), 200, "{unknown}");
+    assert!(unknown.contains("x-forwarded-for: 127.0.0.1\n"), "{unknown}");
+    assert!(!unknown.contains("198.51.100.1"), "{unknown}");
+
     // No header, a broken one, or a header from an untrusted peer: closed
     // without an answer, and the origin never asked.
     let before = origin.requests();
@@ -610,5 +622,33 @@ async fn an_empty_data_frame_flood_gets_goaway_enhance_your_calm() {
         !reports.contains(&(http::Method::POST, true)),
         "the origin never got a whole body: {reports:?}"
     );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_banned_http2_client_loses_its_connection() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let audit = dir.path().join("audit.jsonl");
+    let proxy = start_proxy(&config(origin.addr, RATE_LIMIT, &bans("enforce", &audit))).await;
+    let stream = tcp_from(IpAddr::from([127, 0, 0, 34]), proxy.addr).await;
+    let (mut c, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let req = Request::get("http://a/").body(empty()).expect("request");
+        statuses.push(read(c.send_ready(req).await.expect("send")).await.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 429, 429, 429, 403]);
+    // GOAWAY after the 403: the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(ended.is_ok(), "the banned client's HTTP/2 connection was closed");
     proxy.shutdown().await;
 }

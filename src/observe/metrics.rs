@@ -378,7 +378,7 @@ impl Metrics {
             }
         }
         if let Some(bans) = &snapshot.bans {
-            self.bans_active.set(bans.list(now).len() as i64);
+            self.bans_active.set(bans.active_count(now) as i64);
         }
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {

@@ -11,10 +11,11 @@
 //! proxies themselves are never banned.
 //!
 //! Memory is bounded: at most `max_tracked` clients (striking or banned)
-//! are kept; beyond that new strikers are not tracked until housekeeping
-//! frees room. The table is sharded so floods from many sources do not
-//! contend on one lock. Time is passed in (milliseconds), so the tests
-//! need no clock.
+//! are kept, split evenly over 16 shards (so floods from many sources do
+//! not contend on one lock). When a shard is full, a new striker takes the
+//! place of a client that is only striking, never of a banned one: filling
+//! the table with single strikes from many addresses cannot stop the next
+//! ban. Time is passed in (milliseconds), so the tests need no clock.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -99,9 +100,18 @@ impl Bans {
         self.config.mode == ProtectMode::Enforce
     }
 
-    /// Whether `ip` is banned at `now` (milliseconds).
+    fn exempt(&self, ip: IpAddr) -> bool {
+        self.exempt.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether `ip` is banned at `now` (milliseconds). A trusted proxy
+    /// never is, even inside a banned IPv6 /64.
     pub fn is_banned(&self, ip: IpAddr, now: u64) -> bool {
         if self.banned.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let ip = ip.to_canonical();
+        if self.exempt(ip) {
             return false;
         }
         let key = ban_key(ip);
@@ -114,7 +124,7 @@ impl Bans {
     /// Counts one strike against `ip` at `now`.
     pub fn strike(&self, ip: IpAddr, now: u64) -> Strike {
         let ip = ip.to_canonical();
-        if self.exempt.iter().any(|net| net.contains(&ip)) {
+        if self.exempt(ip) {
             return Strike::Ignored;
         }
         let key = ban_key(ip);
@@ -122,16 +132,25 @@ impl Bans {
         let Ok(mut shard) = self.shard(key).lock() else {
             return Strike::Ignored;
         };
-        let entry = match shard.get_mut(&key) {
-            Some(entry) => entry,
-            None => {
-                if self.tracked.load(Ordering::Relaxed) >= self.config.max_tracked {
-                    return Strike::Ignored;
+        if !shard.contains_key(&key) {
+            let per_shard = (self.config.max_tracked / SHARDS).max(1);
+            if shard.len() >= per_shard {
+                // Make room from a client that is only striking.
+                let victim = shard
+                    .iter()
+                    .find(|(_, e)| matches!(e, Entry::Striking { .. }))
+                    .map(|(k, _)| *k);
+                match victim {
+                    Some(victim) => {
+                        shard.remove(&victim);
+                    }
+                    None => return Strike::Ignored,
                 }
+            } else {
                 self.tracked.fetch_add(1, Ordering::Relaxed);
-                shard.entry(key).or_insert(Entry::Striking { since: now, strikes: 0 })
             }
-        };
+        }
+        let entry = shard.entry(key).or_insert(Entry::Striking { since: now, strikes: 0 });
         match entry {
             Entry::Banned { until } if *until > now => Strike::Ignored,
             Entry::Banned { .. } => {
@@ -199,6 +218,23 @@ impl Bans {
             }
             None => false,
         }
+    }
+
+    /// How many bans are in force at `now` (for the metrics gauge).
+    pub fn active_count(&self, now: u64) -> usize {
+        if self.banned.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.shards
+            .iter()
+            .filter_map(|shard| shard.lock().ok())
+            .map(|shard| {
+                shard
+                    .values()
+                    .filter(|e| matches!(e, Entry::Banned { until } if *until > now))
+                    .count()
+            })
+            .sum()
     }
 
     /// The bans in force at `now`.
@@ -341,11 +377,41 @@ mod tests {
         for i in 0..5000u32 {
             b.strike(IpAddr::from((0xC000_0000u32 + i).to_be_bytes()), 0);
         }
-        assert_eq!(b.tracked(), 1000, "never more than max_tracked");
+        assert!(b.tracked() <= 1000, "never more than max_tracked: {}", b.tracked());
         b.housekeeping(20_000);
         assert_eq!(b.tracked(), 0, "stale strike counts are dropped");
         b.strike(ip("192.0.2.1"), 20_000);
         assert_eq!(b.tracked(), 1);
+    }
+
+    #[test]
+    fn a_full_table_still_bans_the_next_flooder() {
+        let b = bans(3);
+        // One strike each from 100,000 addresses fills every shard.
+        for i in 0..100_000u32 {
+            b.strike(IpAddr::from((0xC000_0000u32 + i).to_be_bytes()), 0);
+        }
+        let flooder = ip("198.51.100.9");
+        for _ in 0..3 {
+            b.strike(flooder, 1);
+        }
+        assert!(b.is_banned(flooder, 2), "a full table does not stop a ban");
+        assert!(b.tracked() <= 1000);
+    }
+
+    #[test]
+    fn a_trusted_proxy_inside_a_banned_64_is_not_refused() {
+        let b = Bans::new(
+            &BanConfig {
+                strikes: 1,
+                ..BanConfig::default()
+            },
+            &["2001:db8::10/128".parse().expect("net")],
+        );
+        assert_eq!(b.strike(ip("2001:db8::99"), 0), Strike::Banned);
+        assert!(b.is_banned(ip("2001:db8::98"), 1), "the /64 is banned");
+        assert!(!b.is_banned(ip("2001:db8::10"), 1), "but not the trusted proxy in it");
+        assert_eq!(b.active_count(1), 1);
     }
 
     #[test]

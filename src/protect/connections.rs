@@ -207,31 +207,46 @@ impl ConnTable {
                 return Err(Refusal::NewConnectionRate);
             }
         }
+        // The per-IP cap first: a client at its cap must not make room by
+        // evicting someone else's connection.
+        if let Some(max) = self.max_per_ip {
+            let Ok(mut map) = self.per_ip.lock() else {
+                return Err(Refusal::MaxConnectionsPerIp);
+            };
+            let count = map.entry(ip).or_insert(0);
+            if *count >= max {
+                return Err(Refusal::MaxConnectionsPerIp);
+            }
+            *count += 1;
+        }
         let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
         // Over the cap, a quiet connection makes room (the count stays one
         // over until it has closed).
         if self.max_total.is_some_and(|max| total > max) && !self.evict_one() {
             self.total.fetch_sub(1, Ordering::AcqRel);
+            self.release_ip(ip);
             return Err(Refusal::MaxConnections);
-        }
-        if let Some(max) = self.max_per_ip {
-            let Ok(mut map) = self.per_ip.lock() else {
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refusal::MaxConnectionsPerIp);
-            };
-            let count = map.entry(ip).or_insert(0);
-            if *count >= max {
-                drop(map);
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refusal::MaxConnectionsPerIp);
-            }
-            *count += 1;
         }
         Ok(ConnSlot {
             table: self.clone(),
             ip,
             activity: self.register(),
         })
+    }
+
+    /// Gives back one of `ip`'s places under the per-IP cap.
+    fn release_ip(&self, ip: IpAddr) {
+        if self.max_per_ip.is_none() {
+            return;
+        }
+        if let Ok(mut map) = self.per_ip.lock() {
+            if let Some(count) = map.get_mut(&ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    map.remove(&ip);
+                }
+            }
+        }
     }
 
     /// Connections open now.
@@ -267,16 +282,7 @@ impl Drop for ConnSlot {
             self.table.unregister(activity);
         }
         self.table.total.fetch_sub(1, Ordering::AcqRel);
-        if self.table.max_per_ip.is_some() {
-            if let Ok(mut map) = self.table.per_ip.lock() {
-                if let Some(count) = map.get_mut(&self.ip) {
-                    *count -= 1;
-                    if *count == 0 {
-                        map.remove(&self.ip);
-                    }
-                }
-            }
-        }
+        self.table.release_ip(self.ip);
     }
 }
 
@@ -358,6 +364,25 @@ mod tests {
             2,
             "the registry forgets closed ones"
         );
+    }
+
+    #[test]
+    fn a_client_at_its_own_cap_never_evicts_anyone() {
+        let t = ConnTable::new(&ProtectConfig {
+            max_connections: Some(2),
+            max_connections_per_ip: Some(1),
+            evict_idle_after: Some(Duration::ZERO),
+            ..ProtectConfig::default()
+        });
+        let _a = t.admit(ip(2)).expect("1");
+        let other = t.admit(ip(3)).expect("2");
+        assert_eq!(t.admit(ip(2)).err(), Some(Refusal::MaxConnectionsPerIp));
+        assert!(
+            !other.activity().expect("registered").evicting.load(Ordering::Relaxed),
+            "the refused client made no room at anyone's expense"
+        );
+        assert_eq!(t.open(), 2);
+        assert_eq!(t.per_ip.lock().expect("lock").get(&ip(2)), Some(&1));
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub fn check_request(
         if bans.is_banned(client, now_ms) {
             if bans.enforced() {
                 *protection = Some("banned");
+                // Over HTTP/2 too, the connection ends (GOAWAY): the next
+                // one meets the ban at accept.
+                conn.close.notify_one();
                 return Err(ProxyError::Banned);
             }
             *protection = Some("shadow_banned");
@@ -125,7 +128,11 @@ pub fn check_request(
     if let Some(limit) = limiter {
         if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
             *protection = Some("rate_limited");
-            strike(snapshot, client, now_ms);
+            // Only a limit of the address itself is the address's doing;
+            // a shared prefix, API key or cookie could strike neighbours.
+            if limit.config_key() == &crate::config::RateKey::ClientIp {
+                strike(snapshot, client, now_ms);
+            }
             return Err(ProxyError::RateLimited {
                 retry_after: retry_after(wait),
             });
@@ -145,11 +152,13 @@ pub fn check_request(
     Ok(None)
 }
 
-/// The `admit` phase's load shedding: when the upstream group is at its
-/// adaptive concurrency limit, untrusted clients are answered `503` at
-/// once; trusted ones (seen before the spike, or with a valid challenge
-/// cookie) may use the reserve. Only consulted when the group is past
-/// the untrusted share of its limit, so a calm proxy pays one atomic load.
+/// The `admit` phase's load shedding: when the upstream group has as
+/// many requests waiting for response headers as its adaptive concurrency
+/// limit allows, untrusted clients are answered `503` at once; trusted
+/// ones (seen before the spike, or with a valid challenge cookie) may use
+/// the reserve. Only past the untrusted share of the limit is the client
+/// looked at, so a calm proxy pays two atomic loads. An admitted request
+/// counts as waiting until the returned guard is dropped.
 pub fn check_load(
     req: &Request<Incoming>,
     conn: &ConnInfo,
@@ -157,16 +166,13 @@ pub fn check_load(
     upstream_index: usize,
     route_index: usize,
     protection: &mut Option<&'static str>,
-) -> Result<(), ProxyError> {
+) -> Result<Option<shedding::Waiting>, ProxyError> {
     let Some(Some(shedder)) = snapshot.shedders.get(upstream_index) else {
-        return Ok(());
+        return Ok(None);
     };
-    let Some(upstream) = snapshot.upstreams.get(upstream_index) else {
-        return Ok(());
-    };
-    let in_flight = upstream.in_flight();
-    if shedder.admits(in_flight, false) {
-        return Ok(());
+    let waiting = shedder.waiting();
+    if shedder.admits(waiting, false) {
+        return Ok(Some(shedder.wait()));
     }
     let client = client_of(req, conn, snapshot);
     let route = &snapshot.config.routes[route_index];
@@ -178,8 +184,8 @@ pub fn check_load(
             .as_ref()
             .is_some_and(|a| a.is_returning(adaptive::client_hash(client)))
         || has_valid_cookie(req, snapshot, client);
-    if shedder.admits(in_flight, trusted) {
-        return Ok(());
+    if shedder.admits(waiting, trusted) {
+        return Ok(Some(shedder.wait()));
     }
     if shedder.mode == ProtectMode::Enforce {
         *protection = Some("shed");
@@ -190,7 +196,7 @@ pub fn check_load(
     if protection.is_none() {
         *protection = Some("shadow_shed");
     }
-    Ok(())
+    Ok(Some(shedder.wait()))
 }
 
 /// The client as protection sees it: the peer, or the address a trusted

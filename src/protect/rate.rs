@@ -113,6 +113,11 @@ impl RouteLimiter {
         }
     }
 
+    /// What the limit counts by.
+    pub fn config_key(&self) -> &RateKey {
+        &self.key
+    }
+
     /// The key of a request. A request without the configured header or
     /// cookie is counted by its client IP, so leaving it out is no way
     /// around the limit.

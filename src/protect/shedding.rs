@@ -29,18 +29,21 @@ use crate::config::{LoadSheddingConfig, ProtectMode};
 /// The latency-gradient estimator of a concurrency limit.
 ///
 /// It keeps a fast average of response latency (`short`) and the no-load
-/// baseline (`long`): the lowest `short` seen. Each sample moves the limit
-/// toward `limit * gradient + sqrt(limit)`, with `gradient = tolerance *
-/// long / short` clamped to 0.5..=1: while the origin answers within
-/// tolerance the limit grows by about `sqrt(limit)`; once latency passes
-/// it, the limit shrinks in proportion. The `sqrt(limit)` term is the
-/// queue the origin may hold; the limit settles where latency is a little
-/// above `tolerance x baseline`.
+/// baseline: the lowest of the mean latencies of the last
+/// [`BASELINE_WINDOWS`] one-second windows (means over whole windows, so
+/// a few fast answers do not make a low baseline). Each sample moves the
+/// limit toward `limit * gradient + sqrt(limit)`, with `gradient =
+/// tolerance * baseline / short` clamped to 0.5..=1: while the origin
+/// answers within tolerance the limit grows by about `sqrt(limit)`; once
+/// latency passes it, the limit shrinks in proportion. The `sqrt(limit)`
+/// term is the queue the origin may hold; the limit settles where latency
+/// is a little above `tolerance x baseline`.
 ///
-/// The baseline never drifts up under load (a sustained attack must not
-/// become the new normal). It is learned again only when the limit is at
-/// its floor and latency is still past tolerance: so few requests cannot
-/// overload the origin, so the origin itself became slower.
+/// A sustained overload becomes the baseline only after it has lasted
+/// `BASELINE_WINDOWS` windows. Sooner, when the limit is at its floor and
+/// latency is still past tolerance (so few requests cannot be what slows
+/// the origin: it became slower by itself), the baseline is learned again
+/// from the current latency. Time is passed in (seconds), no clock is read.
 #[derive(Debug, Clone)]
 pub struct Gradient {
     limit: f64,
@@ -48,15 +51,23 @@ pub struct Gradient {
     max: f64,
     tolerance: f64,
     short: Option<f64>,
-    long: Option<f64>,
+    /// Mean latency of each closed window, oldest first.
+    windows: std::collections::VecDeque<f64>,
+    window_start: f64,
+    window_sum: f64,
+    window_count: u32,
 }
 
 /// How far each sample moves the limit toward its target.
 const SMOOTHING: f64 = 0.2;
 /// Weight of one sample in the fast latency average.
-const SHORT_WEIGHT: f64 = 0.2;
+const SHORT_WEIGHT: f64 = 0.1;
 /// A timed-out request shrinks the limit by this factor.
 const TIMEOUT_BACKOFF: f64 = 0.9;
+/// Windows (one second each) the baseline remembers.
+pub const BASELINE_WINDOWS: usize = 60;
+/// Samples a window needs to count.
+const WINDOW_MIN_SAMPLES: u32 = 10;
 
 impl Gradient {
     pub fn new(initial: u32, min: u32, max: u32, tolerance: f64) -> Gradient {
@@ -67,7 +78,10 @@ impl Gradient {
             max,
             tolerance: tolerance.max(1.0),
             short: None,
-            long: None,
+            windows: std::collections::VecDeque::with_capacity(BASELINE_WINDOWS),
+            window_start: 0.0,
+            window_sum: 0.0,
+            window_count: 0,
         }
     }
 
@@ -75,10 +89,16 @@ impl Gradient {
         self.limit as u32
     }
 
-    /// One response's latency (seconds), with the group's requests in
-    /// flight when it arrived; returns the new limit.
-    pub fn sample(&mut self, latency: f64, in_flight: u32) -> u32 {
-        if !latency.is_finite() || latency < 0.0 {
+    /// The no-load latency estimate, if any window has closed.
+    pub fn baseline(&self) -> Option<f64> {
+        self.windows.iter().copied().reduce(f64::min)
+    }
+
+    /// One response's latency (seconds) at `now` (seconds on any steady
+    /// clock), with the group's requests waiting for headers when it
+    /// arrived; returns the new limit.
+    pub fn sample(&mut self, latency: f64, in_flight: u32, now: f64) -> u32 {
+        if !latency.is_finite() || latency < 0.0 || !now.is_finite() {
             return self.limit();
         }
         let latency = latency.max(1e-6);
@@ -87,12 +107,26 @@ impl Gradient {
             Some(s) => s + SHORT_WEIGHT * (latency - s),
         };
         self.short = Some(short);
-        let long = self.long.map_or(short, |l| l.min(short));
-        self.long = Some(long);
-        let gradient = (self.tolerance * long / short).clamp(0.5, 1.0);
+        if now - self.window_start >= 1.0 {
+            if self.window_count >= WINDOW_MIN_SAMPLES {
+                if self.windows.len() == BASELINE_WINDOWS {
+                    self.windows.pop_front();
+                }
+                self.windows.push_back(self.window_sum / f64::from(self.window_count));
+            }
+            self.window_start = now;
+            self.window_sum = 0.0;
+            self.window_count = 0;
+        }
+        self.window_sum += latency;
+        self.window_count += 1;
+        // Before the first window closes, the fast average stands in.
+        let baseline = self.baseline().unwrap_or(short);
+        let gradient = (self.tolerance * baseline / short).clamp(0.5, 1.0);
         if gradient < 1.0 && self.limit <= self.min {
             // At the floor and still slow: the origin's own speed changed.
-            self.long = Some(short);
+            self.windows.clear();
+            self.windows.push_back(short);
             return self.limit();
         }
         // Growing needs evidence that the limit is what holds traffic
@@ -117,6 +151,12 @@ pub struct Shedder {
     pub mode: ProtectMode,
     /// The current limit, read by every request.
     limit: AtomicU32,
+    /// Requests admitted and waiting for their response headers. Only
+    /// these count against the limit: a response streaming a long body
+    /// (a download, server-sent events, a client that stopped reading)
+    /// no longer loads the origin the way a waiting request does.
+    waiting: AtomicU32,
+    clock: std::time::Instant,
     gradient: Mutex<Gradient>,
     /// Share of the limit only trusted clients may use.
     reserve: f64,
@@ -134,6 +174,8 @@ impl Shedder {
         Shedder {
             mode: config.mode,
             limit: AtomicU32::new(gradient.limit()),
+            waiting: AtomicU32::new(0),
+            clock: std::time::Instant::now(),
             gradient: Mutex::new(gradient),
             reserve: config.reserve,
             retry_after: config.retry_after.as_secs().max(1) as u32,
@@ -157,9 +199,27 @@ impl Shedder {
         in_flight < if trusted { self.limit() } else { self.open_limit() }
     }
 
-    pub fn sample(&self, latency: Duration, in_flight: u32) {
+    /// Requests waiting for their response headers now.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Counts an admitted request as waiting until the guard is dropped
+    /// (when its response headers arrived or it failed).
+    pub fn wait(self: &std::sync::Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self.clone())
+    }
+
+    /// One response head after `latency`. Only 2xx and 3xx answers teach
+    /// the limit: errors are often fast and would make a low baseline.
+    pub fn sample(&self, latency: Duration, status: u16) {
+        if !(200..400).contains(&status) {
+            return;
+        }
+        let now = self.clock.elapsed().as_secs_f64();
         if let Ok(mut g) = self.gradient.lock() {
-            let limit = g.sample(latency.as_secs_f64(), in_flight);
+            let limit = g.sample(latency.as_secs_f64(), self.waiting(), now);
             self.limit.store(limit, Ordering::Relaxed);
         }
     }
@@ -172,6 +232,15 @@ impl Shedder {
     }
 }
 
+/// A request counted as waiting for its response headers.
+pub struct Waiting(std::sync::Arc<Shedder>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,14 +249,21 @@ mod tests {
     /// the load above its capacity (a queue): `base` seconds up to
     /// `capacity` requests in flight, then proportionally more. The
     /// offered load keeps the limit full. Returns the last limit.
+    /// ... 100 samples a second, time running on from `g`'s last sample.
     fn run(g: &mut Gradient, n: usize, base: f64, capacity: f64) -> u32 {
         let mut limit = g.limit();
         for _ in 0..n {
             let in_flight = f64::from(limit);
             let latency = base * (in_flight / capacity).max(1.0);
-            limit = g.sample(latency, limit);
+            limit = tick(g, latency, limit);
         }
         limit
+    }
+
+    /// One sample, 10 ms after the previous one.
+    fn tick(g: &mut Gradient, latency: f64, in_flight: u32) -> u32 {
+        let now = g.window_start + 0.01 * f64::from(g.window_count);
+        g.sample(latency, in_flight, now)
     }
 
     #[test]
@@ -202,6 +278,11 @@ mod tests {
         // Capacity 100: the limit settles where latency is about twice the
         // baseline (tolerance 2), i.e. near 2 x capacity, not at the max.
         let mut g = Gradient::new(50, 5, 5000, 2.0);
+        // Three calm seconds first (light load: the baseline is learned,
+        // the limit does not move), then load that keeps the limit full.
+        for _ in 0..300 {
+            assert_eq!(tick(&mut g, 0.002, 3), 50);
+        }
         let limit = run(&mut g, 5000, 0.002, 100.0);
         assert!((150..=300).contains(&limit), "limit {limit}");
     }
@@ -214,7 +295,8 @@ mod tests {
         // The origin becomes 10x slower at the same load: well past the
         // tolerance, the limit drops within a few dozen responses.
         for _ in 0..50 {
-            g.sample(0.010, g.limit());
+            let limit = g.limit();
+            tick(&mut g, 0.010, limit);
         }
         assert!(g.limit() < before / 4, "{before} -> {}", g.limit());
         assert!(g.limit() >= 5, "never below the minimum");
@@ -227,17 +309,32 @@ mod tests {
         // 5x slower whatever the load: the limit falls to its floor, the
         // baseline is learned again, and the limit grows back.
         for _ in 0..200 {
-            g.sample(0.005, g.limit());
+            let limit = g.limit();
+            tick(&mut g, 0.005, limit);
         }
         let limit = run(&mut g, 500, 0.005, 10_000.0);
         assert_eq!(limit, 1000, "not stuck at the floor");
     }
 
     #[test]
+    fn a_mix_of_fast_and_slow_answers_does_not_sink_the_limit() {
+        // Half the answers take 1 ms (cache hits), half 20 ms, shuffled
+        // in runs: window means are steady, so the baseline is too, and
+        // a group far below its capacity keeps its limit.
+        let mut g = Gradient::new(200, 5, 1000, 2.0);
+        for i in 0..6000u32 {
+            let latency = if (i / 7) % 2 == 0 { 0.001 } else { 0.020 };
+            let limit = g.limit();
+            tick(&mut g, latency, limit);
+        }
+        assert_eq!(g.limit(), 1000, "no overload, no shrinking");
+    }
+
+    #[test]
     fn an_idle_group_does_not_grow() {
         let mut g = Gradient::new(40, 5, 1000, 2.0);
         for _ in 0..1000 {
-            g.sample(0.001, 3);
+            tick(&mut g, 0.001, 3);
         }
         assert_eq!(g.limit(), 40, "3 in flight of 40 says nothing about capacity");
     }
@@ -256,18 +353,23 @@ mod tests {
     fn bad_samples_change_nothing() {
         let mut g = Gradient::new(100, 10, 1000, 2.0);
         for latency in [f64::NAN, f64::INFINITY, -1.0] {
-            assert_eq!(g.sample(latency, 100), 100);
+            assert_eq!(g.sample(latency, 100, 0.0), 100);
         }
+        assert_eq!(g.sample(0.001, 100, f64::NAN), 100);
     }
 
     #[test]
     fn trusted_clients_keep_the_reserve() {
-        let shedder = Shedder::new(&LoadSheddingConfig {
+        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
             initial_limit: 100,
             reserve: 0.25,
             ..LoadSheddingConfig::default()
-        });
+        }));
         assert_eq!(shedder.open_limit(), 75);
+        let waiting = shedder.wait();
+        assert_eq!(shedder.waiting(), 1);
+        drop(waiting);
+        assert_eq!(shedder.waiting(), 0);
         assert!(shedder.admits(74, false));
         assert!(!shedder.admits(75, false));
         assert!(shedder.admits(99, true));

@@ -283,6 +283,11 @@ impl Drop for InFlight {
             self.state.awaiting_head.store(true, Ordering::Relaxed);
             if let Some(a) = &self.state.activity {
                 a.quiet();
+                // A request that started meanwhile on another stream may
+                // have marked the connection busy before this: busy wins.
+                if self.state.in_flight.load(Ordering::Acquire) > 0 {
+                    a.busy();
+                }
             }
         }
     }
@@ -361,6 +366,9 @@ pub struct ConnInfo {
     pub tls: Option<(&'static str, &'static str)>,
     /// Reported to the connection table for eviction (when it is on).
     pub activity: Option<Arc<crate::protect::connections::Activity>>,
+    /// Asks the connection to close after what is in flight (a banned
+    /// client: `Connection: close` does not exist in HTTP/2, GOAWAY does).
+    pub close: tokio::sync::Notify,
 }
 
 /// Serves one accepted connection until it closes, drains or is cut.
@@ -423,6 +431,7 @@ pub(super) async fn serve<S>(
         tokio::select! {
             _ = shutdown.cancelled() => Control::Drain,
             _ = state.drain.notified() => Control::Drain,
+            _ = info.close.notified() => Control::Drain,
             _ = state.abort.notified() => Control::ResetFlood,
             _ = state.evicted() => Control::Evicted,
             _ = info.hard_stop.cancelled() => Control::Cut,

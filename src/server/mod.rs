@@ -591,8 +591,14 @@ async fn accept_loop(
             tasks: tasks.clone(),
             local: local.unwrap_or(peer),
         };
+        // The listener's own lists concern the socket's peer (with the
+        // PROXY protocol: the balancer).
+        if !runtime.ip_filter.permits(peer.ip()) {
+            accepted.refuse(peer, "ip_denied");
+            continue;
+        }
         if !runtime.proxy_protocol {
-            accepted.start(stream, peer);
+            accepted.start(stream, peer, true);
             continue;
         }
         // The peer is a load balancer that names the client in a PROXY
@@ -612,9 +618,11 @@ async fn accept_loop(
                     crate::protect::proxy_protocol::read_header(&mut stream),
                 ) => header,
             };
-            let client = match header {
-                Ok(Ok(crate::protect::proxy_protocol::ProxyHeader::Proxied { source, .. })) => source,
-                Ok(Ok(crate::protect::proxy_protocol::ProxyHeader::Unknown)) => peer,
+            // An UNKNOWN / LOCAL header keeps the balancer's address, but
+            // not its trust: the HTTP headers behind it are a client's.
+            let (client, may_trust) = match header {
+                Ok(Ok(crate::protect::proxy_protocol::ProxyHeader::Proxied { source, .. })) => (source, true),
+                Ok(Ok(crate::protect::proxy_protocol::ProxyHeader::Unknown)) => (peer, false),
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %peer, error = %e, "bad PROXY protocol header; closing");
                     accepted.refuse(peer, "proxy_protocol_invalid");
@@ -626,7 +634,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            accepted.start(stream, client);
+            accepted.start(stream, client, may_trust);
         });
     }
     // Dropping the listener here closes the socket: new connections are
@@ -667,13 +675,12 @@ impl Accepted {
 
     /// Admits a connection from `peer` (the socket's peer, or the client a
     /// PROXY protocol header named) or refuses it; an admitted connection
-    /// is served on its own task.
-    fn start(self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    /// is served on its own task. `may_trust`: the peer's forwarding
+    /// headers may be believed if it is a trusted proxy.
+    fn start(self, stream: tokio::net::TcpStream, peer: SocketAddr, may_trust: bool) {
         let runtime = &self.runtime;
-        let trusted = is_trusted(&self.snapshot, peer.ip());
-        let refused = if !runtime.ip_filter.permits(peer.ip()) {
-            Some("ip_denied")
-        } else if !trusted
+        let trusted = may_trust && is_trusted(&self.snapshot, peer.ip());
+        let refused = if !trusted
             && self
                 .snapshot
                 .load()
@@ -719,6 +726,7 @@ impl Accepted {
             hard_stop: self.hard_stop.clone(),
             tls: None,
             activity: slot.activity(),
+            close: tokio::sync::Notify::new(),
         };
         let Accepted {
             runtime,
@@ -748,8 +756,21 @@ impl Accepted {
                 let mut info = info;
                 tasks.spawn(async move {
                     let _open = (open_guard, slot);
+                    let evicted = async {
+                        match &info.activity {
+                            Some(a) => a.evicted().await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let handshake = tokio::select! {
                         _ = stop.cancelled() => return,
+                        // A stalled handshake is quiet: evictable too.
+                        _ = evicted => {
+                            if let Some(m) = &runtime.metrics {
+                                m.rejected("evicted_idle");
+                            }
+                            return;
+                        }
                         result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => result,
                     };
                     let stream = match handshake {
