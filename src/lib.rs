@@ -10,6 +10,7 @@
 //! - [`pipeline`]: the request phases, in order;
 //! - [`routing`]: host and path matching (pure);
 //! - [`forwarding`]: hop-by-hop and forwarding header rules (pure);
+//! - [`cache`]: HTTP caching rules (RFC 9111), pure;
 //! - [`upstream`]: upstream groups, name resolution, connection pools;
 //! - [`observe`]: access log, audit log, metrics, request ids;
 //! - [`protect`]: connection limits, IP lists and rate limits;
@@ -20,6 +21,7 @@
 //! - [`demo`]: built-in origins for `portcullis demo` and tests.
 
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
