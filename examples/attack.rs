@@ -370,12 +370,12 @@ async fn slow_post(proxy: SocketAddr, source: IpAddr, stop: Arc<AtomicBool>) -> 
 
 /// A browser of the flash crowd: 2 requests per second from its address;
 /// returns (sent, refused or failed).
-async fn browser(proxy: SocketAddr, source: IpAddr, phase: u64, stop: Arc<AtomicBool>) -> (u64, u64) {
+async fn browser(proxy: SocketAddr, source: IpAddr, phase: u64, stop: Arc<AtomicBool>) -> (u64, Vec<String>) {
     tokio::time::sleep(Duration::from_millis(phase)).await;
     let mut conn = None;
     let mut jar = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let (mut sent, mut bad) = (0, 0);
+    let (mut sent, mut bad) = (0, Vec::new());
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
         sent += 1;
@@ -385,8 +385,11 @@ async fn browser(proxy: SocketAddr, source: IpAddr, phase: u64, stop: Arc<Atomic
             get(&mut conn, source, proxy, Some(&mut jar), &agent),
         )
         .await;
-        if !matches!(answer, Ok(Some(200))) {
-            bad += 1;
+        match answer {
+            Ok(Some(200)) => {}
+            Ok(Some(status)) => bad.push(status.to_string()),
+            Ok(None) => bad.push("no answer".into()),
+            Err(_) => bad.push("timeout".into()),
         }
     }
     (sent, bad)
@@ -549,11 +552,11 @@ min_limit = 4
     tokio::time::sleep(run_for).await;
     stop.store(true, Ordering::Relaxed);
     let legit_result = legit_task.await.expect("legit");
-    let (mut crowd_sent, mut crowd_bad) = (0, 0);
+    let (mut crowd_sent, mut crowd_bad) = (0, Vec::new());
     for b in browsers {
         if let Ok(Ok((s, bad))) = tokio::time::timeout(Duration::from_secs(3), b).await {
             crowd_sent += s;
-            crowd_bad += bad;
+            crowd_bad.extend(bad);
         }
     }
     rows.push(Row {
@@ -561,7 +564,15 @@ min_limit = 4
         legit: legit_result,
         attack_sent: "-".into(),
         attack_at_origin: 0,
-        note: format!("crowd: {crowd_sent} requests, {crowd_bad} refused or failed"),
+        note: if crowd_bad.is_empty() {
+            format!("crowd: {crowd_sent} requests, 0 refused or failed")
+        } else {
+            format!(
+                "crowd: {crowd_sent} requests, {} refused or failed ({})",
+                crowd_bad.len(),
+                crowd_bad.join(", ")
+            )
+        },
     });
 
     println!(

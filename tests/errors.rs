@@ -388,3 +388,25 @@ async fn both_framings_cannot_smuggle_a_second_request() {
     }
     assert_eq!(origin.requests(), 2, "only the two first requests; nothing smuggled");
 }
+
+#[tokio::test]
+async fn http_0_9_and_unknown_versions_get_400_and_a_close() {
+    let origin = echo_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    for (what, bytes) in [
+        ("HTTP/0.9", &b"GET /\r\n\r\n"[..]),
+        ("HTTP/1.2", &b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"[..]),
+        ("HTTP/3.0", &b"GET / HTTP/3.0\r\nHost: a\r\n\r\n"[..]),
+        ("no version", &b"GET / \r\nHost: a\r\n\r\n"[..]),
+    ] {
+        // `raw` reads until the proxy closes: the close is part of the answer.
+        let out = raw(proxy.addr, bytes).await;
+        assert_eq!(status_of(&out), 400, "{what}: {out:?}");
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close"),
+            "{what}: {out:?}"
+        );
+    }
+    assert_eq!(origin.requests(), 0);
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
+}

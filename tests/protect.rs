@@ -504,3 +504,87 @@ async fn connections_end_after_their_request_limit() {
     );
     assert_eq!(origin.requests(), 6);
 }
+
+#[tokio::test]
+async fn hundreds_of_slowloris_connections_do_not_stop_a_normal_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let toml = format!("[timeouts]\nheader_read = \"1s\"\n{}", config(origin.addr, ""));
+    let proxy = start_proxy(&toml).await;
+    // 200 connections from 8 addresses, each stopped in the middle of its
+    // request head.
+    let mut slow = Vec::new();
+    for i in 0..200u16 {
+        let source = std::net::IpAddr::from([127, 0, 5, 1 + (i % 8) as u8]);
+        let mut stream = tcp_from(source, proxy.addr).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+            .await
+            .expect("partial head");
+        slow.push(stream);
+    }
+    for _ in 0..20 {
+        assert_eq!(get_from(60, proxy.addr).await, Some(StatusCode::OK));
+    }
+    // Each slow connection is closed once its head has taken header_read.
+    for mut stream in slow {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a slowloris connection was closed");
+    }
+    assert_eq!(origin.requests(), 20, "no partial head reached the origin");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flash_crowd_is_neither_throttled_nor_challenged_nor_banned() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    // The background window is 5 minutes, so only this test closes
+    // windows (by calling tick): no timing involved.
+    let toml = format!(
+        "{}\n[protect.adaptive]\nmode = \"enforce\"\nwindow = \"5m\"\nmin_rate = 1\nenter_after = 1\n[protect.bans]\nstrikes = 3\n",
+        config(
+            origin.addr,
+            "challenge = \"attack\"\n[routes.rate_limit]\nrate = \"20/s\"\nburst = 40"
+        )
+    );
+    let proxy = start_proxy(&toml).await;
+    // 200 visitors, each loading three pages with its cookies, like a
+    // browser: varied paths and agents.
+    let visitors: Vec<_> = (0..200u16)
+        .map(|i| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                let mut c = h1_from_block(4, 1 + (i % 250) as u8, addr).await.expect("connect");
+                let mut statuses = Vec::new();
+                for page in 0..3 {
+                    let req = Request::get(format!("/article/{}", (i * 3 + page) % 97))
+                        .header("host", "a")
+                        .header("cookie", format!("session={i}"))
+                        .header("user-agent", format!("Mozilla/5.0 (crowd {})", i % 7))
+                        .body(empty())
+                        .expect("request");
+                    statuses.push(read(c.send_ready(req).await.expect("send")).await.status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    for v in visitors {
+        assert!(v.await.expect("visitor").iter().all(|s| *s == StatusCode::OK));
+    }
+    let snapshot = proxy.snapshot.load_full();
+    let adaptive = snapshot.adaptive.as_ref().expect("adaptive");
+    let (verdict, transition) = adaptive.tick().expect("tick");
+    assert_eq!(
+        verdict.kind,
+        portcullis::protect::detect::Kind::FlashCrowd,
+        "{:?}",
+        verdict.reasons
+    );
+    assert!(transition.is_none() && !adaptive.in_attack());
+    let bans = snapshot.bans.as_ref().expect("bans");
+    assert!(bans.list(portcullis::upstream::health::now_ms()).is_empty());
+    assert_eq!(origin.requests(), 600);
+    proxy.shutdown().await;
+}

@@ -33,7 +33,9 @@ use crate::config::{LoadSheddingConfig, ProtectMode};
 /// [`BASELINE_WINDOWS`] one-second windows (means over whole windows, so
 /// a few fast answers do not make a low baseline). Each sample moves the
 /// limit toward `limit * gradient + sqrt(limit)`, with `gradient =
-/// tolerance * baseline / short` clamped to 0.5..=1: while the origin
+/// allowed / short` clamped to 0.5..=1, where `allowed` is `tolerance x
+/// baseline` but at least the baseline plus 2 ms (below that, latency
+/// differences are noise, not queueing): while the origin
 /// answers within tolerance the limit grows by about `sqrt(limit)`; once
 /// latency passes it, the limit shrinks in proportion. The `sqrt(limit)`
 /// term is the queue the origin may hold; the limit settles where latency
@@ -68,6 +70,10 @@ const TIMEOUT_BACKOFF: f64 = 0.9;
 pub const BASELINE_WINDOWS: usize = 60;
 /// Samples a window needs to count.
 const WINDOW_MIN_SAMPLES: u32 = 10;
+/// Latency within this much of the baseline is never overload, whatever
+/// the ratio: against a baseline of 0.1 ms, a context switch would
+/// otherwise look like a tripled latency.
+const NOISE_FLOOR: f64 = 0.002;
 
 impl Gradient {
     pub fn new(initial: u32, min: u32, max: u32, tolerance: f64) -> Gradient {
@@ -122,8 +128,11 @@ impl Gradient {
         self.window_count += 1;
         // Before the first window closes, the fast average stands in.
         let baseline = self.baseline().unwrap_or(short);
-        let gradient = (self.tolerance * baseline / short).clamp(0.5, 1.0);
-        if gradient < 1.0 && self.limit <= self.min {
+        let allowed = (self.tolerance * baseline).max(baseline + NOISE_FLOOR);
+        let gradient = (allowed / short).clamp(0.5, 1.0);
+        // "At the floor": within the queue allowance of `min`, where the
+        // `sqrt` term keeps a shrinking limit hovering.
+        if gradient < 1.0 && self.limit < self.min + self.min.sqrt() + 1.0 {
             // At the floor and still slow: the origin's own speed changed.
             self.windows.clear();
             self.windows.push_back(short);
@@ -328,6 +337,18 @@ mod tests {
             tick(&mut g, latency, limit);
         }
         assert_eq!(g.limit(), 1000, "no overload, no shrinking");
+    }
+
+    #[test]
+    fn sub_millisecond_jitter_is_not_overload() {
+        // An origin answering in 0.1 ms with jitter up to 1 ms: a ratio of
+        // 10, but no queue. The limit stays.
+        let mut g = Gradient::new(100, 5, 1000, 2.0);
+        for i in 0..3000u32 {
+            let latency = if i % 5 == 0 { 0.001 } else { 0.0001 };
+            tick(&mut g, latency, 10);
+        }
+        assert_eq!(g.limit(), 100);
     }
 
     #[test]
