@@ -170,9 +170,8 @@ pub fn check_load(
     let Some(Some(shedder)) = snapshot.shedders.get(upstream_index) else {
         return Ok(None);
     };
-    let waiting = shedder.waiting();
-    if shedder.admits(waiting, false) {
-        return Ok(Some(shedder.wait()));
+    if let Some(waiting) = shedder.try_wait(false) {
+        return Ok(Some(waiting));
     }
     let client = client_of(req, conn, snapshot);
     let route = &snapshot.config.routes[route_index];
@@ -184,8 +183,10 @@ pub fn check_load(
             .as_ref()
             .is_some_and(|a| a.is_returning(adaptive::client_hash(client)))
         || has_valid_cookie(req, snapshot, client);
-    if shedder.admits(waiting, trusted) {
-        return Ok(Some(shedder.wait()));
+    if trusted {
+        if let Some(waiting) = shedder.try_wait(true) {
+            return Ok(Some(waiting));
+        }
     }
     if shedder.mode == ProtectMode::Enforce {
         *protection = Some("shed");

@@ -41,11 +41,11 @@ use crate::config::{LoadSheddingConfig, ProtectMode};
 /// term is the queue the origin may hold; the limit settles where latency
 /// is a little above `tolerance x baseline`.
 ///
-/// A sustained overload becomes the baseline only after it has lasted
-/// `BASELINE_WINDOWS` windows. Sooner, when the limit is at its floor and
-/// latency is still past tolerance (so few requests cannot be what slows
-/// the origin: it became slower by itself), the baseline is learned again
-/// from the current latency. Time is passed in (seconds), no clock is read.
+/// A change in the origin's own speed (or a sustained overload) becomes
+/// the baseline once it has lasted `BASELINE_WINDOWS` windows, a minute:
+/// long enough that an attack is handled by the other layers first, short
+/// enough that a slower release of the origin is not throttled for long.
+/// Time is passed in (seconds), no clock is read.
 #[derive(Debug, Clone)]
 pub struct Gradient {
     limit: f64,
@@ -130,14 +130,6 @@ impl Gradient {
         let baseline = self.baseline().unwrap_or(short);
         let allowed = (self.tolerance * baseline).max(baseline + NOISE_FLOOR);
         let gradient = (allowed / short).clamp(0.5, 1.0);
-        // "At the floor": within the queue allowance of `min`, where the
-        // `sqrt` term keeps a shrinking limit hovering.
-        if gradient < 1.0 && self.limit < self.min + self.min.sqrt() + 1.0 {
-            // At the floor and still slow: the origin's own speed changed.
-            self.windows.clear();
-            self.windows.push_back(short);
-            return self.limit();
-        }
         // Growing needs evidence that the limit is what holds traffic
         // back: a group using less than half of it learns nothing.
         if gradient >= 1.0 && f64::from(in_flight) < self.limit / 2.0 {
@@ -206,6 +198,17 @@ impl Shedder {
     /// may use the reserve.
     pub fn admits(&self, in_flight: u32, trusted: bool) -> bool {
         in_flight < if trusted { self.limit() } else { self.open_limit() }
+    }
+
+    /// Counts a request as waiting if fewer than the limit (`trusted`) or
+    /// its open share are waiting, in one atomic step: concurrent arrivals
+    /// cannot all see room and overshoot together.
+    pub fn try_wait(self: &std::sync::Arc<Self>, trusted: bool) -> Option<Waiting> {
+        let cap = if trusted { self.limit() } else { self.open_limit() };
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |w| (w < cap).then_some(w + 1))
+            .ok()
+            .map(|_| Waiting(self.clone()))
     }
 
     /// Requests waiting for their response headers now.
@@ -312,16 +315,18 @@ mod tests {
     }
 
     #[test]
-    fn a_permanently_slower_origin_is_learned_at_the_floor() {
+    fn a_permanently_slower_origin_is_learned_within_a_minute() {
         let mut g = Gradient::new(200, 5, 1000, 2.0);
         run(&mut g, 200, 0.001, 10_000.0);
-        // 5x slower whatever the load: the limit falls to its floor, the
-        // baseline is learned again, and the limit grows back.
+        // 5x slower whatever the load: the limit falls to its floor ...
         for _ in 0..200 {
             let limit = g.limit();
             tick(&mut g, 0.005, limit);
         }
-        let limit = run(&mut g, 500, 0.005, 10_000.0);
+        assert!(g.limit() <= 7, "{}", g.limit());
+        // ... and once the fast windows have left the baseline (60 s at
+        // 100 samples a second), the limit grows back.
+        let limit = run(&mut g, 100 * (BASELINE_WINDOWS + 2), 0.005, 10_000.0);
         assert_eq!(limit, 1000, "not stuck at the floor");
     }
 
@@ -390,6 +395,12 @@ mod tests {
         let waiting = shedder.wait();
         assert_eq!(shedder.waiting(), 1);
         drop(waiting);
+        assert_eq!(shedder.waiting(), 0);
+        let held: Vec<_> = (0..75).map(|_| shedder.try_wait(false).expect("open share")).collect();
+        assert!(shedder.try_wait(false).is_none(), "the open share is full");
+        let reserve: Vec<_> = (0..25).map(|_| shedder.try_wait(true).expect("reserve")).collect();
+        assert!(shedder.try_wait(true).is_none(), "the whole limit is full");
+        drop((held, reserve));
         assert_eq!(shedder.waiting(), 0);
         assert!(shedder.admits(74, false));
         assert!(!shedder.admits(75, false));
