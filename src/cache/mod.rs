@@ -12,14 +12,17 @@
 //!   answers with 304;
 //! - [`vary`]: secondary keys from `Vary`;
 //! - [`storable`]: whether a response may be stored, which fields to leave
-//!   out, and how a 304 updates a stored response.
+//!   out, and how a 304 updates a stored response;
+//! - [`store`]: the [`store::Storage`] trait and the in-memory store with
+//!   a byte budget and least-recently-used eviction.
 //!
-//! Storage, request coalescing and the cache phase of the request pipeline
-//! come later and build on these rules; none of them is here yet.
+//! Request coalescing and the cache phase of the request pipeline come
+//! later and build on these; neither is here yet.
 
 pub mod control;
 pub mod freshness;
 pub mod storable;
+pub mod store;
 pub mod validators;
 pub mod vary;
 

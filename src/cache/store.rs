@@ -1,0 +1,373 @@
+//! Where cached responses live: the [`Storage`] trait, the plug point for
+//! a disk tier later, and [`MemoryStore`], an in-memory store with a byte
+//! budget.
+//!
+//! A primary key (the method-independent URI key the pipeline builds) maps
+//! to the variants stored under it, one per secondary key (RFC 9111
+//! section 4.1: the request fields `Vary` names). Storing a variant whose
+//! secondary key is already there replaces it. Every variant is counted
+//! at its body length plus its header bytes plus a fixed overhead; when a
+//! store would pass the budget, the least recently used keys go first. An
+//! object bigger than `max_object_bytes` is never admitted (the pipeline
+//! streams such responses through without buffering them whole).
+//!
+//! Purges remove by exact key, by key prefix and by tag (`Surrogate-Key`
+//! / `Cache-Tag` values the origin attached). Purging by prefix or tag
+//! scans every key: they are operator actions, not request-path work.
+//!
+//! Not wired into the request pipeline yet.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use super::vary::{SecondaryKey, Vary};
+
+/// One stored response, as the cache serves it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub status: StatusCode,
+    /// The response fields, without the ones a cache must not store.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// When the request that fetched it was sent and its response head
+    /// arrived (RFC 9111 section 4.2.3's request_time and response_time).
+    pub request_time: SystemTime,
+    pub response_time: SystemTime,
+    pub vary: Vary,
+    /// The request's values of the fields `vary` names.
+    pub secondary: SecondaryKey,
+    /// Purge tags.
+    pub tags: Vec<String>,
+}
+
+/// Bytes counted for every stored variant besides its body and fields:
+/// the entry's own structures.
+const ENTRY_OVERHEAD: u64 = 256;
+
+impl Stored {
+    /// What the variant costs against the budget.
+    pub fn size(&self) -> u64 {
+        let fields: u64 = self
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str().len() + value.len() + 32) as u64)
+            .sum();
+        let tags: u64 = self.tags.iter().map(|t| t.len() as u64 + 24).sum();
+        self.body.len() as u64 + fields + tags + ENTRY_OVERHEAD
+    }
+}
+
+/// What a store does; a disk tier implements it too.
+pub trait Storage: Send + Sync {
+    /// The variants stored under `key` (most recently stored first), and
+    /// marks the key as used.
+    fn get(&self, key: &str) -> Vec<Arc<Stored>>;
+    /// Stores a variant under `key`, replacing one with the same secondary
+    /// key; `false` when it is not admitted (too big).
+    fn put(&self, key: &str, stored: Stored) -> bool;
+    /// Removes every variant of `key`; true if there was one.
+    fn remove(&self, key: &str) -> bool;
+    /// Removes every key starting with `prefix`; how many keys went.
+    fn purge_prefix(&self, prefix: &str) -> usize;
+    /// Removes every variant carrying `tag`; how many variants went.
+    fn purge_tag(&self, tag: &str) -> usize;
+    /// Bytes counted now.
+    fn bytes(&self) -> u64;
+}
+
+struct Entry {
+    variants: Vec<Arc<Stored>>,
+    bytes: u64,
+    /// Position in the recency order.
+    used: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<String, Entry>,
+    /// Recency order: use tick -> key; the smallest tick is the least
+    /// recently used.
+    order: BTreeMap<u64, String>,
+    tick: u64,
+    bytes: u64,
+}
+
+impl Inner {
+    fn touch(&mut self, key: &str) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(entry) = self.entries.get_mut(key) {
+            self.order.remove(&entry.used);
+            entry.used = tick;
+            self.order.insert(tick, key.to_owned());
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Entry> {
+        let entry = self.entries.remove(key)?;
+        self.order.remove(&entry.used);
+        self.bytes = self.bytes.saturating_sub(entry.bytes);
+        Some(entry)
+    }
+
+    /// Evicts least recently used keys, never `keep`, until `incoming`
+    /// more bytes fit in `budget`.
+    fn make_room(&mut self, budget: u64, incoming: u64, keep: &str) {
+        while self.bytes + incoming > budget {
+            let Some(victim) = self.order.values().find(|k| k.as_str() != keep).cloned() else {
+                return;
+            };
+            self.remove(&victim);
+        }
+    }
+}
+
+/// The in-memory store: one lock around a map and a recency order. The
+/// lock is held for map operations only, never across I/O.
+pub struct MemoryStore {
+    budget: u64,
+    max_object: u64,
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStore {
+    /// A store of at most `budget` bytes that admits objects of at most
+    /// `max_object` bytes.
+    pub fn new(budget: u64, max_object: u64) -> MemoryStore {
+        MemoryStore {
+            budget,
+            max_object: max_object.min(budget),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-updated
+        // in a way later calls would trip on: every update is one step.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Keys stored now.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Storage for MemoryStore {
+    fn get(&self, key: &str) -> Vec<Arc<Stored>> {
+        let mut inner = self.lock();
+        let variants = match inner.entries.get(key) {
+            Some(entry) => entry.variants.clone(),
+            None => return Vec::new(),
+        };
+        inner.touch(key);
+        variants
+    }
+
+    fn put(&self, key: &str, stored: Stored) -> bool {
+        let size = stored.size() + key.len() as u64;
+        if size > self.max_object {
+            return false;
+        }
+        let mut inner = self.lock();
+        // The variant it replaces gives its bytes back first.
+        let replaced = inner.entries.get(key).and_then(|entry| {
+            entry
+                .variants
+                .iter()
+                .position(|v| v.secondary == stored.secondary)
+                .map(|i| (i, entry.variants[i].size() + key.len() as u64))
+        });
+        if let Some((index, old_size)) = replaced {
+            if let Some(entry) = inner.entries.get_mut(key) {
+                entry.variants.remove(index);
+                entry.bytes = entry.bytes.saturating_sub(old_size);
+            }
+            inner.bytes = inner.bytes.saturating_sub(old_size);
+        }
+        inner.make_room(self.budget, size, key);
+        if inner.bytes + size > self.budget {
+            // Even alone with its own key the object does not fit.
+            if inner.entries.get(key).is_some_and(|e| e.variants.is_empty()) {
+                inner.remove(key);
+            }
+            return false;
+        }
+        inner.bytes += size;
+        inner.tick += 1;
+        let tick = inner.tick;
+        match inner.entries.get_mut(key) {
+            Some(entry) => {
+                entry.variants.insert(0, Arc::new(stored));
+                entry.bytes += size;
+            }
+            None => {
+                inner.entries.insert(
+                    key.to_owned(),
+                    Entry {
+                        variants: vec![Arc::new(stored)],
+                        bytes: size,
+                        used: tick,
+                    },
+                );
+                inner.order.insert(tick, key.to_owned());
+                return true;
+            }
+        }
+        inner.touch(key);
+        true
+    }
+
+    fn remove(&self, key: &str) -> bool {
+        self.lock().remove(key).is_some()
+    }
+
+    fn purge_prefix(&self, prefix: &str) -> usize {
+        let mut inner = self.lock();
+        let keys: Vec<String> = inner
+            .entries
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        for key in &keys {
+            inner.remove(key);
+        }
+        keys.len()
+    }
+
+    fn purge_tag(&self, tag: &str) -> usize {
+        let mut inner = self.lock();
+        let mut removed = 0;
+        let mut emptied = Vec::new();
+        let mut freed = 0u64;
+        for (key, entry) in inner.entries.iter_mut() {
+            let before = entry.variants.len();
+            let mut kept = Vec::with_capacity(before);
+            for variant in entry.variants.drain(..) {
+                if variant.tags.iter().any(|t| t == tag) {
+                    let size = variant.size() + key.len() as u64;
+                    entry.bytes = entry.bytes.saturating_sub(size);
+                    freed += size;
+                } else {
+                    kept.push(variant);
+                }
+            }
+            removed += before - kept.len();
+            entry.variants = kept;
+            if entry.variants.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        inner.bytes = inner.bytes.saturating_sub(freed);
+        for key in emptied {
+            inner.remove(&key);
+        }
+        removed
+    }
+
+    fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn stored(body: usize, secondary: &str, tags: &[&str]) -> Stored {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        Stored {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from(vec![b'x'; body]),
+            request_time: SystemTime::UNIX_EPOCH,
+            response_time: SystemTime::UNIX_EPOCH,
+            vary: Vary::Fields(vec![http::header::ACCEPT_ENCODING]),
+            secondary: SecondaryKey(vec![(
+                http::header::ACCEPT_ENCODING,
+                Some(secondary.as_bytes().to_vec()),
+            )]),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn variants_of_one_key_coexist_and_replace_by_secondary_key() {
+        let s = MemoryStore::new(1 << 20, 1 << 20);
+        assert!(s.put("http://a/x", stored(10, "gzip", &[])));
+        assert!(s.put("http://a/x", stored(20, "br", &[])));
+        assert_eq!(s.get("http://a/x").len(), 2);
+        let before = s.bytes();
+        assert!(s.put("http://a/x", stored(30, "gzip", &[])));
+        let variants = s.get("http://a/x");
+        assert_eq!(variants.len(), 2, "the gzip variant was replaced, not added");
+        assert_eq!(variants[0].body.len(), 30, "most recently stored first");
+        assert_eq!(s.bytes(), before + 20, "the replaced variant gave its bytes back");
+    }
+
+    #[test]
+    fn the_budget_holds_and_the_least_recently_used_go_first() {
+        let one = stored(1000, "a", &[]).size() + "k00".len() as u64;
+        let s = MemoryStore::new(one * 3, one);
+        for key in ["k00", "k01", "k02"] {
+            assert!(s.put(key, stored(1000, "a", &[])));
+        }
+        // k00 is used again: k01 is now the least recently used.
+        assert_eq!(s.get("k00").len(), 1);
+        assert!(s.put("k03", stored(1000, "a", &[])));
+        assert!(s.bytes() <= one * 3);
+        assert_eq!(s.get("k01").len(), 0, "evicted");
+        assert_eq!(s.get("k00").len(), 1, "kept: used recently");
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_never_passes_the_budget() {
+        let s = MemoryStore::new(100_000, 10_000);
+        for i in 0..10_000 {
+            s.put(&format!("http://a/{i}"), stored(i % 3000, "a", &[]));
+            assert!(s.bytes() <= 100_000);
+        }
+        let counted: u64 = {
+            let inner = s.lock();
+            inner.entries.values().map(|e| e.bytes).sum()
+        };
+        assert_eq!(counted, s.bytes(), "the total matches the entries");
+    }
+
+    #[test]
+    fn objects_over_the_maximum_are_not_admitted() {
+        let s = MemoryStore::new(1 << 20, 4096);
+        assert!(!s.put("big", stored(5000, "a", &[])));
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn purge_by_key_prefix_and_tag() {
+        let s = MemoryStore::new(1 << 20, 1 << 20);
+        s.put("http://a/blog/1", stored(10, "a", &["blog", "post-1"]));
+        s.put("http://a/blog/2", stored(10, "a", &["blog"]));
+        s.put("http://a/blog/2", stored(10, "b", &["post-2"]));
+        s.put("http://a/shop/1", stored(10, "a", &["shop"]));
+        assert!(s.remove("http://a/shop/1"));
+        assert!(!s.remove("http://a/shop/1"));
+        assert_eq!(s.purge_tag("blog"), 2);
+        assert_eq!(s.get("http://a/blog/1").len(), 0, "its only variant went");
+        assert_eq!(s.get("http://a/blog/2").len(), 1, "the untagged variant stays");
+        assert_eq!(s.purge_prefix("http://a/blog/"), 1);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+    }
+}
