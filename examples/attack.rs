@@ -131,7 +131,8 @@ async fn origin(counts: Arc<OriginCounts>) -> SocketAddr {
     addr.await.expect("origin bound")
 }
 
-struct Proxy(Child, SocketAddr);
+/// The proxy process, its address, and attack mode as its log reports it.
+struct Proxy(Child, SocketAddr, tokio::sync::watch::Receiver<bool>);
 
 impl Drop for Proxy {
     fn drop(&mut self) {
@@ -161,8 +162,19 @@ fn start_proxy(binary: &str, config: &str, dir: &std::path::Path) -> Proxy {
             }
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    Proxy(child, addr)
+    // Follow attack mode from the proxy's log, so the harness can wait for
+    // calm between scenarios on the event, not on the clock.
+    let (mode, attack) = tokio::sync::watch::channel(false);
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("attack mode entered") {
+                mode.send_replace(true);
+            } else if line.contains("attack mode left") {
+                mode.send_replace(false);
+            }
+        }
+    });
+    Proxy(child, addr, attack)
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
@@ -454,6 +466,20 @@ min_limit = 4
     );
     let proxy = start_proxy(&binary, &config, dir.path());
     let addr = proxy.1;
+    let attack_mode = proxy.2.clone();
+    // Waits (bounded) until attack mode from the previous scenario is
+    // over, so each scenario starts from calm.
+    let calm = move || {
+        let mut attack_mode = attack_mode.clone();
+        async move {
+            if tokio::time::timeout(Duration::from_secs(60), attack_mode.wait_for(|on| !on))
+                .await
+                .is_err()
+            {
+                eprintln!("attack mode still on after 60 s; going on");
+            }
+        }
+    };
     // Browser-like, well under the route's 20/s limit.
     let legit_rate = 10;
     let mut rows = Vec::new();
@@ -505,9 +531,7 @@ min_limit = 4
         ),
     ];
     for (name, attack) in scenarios {
-        // Let attack mode from the previous scenario end (it leaves after
-        // 3 calm windows of 1 s), so each scenario starts from calm.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        calm().await;
         let before = counts.attack.load(Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let attackers = attack.map(|a| a(addr, stop.clone())).unwrap_or_default();
@@ -540,7 +564,7 @@ min_limit = 4
 
     // Flash crowd: 200 browsers at 2 requests per second each, with the
     // legitimate client beside them.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    calm().await;
     let stop = Arc::new(AtomicBool::new(false));
     let browsers: Vec<_> = (0..200u16)
         .map(|i| {
