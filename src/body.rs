@@ -20,6 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::cache::serve::Tee;
 use crate::observe::Observation;
 use crate::server::conn::InFlight;
 use crate::upstream::ServerGuard;
@@ -170,6 +171,8 @@ pub struct ProxyBody {
     server: Option<ServerGuard>,
     /// The request's log and metrics record, finished on drop.
     exchange: Option<Box<Observation>>,
+    /// Keeps a copy of the body for the cache while it streams.
+    tee: Option<Box<Tee>>,
 }
 
 enum Kind {
@@ -199,6 +202,7 @@ impl ProxyBody {
             in_flight: None,
             server: None,
             exchange: None,
+            tee: None,
         }
     }
 
@@ -208,6 +212,7 @@ impl ProxyBody {
             in_flight: None,
             server: None,
             exchange: None,
+            tee: None,
         }
     }
 
@@ -224,6 +229,7 @@ impl ProxyBody {
             in_flight: None,
             server: None,
             exchange: None,
+            tee: None,
         }
     }
 
@@ -238,16 +244,33 @@ impl ProxyBody {
     pub fn set_exchange(&mut self, exchange: Box<Observation>) {
         self.exchange = Some(exchange);
     }
+
+    pub fn set_tee(&mut self, tee: Tee) {
+        self.tee = Some(Box::new(tee));
+    }
+
+    /// Read to its end without an error.
+    fn complete(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(up) => up.completed(),
+        }
+    }
 }
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        let complete = self.complete();
         if let Some(exchange) = self.exchange.take() {
-            let complete = match &self.kind {
-                Kind::Full(bytes) => bytes.is_none(),
-                Kind::Upstream(up) => up.completed(),
-            };
             exchange.finish(complete);
+        }
+        if let Some(tee) = self.tee.take() {
+            // A body the server never polled to `None` (it stops at
+            // `is_end_stream`) is still whole; an unfinished one is not
+            // stored (dropping the tee abandons its flight).
+            if complete {
+                tee.finish();
+            }
         }
     }
 }
@@ -266,6 +289,30 @@ impl Body for ProxyBody {
         if let (Some(exchange), Poll::Ready(Some(Ok(frame)))) = (&mut this.exchange, &polled) {
             if let Some(data) = frame.data_ref() {
                 exchange.add_bytes_out(data.len());
+            }
+        }
+        if this.tee.is_some() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        if this.tee.as_mut().is_some_and(|tee| !tee.data(data)) {
+                            this.tee = None;
+                        }
+                    }
+                    // The last frame: the server may not poll again.
+                    if this.is_end_stream() {
+                        if let Some(tee) = this.tee.take() {
+                            tee.finish();
+                        }
+                    }
+                }
+                Poll::Ready(None) => {
+                    if let Some(tee) = this.tee.take() {
+                        tee.finish();
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => this.tee = None,
+                Poll::Pending => {}
             }
         }
         polled

@@ -34,6 +34,8 @@ pub enum ProxyError {
     Forbidden,
     #[error("client banned")]
     Banned,
+    #[error("only-if-cached and nothing suitable is stored")]
+    OnlyIfCached,
     #[error("rate limit exceeded")]
     RateLimited {
         /// Seconds until a request would be allowed (for `Retry-After`).
@@ -92,6 +94,8 @@ impl ProxyError {
             TransferCodingNotImplemented => (StatusCode::NOT_IMPLEMENTED, Some("http_request_error")),
             NoRoute => (StatusCode::NOT_FOUND, Some("destination_not_found")),
             Forbidden | Banned => (StatusCode::FORBIDDEN, Some("http_request_denied")),
+            // RFC 9111 section 5.2.1.7: 504, and not an upstream failure.
+            OnlyIfCached => (StatusCode::GATEWAY_TIMEOUT, None),
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),
             ConnectionRefused => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
             ConnectionTimeout => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
@@ -112,7 +116,7 @@ impl ProxyError {
 
     /// True when the failure is on the upstream side.
     pub fn is_upstream(self) -> bool {
-        self.status().0.is_server_error() && self != ProxyError::Internal
+        self.status().0.is_server_error() && !matches!(self, ProxyError::Internal | ProxyError::OnlyIfCached)
     }
 
     /// The response the client sees.

@@ -29,6 +29,8 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::body::{BodyTooLarge, BodyTooSlow, ProxyBody, RequestBody, find_cause};
+use crate::cache;
+use crate::cache::serve::{CACHE_STATUS, Lookup, outcome};
 use crate::config::{Limits, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::forwarding::{self, Hop};
@@ -119,7 +121,7 @@ fn request_ids(
 
 async fn handle_inner(
     req: Request<Incoming>,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     snapshot: &Arc<Snapshot>,
     method: &Method,
     trace: &mut Trace,
@@ -147,7 +149,7 @@ async fn handle_inner(
 
 async fn forward(
     mut req: Request<Incoming>,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     snapshot: &Arc<Snapshot>,
     trace: &mut Trace,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -189,10 +191,6 @@ async fn forward(
         }
     }
 
-    // Held until the response head arrives (or the exchange fails).
-    let shed_wait =
-        crate::protect::check_load(&req, conn, snapshot, route.upstream, route_index, &mut trace.protection)?;
-
     let upstream = &snapshot.upstreams[route.upstream];
     let upgrade = kind != Exchange::Plain;
     if upgrade && upstream.config.protocol == UpstreamProtocol::H2 {
@@ -200,11 +198,157 @@ async fn forward(
         // which origins rarely enable: refused plainly instead.
         return Err(ProxyError::UpgradeFailed);
     }
+
+    // cache: a GET or HEAD may be answered from the store; an unsafe
+    // request that succeeds invalidates what the store holds for its URL
+    let caching = match (&route.cache, &snapshot.cache) {
+        (Some(options), Some(cache)) if !upgrade => Some((options, cache)),
+        _ => None,
+    };
+    let mut pending = None;
+    let mut invalidate = None;
+    if let Some((options, cache)) = caching {
+        let host_text = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+        let url = cache::key::url_key(conn.scheme, host_text, req.uri(), options);
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            let key = cache::key::primary_key(url, req.headers(), options);
+            let method = req.method().clone();
+            match cache.lookup(&method, req.headers_mut(), key, options).await {
+                Lookup::Answer(response, outcome) => {
+                    trace.cache = Some(outcome);
+                    return Ok(finish_stored(response, snapshot, route, req.version()));
+                }
+                Lookup::AnswerAndRefresh(response, refresh) => {
+                    trace.cache = Some(outcome::STALE);
+                    let version = req.version();
+                    let (parts, _) = req.into_parts();
+                    spawn_refresh(*refresh, parts, conn.clone(), snapshot.clone(), route_index, host);
+                    return Ok(finish_stored(response, snapshot, route, version));
+                }
+                Lookup::Forward(p) => pending = Some(p),
+            }
+        } else {
+            trace.cache = Some(outcome::BYPASS);
+            if !req.method().is_safe() {
+                invalidate = Some((url, format!("{}://{host_text}", conn.scheme)));
+            }
+        }
+    }
+
+    // Held until the response head arrives (or the exchange fails).
+    let shed_wait =
+        crate::protect::check_load(&req, conn, snapshot, route.upstream, route_index, &mut trace.protection)?;
+
     let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let downstream_version = req.version();
+    let (parts, body) = req.into_parts();
+    let body = if upgrade {
+        RequestBody::empty()
+    } else {
+        RequestBody::new(body, config.limits.max_request_body_bytes)
+            .counted(trace.bytes_in.clone())
+            .min_rate(
+                config
+                    .protect
+                    .min_body_rate
+                    .map(|rate| (rate, config.protect.body_rate_grace)),
+            )
+    };
+    let outbound = Outbound {
+        route_index,
+        host: host.as_ref(),
+        kind,
+        started,
+    };
+    let exchanged = exchange(parts, body, client_upgrade, conn, snapshot, &outbound, trace).await;
+    drop(shed_wait);
+    let (response, picked) = match (exchanged, pending) {
+        (Ok(pair), pending_again) => {
+            pending = pending_again;
+            pair
+        }
+        (Err(error), Some(p)) => {
+            // stale-if-error, when allowed
+            trace.cache = Some(outcome::MISS);
+            let response = p.on_error(error)?;
+            trace.cache = Some(outcome::STALE);
+            return Ok(finish_stored(response, snapshot, route, downstream_version));
+        }
+        (Err(error), None) => return Err(error),
+    };
+
+    // respond
+    let (mut parts, mut body) = response.into_parts();
+    if let Some(p) = pending {
+        let (answer, result) = p.on_response(&mut parts, &mut body);
+        trace.cache = Some(result);
+        if let cache::serve::Answer::Replace { response, drain } = answer {
+            if drain {
+                // The client is answered from the stored copy; the body
+                // still has to arrive to be stored.
+                tokio::spawn(drain_body(body));
+            }
+            return Ok(finish_stored(*response, snapshot, route, downstream_version));
+        }
+    } else if let Some((_, cache)) = caching {
+        if let Some((url, origin)) = &invalidate {
+            if parts.status.is_success() || parts.status.is_redirection() {
+                cache.invalidate(url, origin, &parts.headers);
+            }
+        }
+        parts
+            .headers
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static("portcullis; fwd=method"));
+    }
+    if let Some(via) = &snapshot.via {
+        forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);
+    }
+    route.response_headers.apply(&mut parts.headers);
+    if let Some((chosen, pinned)) = picked {
+        if let Some(cookie) = &upstream.config.sticky_cookie {
+            let id = &upstream.servers[chosen].sticky_id;
+            if pinned.as_deref() != Some(id.as_str()) {
+                if let Ok(v) = HeaderValue::from_str(&format!("{cookie}={id}; Path=/; HttpOnly; SameSite=Lax")) {
+                    parts.headers.append(header::SET_COOKIE, v);
+                }
+            }
+        }
+    }
+    parts.version = downstream_version;
+    Ok(Response::from_parts(parts, body))
+}
+
+/// What [`exchange`] needs to know of the request beyond its head.
+struct Outbound<'a> {
+    route_index: usize,
+    host: Option<&'a HeaderValue>,
+    kind: Exchange,
+    /// When the request arrived (the whole-request deadline counts from it).
+    started: Instant,
+}
+
+/// rewrite, select, send: the request goes to a server of the route's
+/// group (retried on another when that is safe); the response comes back
+/// with its hop-by-hop fields removed, with the server chosen and the one
+/// the client was pinned to (for the sticky cookie); `None` for a tunnel.
+async fn exchange(
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    client_upgrade: Option<OnUpgrade>,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+    outbound: &Outbound<'_>,
+    trace: &mut Trace,
+) -> Result<(Response<ProxyBody>, Option<(usize, Option<String>)>), ProxyError> {
+    let config = &snapshot.config;
+    let route = &config.routes[outbound.route_index];
+    let upstream = &snapshot.upstreams[route.upstream];
+    let (kind, host, started) = (outbound.kind, outbound.host, outbound.started);
+    let is_connect = kind == Exchange::Connect;
+    let upgrade = kind != Exchange::Plain;
 
     // rewrite (what does not depend on the server chosen)
-    let downstream_version = req.version();
-    let (mut parts, body) = req.into_parts();
+    let downstream_version = parts.version;
     forwarding::strip_hop_by_hop(&mut parts.headers, kind == Exchange::Upgrade);
     parts.headers.remove(header::EXPECT);
     if kind == Exchange::ExtendedConnect {
@@ -216,7 +360,7 @@ async fn forward(
             peer: &conn.forwarded,
             trusted: conn.trusted,
             proto: conn.scheme,
-            host: host.as_ref(),
+            host,
         },
     );
     if let Some(via) = &snapshot.via {
@@ -236,7 +380,7 @@ async fn forward(
         &parts.uri,
         route,
         upstream.config.protocol,
-        host.as_ref(),
+        host,
         is_connect,
         upstream.config.tls.is_some(),
     )?;
@@ -244,7 +388,7 @@ async fn forward(
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::H2 => Version::HTTP_2,
     };
-    set_upstream_host(&mut parts, upstream.config.protocol, host.as_ref());
+    set_upstream_host(&mut parts, upstream.config.protocol, host);
     // A request can be sent again after a failed exchange only if it is
     // idempotent and has no body to replay (bodies stream, they are not kept).
     // Connect failures need no copy: the pool hands the request back.
@@ -261,18 +405,6 @@ async fn forward(
             parts.headers.clone(),
         )
     });
-    let body = if upgrade {
-        RequestBody::empty()
-    } else {
-        RequestBody::new(body, config.limits.max_request_body_bytes)
-            .counted(trace.bytes_in.clone())
-            .min_rate(
-                config
-                    .protect
-                    .min_body_rate
-                    .map(|rate| (rate, config.protect.body_rate_grace)),
-            )
-    };
     let server_metrics = snapshot
         .observed
         .as_ref()
@@ -407,8 +539,6 @@ async fn forward(
         }
     };
 
-    // respond
-    drop(shed_wait);
     trace.server = Some((route.upstream, chosen));
     let status = response.status();
     let tunnel = match kind {
@@ -428,18 +558,6 @@ async fn forward(
         parts.status = StatusCode::OK;
         parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
     }
-    if let Some(via) = &snapshot.via {
-        forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);
-    }
-    route.response_headers.apply(&mut parts.headers);
-    if let Some(cookie) = &upstream.config.sticky_cookie {
-        let id = &upstream.servers[chosen].sticky_id;
-        if pinned.as_deref() != Some(id.as_str()) {
-            if let Ok(v) = HeaderValue::from_str(&format!("{cookie}={id}; Path=/; HttpOnly; SameSite=Lax")) {
-                parts.headers.append(header::SET_COOKIE, v);
-            }
-        }
-    }
     parts.version = downstream_version;
     let body = if tunnel {
         ProxyBody::empty()
@@ -448,7 +566,73 @@ async fn forward(
         body.set_server_guard(server_guard);
         body
     };
-    Ok(Response::from_parts(parts, body))
+    Ok((Response::from_parts(parts, body), Some((chosen, pinned))))
+}
+
+/// Route edits and `Via` on a response the cache answered.
+fn finish_stored(
+    mut response: Response<ProxyBody>,
+    snapshot: &Snapshot,
+    route: &RouteConfig,
+    version: Version,
+) -> Response<ProxyBody> {
+    if let Some(via) = &snapshot.via {
+        forwarding::append_via(response.headers_mut(), &via[via_index(version)]);
+    }
+    route.response_headers.apply(response.headers_mut());
+    *response.version_mut() = version;
+    response
+}
+
+/// Reads a body to its end (or its first error), for the cache's copy.
+async fn drain_body(mut body: ProxyBody) {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return;
+        }
+    }
+}
+
+/// `stale-while-revalidate`: the client has its stale answer; this fetches
+/// the fresh one in the background, once per key (the flight `refresh`
+/// holds).
+fn spawn_refresh(
+    refresh: cache::serve::Pending,
+    parts: http::request::Parts,
+    conn: Arc<ConnInfo>,
+    snapshot: Arc<Snapshot>,
+    route_index: usize,
+    host: Option<HeaderValue>,
+) {
+    tokio::spawn(async move {
+        let mut trace = Trace::default();
+        let outbound = Outbound {
+            route_index,
+            host: host.as_ref(),
+            kind: Exchange::Plain,
+            started: Instant::now(),
+        };
+        match exchange(
+            parts,
+            RequestBody::empty(),
+            None,
+            &conn,
+            &snapshot,
+            &outbound,
+            &mut trace,
+        )
+        .await
+        {
+            Ok((response, _)) => {
+                let (mut parts, mut body) = response.into_parts();
+                // The client was answered: only the store is refreshed.
+                let _answer = refresh.on_response(&mut parts, &mut body);
+                drain_body(body).await;
+            }
+            Err(error) => tracing::debug!(%error, "background revalidation failed"),
+        }
+    });
 }
 
 /// `308 Permanent Redirect` to the same host, path and query over HTTPS

@@ -185,6 +185,7 @@ mod tests {
             ip_filter: Default::default(),
             rate_limit: None,
             challenge: Default::default(),
+            cache: None,
         }
     }
 

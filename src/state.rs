@@ -13,6 +13,7 @@ use http::HeaderValue;
 
 use std::sync::atomic::AtomicU64;
 
+use crate::cache::Cache;
 use crate::config::{Config, ConfigErrors};
 use crate::observe::{Observe, Observed};
 use crate::protect::{Adaptive, Bans, Challenge, RouteLimiter, Shedder};
@@ -48,6 +49,9 @@ pub struct Snapshot {
     /// Temporary bans, when `[protect.bans]` is on (the same FIXME as
     /// `challenge` applies to reloads: bans must be carried over).
     pub bans: Option<Arc<Bans>>,
+    /// The shared HTTP cache, when a route caches. FIXME: a full config
+    /// reload (not built yet) should carry the store over.
+    pub cache: Option<Arc<Cache>>,
 }
 
 impl Snapshot {
@@ -115,7 +119,13 @@ impl Snapshot {
             .bans
             .as_ref()
             .map(|b| Arc::new(Bans::new(b, &config.server.trusted_proxies)));
+        let cache = config
+            .routes
+            .iter()
+            .any(|r| r.cache.is_some())
+            .then(|| Arc::new(Cache::new(&config.cache)));
         Ok(Snapshot {
+            cache,
             shedders,
             bans,
             route_limits,

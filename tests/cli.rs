@@ -81,6 +81,26 @@ const CASES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "cache sections",
+        "[cache]\nmemory = \"10KiB\"\nmax_object_size = 0\nlock_timeout = \"2m\"\nheuristic_fraction = 2.5\nheuristic_max = \"long\"\nsize = 1\n[[routes]]\nupstream = \"app\"\n[routes.cache]\nquery = \"shuffle\"\nignore_params = [\"a=b\"]\nkey_headers = [\"bad header\"]\nkey_cookies = [\"x;y\"]\nstale_if_error = \"soon\"\nexpose_tags = \"yes\"\nttl = 5\n[[routes]]\nupstream = \"app\"\npath = \"/b\"\ncache = 1\n",
+        &[
+            "cache.heuristic_fraction: must be between 0 and 1, found 2.5",
+            "cache.heuristic_max: invalid duration \"long\": expected a number then a unit, like \"5s\"",
+            "cache.lock_timeout: must be at most 60s",
+            "cache.max_object_size: must be more than 0",
+            "cache.memory: must be at least 1MiB, found 10240 bytes",
+            "cache.size: unknown key, expected one of: heuristic_fraction, heuristic_max, lock_timeout, max_object_size, memory",
+            "routes[0].cache.expose_tags: expected a boolean, found string",
+            "routes[0].cache.ignore_params[0]: \"a=b\" is not a query parameter name",
+            "routes[0].cache.key_cookies[0]: \"x;y\" is not a cookie name",
+            "routes[0].cache.key_headers[0]: \"bad header\" is not a header name",
+            "routes[0].cache.query: unknown value \"shuffle\", expected one of \"keep\", \"sort\", \"ignore\"",
+            "routes[0].cache.stale_if_error: invalid duration \"soon\": expected a number then a unit, like \"5s\"",
+            "routes[0].cache.ttl: unknown key, expected one of: expose_tags, ignore_client_no_cache, ignore_params, key_cookies, key_headers, query, stale_if_error, store_set_cookie",
+            "routes[1].cache: expected a table, found integer",
+        ],
+    ),
+    (
         "observability sections",
         "[access_log]\nformat = \"xml\"\nfields = [\"time\", \"bogus\"]\nbuffer_records = 0\nredact_headers = [\"bad header\"]\ndestination = \"\"\n[request_id]\ntraceparent = \"make\"\nheader = \"x id\"\n[audit_log]\ncheckpoint_every = 0\n[metrics]\nlisten = \"nowhere\"\npath = \"metrics\"\n[[routes]]\nupstream = \"app\"\nlog_sample = 0\n",
         &[
@@ -123,7 +143,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "unknown top-level key",
         "colour = \"blue\"\n",
         &[
-            "colour: unknown key, expected one of: access_log, audit_log, limits, listeners, metrics, protect, request_id, routes, server, timeouts, upstreams",
+            "colour: unknown key, expected one of: access_log, audit_log, cache, limits, listeners, metrics, protect, request_id, routes, server, timeouts, upstreams",
         ],
     ),
     (

@@ -1,6 +1,6 @@
-//! HTTP caching for a shared cache (RFC 9111). This first part holds only
-//! the rules, as pure functions over `http` types with no I/O, no storage
-//! and no clock, so each can be tested alone against the RFC text:
+//! HTTP caching for a shared cache (RFC 9111). The rules are pure
+//! functions over `http` types with no I/O, no storage and no clock, so
+//! each can be tested alone against the RFC text:
 //!
 //! - [`control`]: `Cache-Control` and the targeted fields of RFC 9213
 //!   (`Portcullis-Cache-Control`, `CDN-Cache-Control`), parsed leniently
@@ -13,18 +13,31 @@
 //! - [`vary`]: secondary keys from `Vary`;
 //! - [`storable`]: whether a response may be stored, which fields to leave
 //!   out, and how a 304 updates a stored response;
-//! - [`store`]: the [`store::Storage`] trait and the in-memory store with
-//!   a byte budget and least-recently-used eviction.
+//! - [`key`]: the primary key (method-independent URI, route options);
+//! - [`range`]: single byte ranges answered from a stored body.
 //!
-//! Request coalescing and the cache phase of the request pipeline come
-//! later and build on these; neither is here yet.
+//! Around them:
+//!
+//! - [`store`]: the [`store::Storage`] trait and the in-memory store with
+//!   a byte budget and least-recently-used eviction;
+//! - [`coalesce`]: concurrent misses for one key become one origin request;
+//! - [`serve`]: the cache phase of the pipeline ([`Cache::lookup`], then
+//!   [`serve::Pending`] for what the origin answers), `Cache-Status`, `Age`,
+//!   the body [`serve::Tee`] that stores a response while it streams, and
+//!   purges.
 
+pub mod coalesce;
 pub mod control;
 pub mod freshness;
+pub mod key;
+pub mod range;
+pub mod serve;
 pub mod storable;
 pub mod store;
 pub mod validators;
 pub mod vary;
+
+pub use serve::Cache;
 
 #[cfg(test)]
 mod tests;

@@ -24,6 +24,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
+use super::control::CacheControl;
 use super::vary::{SecondaryKey, Vary};
 
 /// One stored response, as the cache serves it.
@@ -42,6 +43,12 @@ pub struct Stored {
     pub secondary: SecondaryKey,
     /// Purge tags.
     pub tags: Vec<String>,
+    /// The directives the cache obeys for it (RFC 9213 targeted fields
+    /// first), its freshness lifetime and its `corrected_initial_age`,
+    /// all worked out once when it is stored or refreshed.
+    pub control: CacheControl,
+    pub lifetime: u64,
+    pub initial_age: u64,
 }
 
 /// Bytes counted for every stored variant besides its body and fields:
@@ -77,6 +84,8 @@ pub trait Storage: Send + Sync {
     fn purge_tag(&self, tag: &str) -> usize;
     /// Bytes counted now.
     fn bytes(&self) -> u64;
+    /// Keys stored now.
+    fn keys(&self) -> usize;
 }
 
 struct Entry {
@@ -277,6 +286,10 @@ impl Storage for MemoryStore {
     fn bytes(&self) -> u64 {
         self.lock().bytes
     }
+
+    fn keys(&self) -> usize {
+        self.len()
+    }
 }
 
 #[cfg(test)]
@@ -299,6 +312,9 @@ mod tests {
                 Some(secondary.as_bytes().to_vec()),
             )]),
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            control: CacheControl::default(),
+            lifetime: 60,
+            initial_age: 0,
         }
     }
 

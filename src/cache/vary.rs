@@ -61,7 +61,7 @@ impl Vary {
 
 /// The values a request had for the fields a response varies on, in the
 /// order of [`Vary::Fields`]; `None` for an absent field.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct SecondaryKey(pub Vec<(HeaderName, Option<Vec<u8>>)>);
 
 /// One request field, normalized: its lines trimmed of optional whitespace

@@ -10,6 +10,7 @@
 //! Names of upstream servers are resolved later, when the runtime snapshot is
 //! built (see `state.rs`), because that needs I/O.
 
+mod cache;
 mod observe;
 mod parse;
 mod protect;
@@ -25,6 +26,7 @@ use ipnet::IpNet;
 
 pub use crate::upstream::balance::{Algorithm, HashKey};
 pub use crate::upstream::health::{CheckKind, CheckSettings, OutlierSettings, RetrySettings};
+pub use cache::{CacheConfig, QueryKey, RouteCache};
 pub use observe::{
     AccessLogConfig, AuditLogConfig, LogDestination, LogField, LogFormat, MetricsConfig, RequestIdConfig,
 };
@@ -49,6 +51,8 @@ pub struct Config {
     pub audit_log: Option<AuditLogConfig>,
     pub metrics: Option<MetricsConfig>,
     pub protect: ProtectConfig,
+    /// `[cache]`: the shared store (used by routes with `cache`).
+    pub cache: CacheConfig,
     /// The file the config came from and its SHA-256 (hex), for the audit log.
     pub source: Option<(std::path::PathBuf, String)>,
 }
@@ -223,6 +227,8 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// When clients without a valid challenge cookie get a 307 that sets one.
     pub challenge: ChallengeWhen,
+    /// Responses are cached (RFC 9111) when set.
+    pub cache: Option<RouteCache>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

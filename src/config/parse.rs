@@ -67,6 +67,7 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
     let audit_log = observe::read_audit_log(top.table("audit_log"));
     let metrics = observe::read_metrics(top.table("metrics"));
     let protect = protect::read_protect(top.table("protect"));
+    let cache = super::cache::read_cache(top.table("cache"));
     top.finish();
     for (i, listener) in listeners.iter().enumerate() {
         if listener.proxy_protocol && server.trusted_proxies.is_empty() {
@@ -89,6 +90,7 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
         audit_log,
         metrics,
         protect,
+        cache,
         source: None,
     })
 }
@@ -967,6 +969,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
         let ip_filter = protect::read_ip_filter(&t);
         let rate_limit = protect::read_rate_limit(t.table("rate_limit"));
         let challenge = protect::read_challenge_when(&t);
+        let cache = super::cache::read_route_cache(&t);
         t.finish();
 
         let keys: Vec<HostPattern> = if hosts.is_empty() {
@@ -1002,6 +1005,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
                 ip_filter,
                 rate_limit,
                 challenge,
+                cache,
             });
         }
     }

@@ -70,6 +70,12 @@ pub struct ActionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub route: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub kind: &'static str,
     pub result: &'static str,
@@ -129,6 +135,9 @@ pub struct Metrics {
     pub bans_total: Counter,
     bans_active: Gauge,
     concurrency_limit: Family<UpstreamLabels, Gauge>,
+    cache_requests: Family<CacheLabels, Counter>,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -264,6 +273,21 @@ impl Metrics {
             "The adaptive concurrency limit of each upstream group (load shedding)",
             concurrency_limit.clone(),
         );
+        let cache_requests = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Requests on caching routes by how the cache served them (hit, miss, revalidated, stale, bypass)",
+            cache_requests.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register_with_unit(
+            "cache_size",
+            "Bytes the HTTP cache holds (bodies, fields and per-entry overhead)",
+            Unit::Bytes,
+            cache_bytes.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register("cache_entries", "Keys the HTTP cache holds", cache_entries.clone());
         registry.register(
             "build",
             "Build information",
@@ -294,6 +318,9 @@ impl Metrics {
             bans_total,
             bans_active,
             concurrency_limit,
+            cache_requests,
+            cache_bytes,
+            cache_entries,
         }
     }
 
@@ -305,6 +332,7 @@ impl Metrics {
             duration: self.request_duration.get_or_create_owned(&RouteLabels {
                 route: route.to_owned(),
             }),
+            cache: Default::default(),
         }
     }
 
@@ -380,6 +408,10 @@ impl Metrics {
         if let Some(bans) = &snapshot.bans {
             self.bans_active.set(bans.active_count(now) as i64);
         }
+        if let Some(cache) = &snapshot.cache {
+            self.cache_bytes.set(cache.store().bytes() as i64);
+            self.cache_entries.set(cache.store().keys() as i64);
+        }
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "cannot encode metrics");
@@ -394,6 +426,8 @@ pub struct RouteMetrics {
     route: String,
     requests: [[OnceLock<Counter>; 5]; 8],
     duration: Histogram,
+    /// By [`crate::cache::serve::outcome::ALL`], created on first use.
+    cache: [OnceLock<Counter>; 5],
 }
 
 impl RouteMetrics {
@@ -410,6 +444,22 @@ impl RouteMetrics {
             })
             .inc();
         self.duration.observe(seconds);
+    }
+
+    /// Counts how the cache served a request.
+    pub fn cache_result(&self, metrics: &Metrics, result: &'static str) {
+        let all = crate::cache::serve::outcome::ALL;
+        let Some(i) = all.iter().position(|r| *r == result) else {
+            return;
+        };
+        self.cache[i]
+            .get_or_init(|| {
+                metrics.cache_requests.get_or_create_owned(&CacheLabels {
+                    route: self.route.clone(),
+                    result: all[i],
+                })
+            })
+            .inc();
     }
 
     /// Counts a request refused by protection (labels built per call).

@@ -217,6 +217,8 @@ pub struct Trace {
     pub bytes_in: Option<Arc<AtomicU64>>,
     /// What protection did to the request (`rate_limited`, `ip_denied`).
     pub protection: Option<&'static str>,
+    /// How the cache served it (`hit`, `miss`, ...), on caching routes.
+    pub cache: Option<&'static str>,
 }
 
 impl Observation {
@@ -294,6 +296,9 @@ impl Observation {
                 None => &observed.no_route,
             };
             route.record(metrics, &self.method, self.status, duration.as_secs_f64());
+            if let Some(result) = self.trace.cache {
+                route.cache_result(metrics, result);
+            }
             if let Some(action) = self.trace.protection {
                 route.protection_action(metrics, action);
             }
@@ -346,7 +351,7 @@ impl Observation {
             server,
             route: route.map(|r| r.name.as_str()),
             retries: self.trace.retries,
-            cache: None,
+            cache: self.trace.cache,
             protection: self.trace.protection,
             tls: self.conn.tls,
             user_agent: self.user_agent.as_ref().map(HeaderValue::as_bytes),

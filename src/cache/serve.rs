@@ -1,0 +1,755 @@
+//! The cache phase of the request pipeline: the one place where the pure
+//! rules of this module meet a request, the store and the origin.
+//!
+//! [`Cache::lookup`] decides, for a GET or HEAD on a caching route, whether
+//! the store can answer (fresh hit, 304 to a conditional request, 206 for a
+//! range, stale while revalidating) or the request goes to the origin; in
+//! that case it joins the key's [flight](super::coalesce) and returns a
+//! [`Pending`], which prepares the upstream request (validators for a
+//! stale entry, no client conditionals when a full response is wanted to
+//! store) and then handles what the origin answered: a 304 refreshes the
+//! stored entry, a storable response is stored while it streams to the
+//! client (a [`Tee`] on the body), a failure is answered stale when
+//! `stale-if-error` or the route's grace allows it.
+//!
+//! Every response of a caching route carries `Cache-Status` (RFC 9211);
+//! every response served from the store carries `Age`.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    self, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE, ETAG, HeaderName, HeaderValue, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, LOCATION, RANGE,
+};
+use http::{HeaderMap, Method, Response, StatusCode};
+
+use super::coalesce::{Flight, FlightStats, Flights, Join, Landing};
+use super::control::{FieldScope, PORTCULLIS_CACHE_CONTROL, request_control, response_control};
+use super::freshness::{self, HeuristicSettings};
+use super::range::{self, RangeAnswer};
+use super::storable::{self, StoreSettings};
+use super::store::{MemoryStore, Storage, Stored};
+use super::validators;
+use super::vary;
+use crate::body::ProxyBody;
+use crate::config::{CacheConfig, RouteCache};
+use crate::error::ProxyError;
+
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+static SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
+static CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
+
+/// How many times a request may look again after waiting on a flight.
+const MAX_ROUNDS: u32 = 3;
+
+/// The shared cache: the store and the flights in progress.
+pub struct Cache {
+    store: Arc<dyn Storage>,
+    flights: Arc<Flights>,
+    lock_timeout: Duration,
+    heuristic: HeuristicSettings,
+    max_object: u64,
+}
+
+/// What the log and the metrics call the way a request was served.
+pub mod outcome {
+    /// Answered from the store, fresh (or 304 / 206 from it).
+    pub const HIT: &str = "hit";
+    /// Fetched from the origin: nothing usable was stored.
+    pub const MISS: &str = "miss";
+    /// A stored response was revalidated with the origin (304).
+    pub const REVALIDATED: &str = "revalidated";
+    /// Answered stale (`stale-while-revalidate`, `stale-if-error`).
+    pub const STALE: &str = "stale";
+    /// Not cacheable as asked (method, range, preconditions).
+    pub const BYPASS: &str = "bypass";
+    pub const ALL: [&str; 5] = [HIT, MISS, REVALIDATED, STALE, BYPASS];
+}
+
+/// Why a request went to the origin (RFC 9211 `fwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fwd {
+    UriMiss,
+    VaryMiss,
+    Stale,
+    Request,
+    Method,
+    Bypass,
+}
+
+impl Fwd {
+    fn token(self) -> &'static str {
+        match self {
+            Fwd::UriMiss => "uri-miss",
+            Fwd::VaryMiss => "vary-miss",
+            Fwd::Stale => "stale",
+            Fwd::Request => "request",
+            Fwd::Method => "method",
+            Fwd::Bypass => "bypass",
+        }
+    }
+}
+
+/// The result of a lookup.
+pub enum Lookup {
+    /// Answered by the cache; the string is the [`outcome`].
+    Answer(Response<ProxyBody>, &'static str),
+    /// Answered stale; fetch in the background with this to refresh.
+    AnswerAndRefresh(Response<ProxyBody>, Box<Pending>),
+    /// Go to the origin.
+    Forward(Box<Pending>),
+}
+
+/// A request that goes to the origin, and what to do with the answer.
+pub struct Pending {
+    cache: Arc<Cache>,
+    options: RouteCache,
+    key: String,
+    fwd: Fwd,
+    method: Method,
+    /// The client's request fields as received (the secondary key and the
+    /// client's conditionals are read from them).
+    request: HeaderMap,
+    request_time: SystemTime,
+    /// The stored response being revalidated, or kept for `stale-if-error`.
+    stale: Option<Arc<Stored>>,
+    flight: Option<Flight>,
+    /// Waited for another request's flight before coming here.
+    collapsed: bool,
+    /// The client's `If-None-Match` / `If-Modified-Since` were taken out of
+    /// the upstream request (a full response is wanted, to store); the
+    /// cache answers them.
+    answer_conditionals: bool,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig) -> Cache {
+        Cache {
+            store: Arc::new(MemoryStore::new(config.memory, config.max_object_size)),
+            flights: Arc::new(Flights::default()),
+            lock_timeout: config.lock_timeout,
+            heuristic: HeuristicSettings {
+                fraction: config.heuristic_fraction,
+                max_seconds: config.heuristic_max.as_secs(),
+            },
+            max_object: config.max_object_size,
+        }
+    }
+
+    pub fn store(&self) -> &dyn Storage {
+        &*self.store
+    }
+
+    /// Flights in progress (for tests and the dashboard).
+    pub fn flights_in_air(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Follows the requests waiting on flights and the flights landed.
+    pub fn flight_stats(&self) -> tokio::sync::watch::Receiver<FlightStats> {
+        self.flights.stats()
+    }
+
+    /// Removes every stored response of the URL `url` (as
+    /// `scheme://host/path?query`, the form keys take); how many keys went.
+    pub fn purge_url(&self, url: &str) -> usize {
+        let mut removed = usize::from(self.store.remove(url));
+        removed += self
+            .store
+            .purge_prefix(&format!("{url}{}", super::key::EXTRA_SEPARATOR));
+        removed
+    }
+
+    /// Removes every key starting with `prefix`.
+    pub fn purge_prefix(&self, prefix: &str) -> usize {
+        self.store.purge_prefix(prefix)
+    }
+
+    /// Removes every response tagged `tag` (`Surrogate-Key`, `Cache-Tag`).
+    pub fn purge_tag(&self, tag: &str) -> usize {
+        self.store.purge_tag(tag)
+    }
+
+    /// The cache phase for a GET or HEAD: answer from the store or say how
+    /// to go to the origin. `headers` are the client's; they are edited
+    /// for the upstream request when the answer is [`Lookup::Forward`].
+    pub async fn lookup(
+        self: &Arc<Self>,
+        method: &Method,
+        headers: &mut HeaderMap,
+        key: String,
+        options: &RouteCache,
+    ) -> Lookup {
+        let mut rc = request_control(headers);
+        if options.ignore_client_no_cache {
+            rc.no_cache = FieldScope::Absent;
+        }
+        let origin_only = validators::has_origin_only_preconditions(headers);
+        let ranged = headers.contains_key(RANGE);
+        let mut collapsed = false;
+        let mut round = 0;
+        loop {
+            round += 1;
+            let now = SystemTime::now();
+            let variants = self.store.get(&key);
+            let found = variants
+                .iter()
+                .find(|v| vary::matches(&v.vary, &v.secondary, headers))
+                .cloned();
+            let mut fwd = if variants.is_empty() {
+                Fwd::UriMiss
+            } else {
+                Fwd::VaryMiss
+            };
+            let mut stale = None;
+            if let Some(v) = found {
+                let age = v.current_age(now);
+                if origin_only {
+                    // Preconditions only the origin may evaluate (RFC 9111
+                    // section 4.3.2).
+                    fwd = Fwd::Request;
+                } else if freshness::acceptable(age, v.lifetime, &rc, &v.control) {
+                    let status = hit_status(&v, age, collapsed);
+                    return Lookup::Answer(serve(&v, method, headers, age, status, options), outcome::HIT);
+                } else if freshness::may_serve_stale_while_revalidate(age, v.lifetime, &rc, &v.control) {
+                    let status = format!("portcullis; hit; ttl={}; detail=stale-while-revalidate", ttl(&v, age));
+                    let response = serve(&v, method, headers, age, status, options);
+                    return match self.flights.join(&key) {
+                        Join::Lead(flight) => {
+                            let mut pending = self.pending(method, headers, key, options, Fwd::Stale, collapsed);
+                            pending.stale = Some(v);
+                            pending.flight = Some(flight);
+                            pending.prepare_revalidation(headers);
+                            Lookup::AnswerAndRefresh(response, Box::new(pending))
+                        }
+                        // Another request is refreshing it already.
+                        Join::Wait(_) => Lookup::Answer(response, outcome::STALE),
+                    };
+                } else {
+                    // Fresh but refused by the request's directives, or stale.
+                    fwd = if rc.no_cache.is_whole() || freshness::is_fresh(v.lifetime, age) {
+                        Fwd::Request
+                    } else {
+                        Fwd::Stale
+                    };
+                    stale = Some(v);
+                }
+            }
+            if rc.only_if_cached {
+                // RFC 9111 section 5.2.1.7.
+                let mut response = ProxyError::OnlyIfCached.response();
+                response.headers_mut().insert(
+                    CACHE_STATUS.clone(),
+                    HeaderValue::from_static("portcullis; detail=only-if-cached"),
+                );
+                return Lookup::Answer(response, outcome::BYPASS);
+            }
+            // Only requests whose answer can be shared wait for each other.
+            let shareable = method == Method::GET && !ranged && !origin_only && !rc.no_store && !rc.no_cache.is_whole();
+            let mut flight = None;
+            if shareable {
+                match self.flights.join(&key) {
+                    Join::Lead(f) => flight = Some(f),
+                    Join::Wait(rx) => match self.flights.wait(rx, self.lock_timeout).await {
+                        Some(Landing::Stored) if round < MAX_ROUNDS && !collapsed => {
+                            collapsed = true;
+                            continue;
+                        }
+                        Some(Landing::Abandoned) if round < MAX_ROUNDS => continue,
+                        // Not shareable after all, or too slow: alone.
+                        _ => collapsed = true,
+                    },
+                }
+            }
+            if ranged && fwd != Fwd::Request {
+                fwd = Fwd::Bypass;
+            }
+            let mut pending = self.pending(method, headers, key, options, fwd, collapsed);
+            pending.flight = flight;
+            match stale {
+                Some(v) => {
+                    pending.stale = Some(v);
+                    if !origin_only && !ranged {
+                        pending.prepare_revalidation(headers);
+                    }
+                }
+                None if shareable => pending.prepare_full_fetch(headers),
+                None => {}
+            }
+            return Lookup::Forward(Box::new(pending));
+        }
+    }
+
+    fn pending(
+        self: &Arc<Self>,
+        method: &Method,
+        headers: &HeaderMap,
+        key: String,
+        options: &RouteCache,
+        fwd: Fwd,
+        collapsed: bool,
+    ) -> Pending {
+        Pending {
+            cache: self.clone(),
+            options: options.clone(),
+            key,
+            fwd,
+            method: method.clone(),
+            request: headers.clone(),
+            request_time: SystemTime::now(),
+            stale: None,
+            flight: None,
+            collapsed,
+            answer_conditionals: false,
+        }
+    }
+
+    /// A successful unsafe request invalidates its target and the
+    /// same-origin `Location` / `Content-Location` (RFC 9111 section 4.4).
+    /// `url` is the target's key; `origin` its `scheme://host`.
+    pub fn invalidate(&self, url: &str, origin: &str, response: &HeaderMap) {
+        self.purge_url(url);
+        for name in [LOCATION, CONTENT_LOCATION] {
+            let Some(target) = response.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let same_origin = if target.starts_with('/') && !target.starts_with("//") {
+                Some(format!("{origin}{target}"))
+            } else {
+                target
+                    .get(..origin.len())
+                    .filter(|head| head.eq_ignore_ascii_case(origin))
+                    .and_then(|_| {
+                        let rest = &target[origin.len()..];
+                        (rest.is_empty() || rest.starts_with('/')).then(|| format!("{origin}{rest}"))
+                    })
+            };
+            if let Some(other) = same_origin {
+                let other = other.split('#').next().unwrap_or_default();
+                self.purge_url(other);
+            }
+        }
+    }
+
+    /// Stores a complete response; true when admitted.
+    fn put(&self, key: &str, stored: Stored) -> bool {
+        self.store.put(key, stored)
+    }
+}
+
+impl Stored {
+    /// RFC 9111 section 4.2.3's `current_age` at `now`.
+    pub fn current_age(&self, now: SystemTime) -> u64 {
+        freshness::current_age(self.initial_age, freshness::resident_time(self.response_time, now))
+    }
+}
+
+/// Remaining freshness in seconds (negative once stale), for `ttl=`.
+fn ttl(v: &Stored, age: u64) -> i64 {
+    v.lifetime as i64 - age as i64
+}
+
+fn hit_status(v: &Stored, age: u64, collapsed: bool) -> String {
+    let mut s = format!("portcullis; hit; ttl={}", ttl(v, age));
+    if collapsed {
+        s.push_str("; collapsed");
+    }
+    s
+}
+
+/// Builds the client's response from a stored one: 304 for a matching
+/// conditional request, 206 / 416 for a range, else the whole response;
+/// no body for HEAD. Adds `Age` and `Cache-Status`.
+fn serve(
+    v: &Stored,
+    method: &Method,
+    request: &HeaderMap,
+    age: u64,
+    cache_status: String,
+    options: &RouteCache,
+) -> Response<ProxyBody> {
+    let mut headers = v.headers.clone();
+    strip_cache_fields(&mut headers, options);
+    headers.insert(header::AGE, HeaderValue::from(age));
+    if let Ok(value) = HeaderValue::from_str(&cache_status) {
+        headers.insert(CACHE_STATUS.clone(), value);
+    }
+    let len = v.body.len() as u64;
+    let conditional = request.contains_key(IF_NONE_MATCH) || request.contains_key(IF_MODIFIED_SINCE);
+    let (status, body) = if conditional
+        && v.status == StatusCode::OK
+        && validators::not_modified(method, request, &v.headers, v.response_time)
+    {
+        // RFC 9110 section 15.4.5: the fields a 200 would have, no content.
+        headers.remove(CONTENT_LENGTH);
+        (StatusCode::NOT_MODIFIED, Bytes::new())
+    } else if v.status == StatusCode::OK && method == Method::GET {
+        match range::answer(request, &v.headers, len) {
+            RangeAnswer::Full => (v.status, v.body.clone()),
+            RangeAnswer::Partial { start, end } => {
+                let part = v.body.slice(start as usize..=end as usize);
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(part.len()));
+                if let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                    headers.insert(CONTENT_RANGE, value);
+                }
+                (StatusCode::PARTIAL_CONTENT, part)
+            }
+            RangeAnswer::Unsatisfiable => {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+                if let Ok(value) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    headers.insert(CONTENT_RANGE, value);
+                }
+                (StatusCode::RANGE_NOT_SATISFIABLE, Bytes::new())
+            }
+        }
+    } else {
+        (v.status, v.body.clone())
+    };
+    let body = if method == Method::HEAD || body.is_empty() {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::full(body)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Fields for the cache, not the client: the proxy's own targeted field
+/// and, unless exposed, the purge tags.
+fn strip_cache_fields(headers: &mut HeaderMap, options: &RouteCache) {
+    headers.remove(&PORTCULLIS_CACHE_CONTROL);
+    if !options.expose_tags {
+        headers.remove(&SURROGATE_KEY);
+        headers.remove(&CACHE_TAG);
+    }
+}
+
+/// Purge tags of a response: `Surrogate-Key` (space-separated) and
+/// `Cache-Tag` (comma-separated).
+fn tags(headers: &HeaderMap) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (name, split) in [(&SURROGATE_KEY, ' '), (&CACHE_TAG, ',')] {
+        for line in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+            for tag in line.split(split).map(str::trim).filter(|t| !t.is_empty()) {
+                if out.len() < 64 && !out.iter().any(|t| t == tag) {
+                    out.push(tag.to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the pipeline does with the origin's answer.
+pub enum Answer {
+    /// Send this response head (edited in place) with the origin's body.
+    Origin,
+    /// Send this instead (a stored response); drain the origin's body in
+    /// the background when `drain` is set, so it can still be stored.
+    Replace {
+        response: Box<Response<ProxyBody>>,
+        drain: bool,
+    },
+}
+
+impl Pending {
+    /// Revalidation (RFC 9111 section 4.3.1): the stored response's
+    /// validators go upstream, unless the client sent its own conditional
+    /// (which the origin then answers for both). A range request keeps its
+    /// range and gets no validators.
+    fn prepare_revalidation(&mut self, headers: &mut HeaderMap) {
+        let Some(v) = self.stale.clone() else { return };
+        if headers.contains_key(IF_NONE_MATCH) || headers.contains_key(IF_MODIFIED_SINCE) {
+            // The client's own validators go to the origin; a 304 from it
+            // cannot refresh the stored response unless they match it, so
+            // ask for the full response instead and answer them here.
+            self.prepare_full_fetch(headers);
+        }
+        if let Some(etag) = v.headers.get(ETAG) {
+            headers.insert(IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(modified) = v.headers.get(LAST_MODIFIED) {
+            headers.insert(IF_MODIFIED_SINCE, modified.clone());
+        }
+    }
+
+    /// The client's conditionals are answered here, from the full response
+    /// the origin is asked for.
+    fn prepare_full_fetch(&mut self, headers: &mut HeaderMap) {
+        if headers.contains_key(IF_NONE_MATCH) || headers.contains_key(IF_MODIFIED_SINCE) {
+            headers.remove(IF_NONE_MATCH);
+            headers.remove(IF_MODIFIED_SINCE);
+            headers.remove(IF_RANGE);
+            self.answer_conditionals = true;
+        }
+    }
+
+    /// The log's word for a forwarded request answered with `status`.
+    fn outcome_on_response(&self, status: StatusCode) -> &'static str {
+        match (self.fwd, status) {
+            (Fwd::Stale | Fwd::Request, StatusCode::NOT_MODIFIED) if self.stale.is_some() => outcome::REVALIDATED,
+            (Fwd::Method | Fwd::Bypass, _) => outcome::BYPASS,
+            _ => outcome::MISS,
+        }
+    }
+
+    /// The origin failed: a stale response may answer (RFC 5861 section
+    /// 4, or the route's `stale_if_error` grace).
+    pub fn on_error(self, error: ProxyError) -> Result<Response<ProxyBody>, ProxyError> {
+        match self.stale_for_error(None) {
+            Some(response) => Ok(response),
+            None => Err(error),
+        }
+    }
+
+    fn stale_for_error(&self, status: Option<StatusCode>) -> Option<Response<ProxyBody>> {
+        let v = self.stale.as_ref()?;
+        let age = v.current_age(SystemTime::now());
+        let mut rc = request_control(&self.request);
+        if self.options.ignore_client_no_cache {
+            rc.no_cache = FieldScope::Absent;
+        }
+        let allowed =
+            freshness::may_serve_stale_if_error(age, v.lifetime, &rc, &v.control) || self.grace_allows(v, age, &rc);
+        if !allowed {
+            return None;
+        }
+        let mut status_text = format!("portcullis; fwd=stale; ttl={}", ttl(v, age));
+        if let Some(s) = status {
+            let _ = write!(status_text, "; fwd-status={}", s.as_u16());
+        }
+        status_text.push_str("; detail=stale-if-error");
+        Some(serve(v, &self.method, &self.request, age, status_text, &self.options))
+    }
+
+    /// The route's `stale_if_error` grace: like the directive, it never
+    /// overrides `must-revalidate`, `proxy-revalidate` or `no-cache`
+    /// (section 4.2.4), nor a client's `no-cache`.
+    fn grace_allows(&self, v: &Stored, age: u64, rc: &super::control::CacheControl) -> bool {
+        let grace = self.options.stale_if_error.as_secs();
+        if grace == 0 || freshness::is_fresh(v.lifetime, age) || rc.no_cache.is_whole() {
+            return false;
+        }
+        let forbidden = v.control.must_revalidate || v.control.proxy_revalidate || v.control.no_cache.is_whole();
+        !forbidden && freshness::staleness(age, v.lifetime) <= grace
+    }
+
+    /// Handles the origin's response head: refreshes or stores, sets
+    /// `Cache-Status`, and says what the client gets. When the response is
+    /// stored, `body` gets a [`Tee`] that stores it as it streams.
+    pub fn on_response(mut self, parts: &mut http::response::Parts, body: &mut ProxyBody) -> (Answer, &'static str) {
+        let status = parts.status;
+        let outcome = self.outcome_on_response(status);
+        if status.is_server_error() {
+            if let Some(response) = self.stale_for_error(Some(status)) {
+                return (
+                    Answer::Replace {
+                        response: Box::new(response),
+                        drain: false,
+                    },
+                    outcome::STALE,
+                );
+            }
+        }
+        let response_time = SystemTime::now();
+        if status == StatusCode::NOT_MODIFIED {
+            if let Some(v) = self.stale.take() {
+                // Section 4.3.4: freshen the stored response with the 304.
+                let mut fresh = (*v).clone();
+                storable::update_from_304(&mut fresh.headers, &parts.headers);
+                fresh.request_time = self.request_time;
+                fresh.response_time = response_time;
+                self.cache.refresh_metadata(&mut fresh);
+                let age = fresh.current_age(response_time);
+                let status_text = format!(
+                    "portcullis; fwd=stale; fwd-status=304; stored; ttl={}",
+                    ttl(&fresh, age)
+                );
+                let response = serve(&fresh, &self.method, &self.request, age, status_text, &self.options);
+                let stored = self.cache.put(&self.key, fresh);
+                if let Some(flight) = self.flight.take() {
+                    flight.land(if stored { Landing::Stored } else { Landing::Pass });
+                }
+                return (
+                    Answer::Replace {
+                        response: Box::new(response),
+                        drain: false,
+                    },
+                    outcome,
+                );
+            }
+        }
+        let mut status_text = format!("portcullis; fwd={}; fwd-status={}", self.fwd.token(), status.as_u16());
+        if self.collapsed {
+            status_text.push_str("; collapsed");
+        }
+        match self.storable(parts) {
+            Err(detail) => {
+                if let Some(flight) = self.flight.take() {
+                    flight.land(Landing::Pass);
+                }
+                if self.stale.is_some() && status.is_success() && self.method == Method::GET {
+                    // A new response that cannot be stored replaces the
+                    // old one for good (section 4.3.3).
+                    self.cache.purge_url(&self.key);
+                }
+                let _ = write!(status_text, "; detail={detail}");
+                set_status(&mut parts.headers, &status_text);
+                strip_cache_fields(&mut parts.headers, &self.options);
+                (Answer::Origin, outcome)
+            }
+            Ok(mut stored) => {
+                let age = stored.current_age(response_time);
+                let _ = write!(status_text, "; stored; ttl={}", ttl(&stored, age));
+                set_status(&mut parts.headers, &status_text);
+                stored.response_time = response_time;
+                let not_modified = self.answer_conditionals
+                    && parts.status == StatusCode::OK
+                    && validators::not_modified(&self.method, &self.request, &stored.headers, response_time);
+                let replacement = not_modified.then(|| {
+                    let shown = Stored {
+                        body: Bytes::new(),
+                        ..stored.clone()
+                    };
+                    serve(
+                        &shown,
+                        &self.method,
+                        &self.request,
+                        age,
+                        status_text.clone(),
+                        &self.options,
+                    )
+                });
+                strip_cache_fields(&mut parts.headers, &self.options);
+                body.set_tee(Tee {
+                    cache: self.cache.clone(),
+                    key: std::mem::take(&mut self.key),
+                    stored: Some(stored),
+                    buffer: BytesMut::new(),
+                    limit: self.cache.max_object,
+                    flight: self.flight.take(),
+                });
+                match replacement {
+                    Some(response) => (
+                        Answer::Replace {
+                            response: Box::new(response),
+                            drain: true,
+                        },
+                        outcome,
+                    ),
+                    None => (Answer::Origin, outcome),
+                }
+            }
+        }
+    }
+
+    /// The stored form of a response, or why it may not be stored (the
+    /// `Cache-Status` detail).
+    fn storable(&self, parts: &http::response::Parts) -> Result<Stored, &'static str> {
+        if matches!(self.fwd, Fwd::Bypass | Fwd::Method) {
+            return Err(if self.fwd == Fwd::Method { "method" } else { "range" });
+        }
+        let settings = StoreSettings { heuristic: true };
+        let decision = storable::storable(&self.method, &self.request, parts.status, &parts.headers, &settings)
+            .map_err(|e| e.detail())?;
+        if !self.options.store_set_cookie && parts.headers.contains_key(header::SET_COOKIE) {
+            return Err("set-cookie");
+        }
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.cache.max_object) {
+            return Err("too-big");
+        }
+        let mut headers = parts.headers.clone();
+        for name in &decision.omit {
+            headers.remove(name);
+        }
+        let mut stored = Stored {
+            status: parts.status,
+            tags: tags(&headers),
+            headers,
+            body: Bytes::new(),
+            request_time: self.request_time,
+            response_time: SystemTime::now(),
+            secondary: vary::secondary_key(&decision.vary, &self.request).unwrap_or_default(),
+            vary: decision.vary,
+            control: decision.control.directives,
+            lifetime: 0,
+            initial_age: 0,
+        };
+        self.cache.refresh_metadata(&mut stored);
+        Ok(stored)
+    }
+}
+
+fn set_status(headers: &mut HeaderMap, text: &str) {
+    if let Ok(value) = HeaderValue::from_str(text) {
+        headers.insert(CACHE_STATUS.clone(), value);
+    }
+}
+
+impl Cache {
+    /// Works out the directives, lifetime and initial age of a stored
+    /// response from its fields and times.
+    fn refresh_metadata(&self, v: &mut Stored) {
+        let control = response_control(&v.headers);
+        v.lifetime =
+            freshness::freshness_lifetime(v.status, &v.headers, &control, v.response_time, &self.heuristic).seconds;
+        v.initial_age = freshness::initial_age(&v.headers, v.request_time, v.response_time);
+        v.control = control.directives;
+    }
+}
+
+/// Stores a response body as it streams to the client, up to the maximum
+/// object size; lands the flight when the body ends (or is given up).
+pub struct Tee {
+    cache: Arc<Cache>,
+    key: String,
+    stored: Option<Stored>,
+    buffer: BytesMut,
+    limit: u64,
+    flight: Option<Flight>,
+}
+
+impl Tee {
+    /// A chunk of the body; false once the object is too big to keep
+    /// (the tee then holds nothing and the flight is passed).
+    pub fn data(&mut self, chunk: &Bytes) -> bool {
+        if self.stored.is_none() {
+            return false;
+        }
+        if (self.buffer.len() + chunk.len()) as u64 > self.limit {
+            self.stored = None;
+            self.buffer = BytesMut::new();
+            if let Some(flight) = self.flight.take() {
+                flight.land(Landing::Pass);
+            }
+            return false;
+        }
+        self.buffer.extend_from_slice(chunk);
+        true
+    }
+
+    /// The body ended cleanly: store it.
+    pub fn finish(mut self) {
+        let Some(mut stored) = self.stored.take() else {
+            return;
+        };
+        let body = std::mem::take(&mut self.buffer).freeze();
+        stored.headers.remove(header::TRANSFER_ENCODING);
+        stored.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        stored.body = body;
+        let admitted = self.cache.put(&self.key, stored);
+        if let Some(flight) = self.flight.take() {
+            flight.land(if admitted { Landing::Stored } else { Landing::Pass });
+        }
+    }
+}
