@@ -10,7 +10,8 @@
 //! - [`pipeline`]: the request phases, in order;
 //! - [`routing`]: host and path matching (pure);
 //! - [`forwarding`]: hop-by-hop and forwarding header rules (pure);
-//! - [`cache`]: HTTP caching rules (RFC 9111), pure;
+//! - [`cache`]: the shared HTTP cache (RFC 9111): pure rules, store,
+//!   coalescing and the pipeline's cache phase;
 //! - [`upstream`]: upstream groups, name resolution, connection pools;
 //! - [`observe`]: access log, audit log, metrics, request ids;
 //! - [`protect`]: connection limits, IP lists and rate limits;

@@ -8,13 +8,21 @@
 //!    rate limit (429) and challenge (307);
 //! 3. `admit`: a declared body larger than the limit is refused before a
 //!    byte of it is read (and before `100 Continue` is sent);
+//!    then `cache` on caching routes ([`crate::cache::Cache::lookup`]: a
+//!    response from the store, or a wait on the URL's flight) and load
+//!    shedding (`protect::check_load`);
 //! 4. `rewrite`: the upstream request: hop-by-hop fields removed,
 //!    forwarding headers set, route edits, `Host`, path rewrite;
 //! 5. `select`: a server of the group;
 //! 6. `send`: pooled connection, request head and streamed body, response
 //!    head within the timeouts;
-//! 7. `respond`: hop-by-hop fields removed, `Via`, route edits; the body
-//!    streams back; an accepted upgrade becomes a byte `tunnel`.
+//! 7. `respond`: the cache sees the origin's response first (stores it
+//!    through a body tee, refreshes on 304, serves stale on errors); then
+//!    hop-by-hop fields removed, `Via`, route edits; the body streams back;
+//!    an accepted upgrade becomes a byte `tunnel`.
+//!
+//! Steps 4 to 6 are [`exchange`], which the cache's background
+//! revalidation calls as well.
 //!
 //! Every failure is a [`ProxyError`], turned into a response in one place.
 
