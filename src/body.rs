@@ -8,6 +8,7 @@
 //!   the connection's in-flight guard and the upstream connection lease, so
 //!   both are released exactly when the body is done or dropped.
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -178,6 +179,15 @@ pub struct ProxyBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
+    /// Frames already read (by the cache, ahead of the client), then an
+    /// error or the rest of the body.
+    Chained(Box<Chained>),
+}
+
+struct Chained {
+    read: VecDeque<Frame<Bytes>>,
+    error: Option<BoxError>,
+    rest: ProxyBody,
 }
 
 /// An upstream response body with its connection lease and deadline.
@@ -199,6 +209,18 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         ProxyBody {
             kind: Kind::Full(Some(bytes.into())),
+            in_flight: None,
+            server: None,
+            exchange: None,
+            tee: None,
+        }
+    }
+
+    /// The frames `read` so far, then `error` if the body failed, else the
+    /// rest of `rest`.
+    pub fn chained(read: VecDeque<Frame<Bytes>>, rest: ProxyBody, error: Option<BoxError>) -> Self {
+        ProxyBody {
+            kind: Kind::Chained(Box::new(Chained { read, error, rest })),
             in_flight: None,
             server: None,
             exchange: None,
@@ -249,11 +271,17 @@ impl ProxyBody {
         self.tee = Some(Box::new(tee));
     }
 
+    /// Still copying for the cache.
+    pub fn has_tee(&self) -> bool {
+        self.tee.is_some()
+    }
+
     /// Read to its end without an error.
     fn complete(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(up) => up.completed(),
+            Kind::Chained(c) => c.read.is_empty() && c.error.is_none() && c.rest.complete(),
         }
     }
 }
@@ -285,6 +313,13 @@ impl Body for ProxyBody {
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => up.poll_frame(cx),
+            Kind::Chained(c) => match c.read.pop_front() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => match c.error.take() {
+                    Some(e) => Poll::Ready(Some(Err(e))),
+                    None => Pin::new(&mut c.rest).poll_frame(cx),
+                },
+            },
         };
         if let (Some(exchange), Poll::Ready(Some(Ok(frame)))) = (&mut this.exchange, &polled) {
             if let Some(data) = frame.data_ref() {
@@ -322,6 +357,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(up) => up.done || up.inner.is_end_stream(),
+            Kind::Chained(c) => c.read.is_empty() && c.error.is_none() && c.rest.is_end_stream(),
         }
     }
 
@@ -330,6 +366,16 @@ impl Body for ProxyBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(up) => up.inner.size_hint(),
+            Kind::Chained(c) => {
+                let read: u64 = c.read.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
+                let rest = c.rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + read);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
         }
     }
 }

@@ -207,6 +207,10 @@ async fn forward(
         return Err(ProxyError::UpgradeFailed);
     }
 
+    // rewrite (the header fields)
+    let version = req.version();
+    rewrite_fields(req.headers_mut(), version, kind, conn, snapshot, route, host.as_ref());
+
     // cache: a GET or HEAD may be answered from the store; an unsafe
     // request that succeeds invalidates what the store holds for its URL
     let caching = match (&route.cache, &snapshot.cache) {
@@ -216,19 +220,35 @@ async fn forward(
     let mut pending = None;
     let mut invalidate = None;
     if let Some((options, cache)) = caching {
-        let host_text = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
-        let url = cache::key::url_key(conn.scheme, host_text, req.uri(), options);
-        if req.method() == Method::GET || req.method() == Method::HEAD {
+        let host_text = host.as_ref().map(|h| String::from_utf8_lossy(h.as_bytes()));
+        let host_text = host_text.as_deref().unwrap_or("");
+        // The scheme the client used: a trusted terminator's, else ours.
+        let scheme = match req
+            .headers()
+            .get(&forwarding::X_FORWARDED_PROTO)
+            .map(HeaderValue::as_bytes)
+        {
+            Some(b"https") => "https",
+            Some(b"http") => "http",
+            _ => conn.scheme,
+        };
+        let url = cache::key::url_key(scheme, host_text, req.uri(), options);
+        // Parameters left out of the key never reach the origin either, so
+        // they cannot change what is stored.
+        if let Some(uri) = cache::key::strip_unkeyed(req.uri(), options) {
+            *req.uri_mut() = uri;
+        }
+        let bodiless = http_body::Body::is_end_stream(req.body());
+        if (req.method() == Method::GET || req.method() == Method::HEAD) && bodiless {
             let key = cache::key::primary_key(url, req.headers(), options);
             let method = req.method().clone();
             match cache.lookup(&method, req.headers_mut(), key, options).await {
                 Lookup::Answer(response, outcome) => {
                     trace.cache = Some(outcome);
-                    return Ok(finish_stored(response, snapshot, route, req.version()));
+                    return Ok(finish_stored(response, snapshot, route, version));
                 }
                 Lookup::AnswerAndRefresh(response, refresh) => {
                     trace.cache = Some(outcome::STALE);
-                    let version = req.version();
                     let (parts, _) = req.into_parts();
                     spawn_refresh(*refresh, parts, conn.clone(), snapshot.clone(), route_index, host);
                     return Ok(finish_stored(response, snapshot, route, version));
@@ -238,7 +258,7 @@ async fn forward(
         } else {
             trace.cache = Some(outcome::BYPASS);
             if !req.method().is_safe() {
-                invalidate = Some((url, format!("{}://{host_text}", conn.scheme)));
+                invalidate = Some((url, format!("{scheme}://{host_text}")));
             }
         }
     }
@@ -288,15 +308,22 @@ async fn forward(
     // respond
     let (mut parts, mut body) = response.into_parts();
     if let Some(p) = pending {
-        let (answer, result) = p.on_response(&mut parts, &mut body);
-        trace.cache = Some(result);
-        if let cache::serve::Answer::Replace { response, drain } = answer {
-            if drain {
+        let handled = p.on_response(&mut parts);
+        trace.cache = Some(handled.outcome);
+        if let cache::serve::Answer::Replace(response) = handled.answer {
+            if let Some(tee) = handled.tee {
                 // The client is answered from the stored copy; the body
                 // still has to arrive to be stored.
+                body.set_tee(tee);
                 tokio::spawn(drain_body(body));
             }
             return Ok(finish_stored(*response, snapshot, route, downstream_version));
+        }
+        match handled.tee {
+            // Others wait for this body: read it at the origin's pace.
+            Some(tee) if tee.leads() => body = tee.read_ahead(body).await,
+            Some(tee) => body.set_tee(tee),
+            None => {}
         }
     } else if let Some((_, cache)) = caching {
         if let Some((url, origin)) = &invalidate {
@@ -324,6 +351,46 @@ async fn forward(
     }
     parts.version = downstream_version;
     Ok(Response::from_parts(parts, body))
+}
+
+/// rewrite, the part that does not depend on the server chosen: the
+/// request's fields as the upstream will see them (hop-by-hop removed,
+/// forwarding fields, `Via`, the client certificate's fields, the route's
+/// edits). Done before the cache phase, so cache keys and `Vary` see what
+/// the origin sees.
+fn rewrite_fields(
+    headers: &mut http::HeaderMap,
+    version: Version,
+    kind: Exchange,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+    route: &RouteConfig,
+    host: Option<&HeaderValue>,
+) {
+    forwarding::strip_hop_by_hop(headers, kind == Exchange::Upgrade);
+    headers.remove(header::EXPECT);
+    forwarding::set_forwarding(
+        headers,
+        &Hop {
+            peer: &conn.forwarded,
+            trusted: conn.trusted,
+            proto: conn.scheme,
+            host,
+        },
+    );
+    if let Some(via) = &snapshot.via {
+        forwarding::append_via(headers, &via[via_index(version)]);
+    }
+    if let Some((subject_header, fingerprint_header)) = &conn.client_cert_headers {
+        // Only the proxy vouches for a client certificate.
+        headers.remove(subject_header);
+        headers.remove(fingerprint_header);
+        if let Some((subject, fingerprint)) = &conn.client_cert {
+            headers.insert(subject_header.clone(), subject.clone());
+            headers.insert(fingerprint_header.clone(), fingerprint.clone());
+        }
+    }
+    route.request_headers.apply(headers);
 }
 
 /// What [`exchange`] needs to know of the request beyond its head.
@@ -355,35 +422,12 @@ async fn exchange(
     let is_connect = kind == Exchange::Connect;
     let upgrade = kind != Exchange::Plain;
 
-    // rewrite (what does not depend on the server chosen)
+    // rewrite, the part that depends on the server group (the header
+    // fields were rewritten before the cache phase, by `rewrite_fields`)
     let downstream_version = parts.version;
-    forwarding::strip_hop_by_hop(&mut parts.headers, kind == Exchange::Upgrade);
-    parts.headers.remove(header::EXPECT);
     if kind == Exchange::ExtendedConnect {
         extended_connect_to_upgrade(&mut parts);
     }
-    forwarding::set_forwarding(
-        &mut parts.headers,
-        &Hop {
-            peer: &conn.forwarded,
-            trusted: conn.trusted,
-            proto: conn.scheme,
-            host,
-        },
-    );
-    if let Some(via) = &snapshot.via {
-        forwarding::append_via(&mut parts.headers, &via[via_index(downstream_version)]);
-    }
-    if let Some((subject_header, fingerprint_header)) = &conn.client_cert_headers {
-        // Only the proxy vouches for a client certificate.
-        parts.headers.remove(subject_header);
-        parts.headers.remove(fingerprint_header);
-        if let Some((subject, fingerprint)) = &conn.client_cert {
-            parts.headers.insert(subject_header.clone(), subject.clone());
-            parts.headers.insert(fingerprint_header.clone(), fingerprint.clone());
-        }
-    }
-    route.request_headers.apply(&mut parts.headers);
     parts.uri = upstream_uri(
         &parts.uri,
         route,
@@ -593,11 +637,13 @@ fn finish_stored(
 }
 
 /// Reads a body to its end (or its first error), for the cache's copy.
+/// Stops as soon as the copy is given up (the body grew too big).
 async fn drain_body(mut body: ProxyBody) {
     use http_body_util::BodyExt;
-    while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            return;
+    while body.has_tee() {
+        match body.frame().await {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return,
         }
     }
 }
@@ -613,6 +659,10 @@ fn spawn_refresh(
     route_index: usize,
     host: Option<HeaderValue>,
 ) {
+    let mut parts = parts;
+    // A plain GET, whatever the client asked (HEAD, a range): the refresh
+    // is for the store.
+    parts.method = Method::GET;
     tokio::spawn(async move {
         let mut trace = Trace::default();
         let outbound = Outbound {
@@ -635,8 +685,10 @@ fn spawn_refresh(
             Ok((response, _)) => {
                 let (mut parts, mut body) = response.into_parts();
                 // The client was answered: only the store is refreshed.
-                let _answer = refresh.on_response(&mut parts, &mut body);
-                drain_body(body).await;
+                if let Some(tee) = refresh.on_response(&mut parts).tee {
+                    body.set_tee(tee);
+                    drain_body(body).await;
+                }
             }
             Err(error) => tracing::debug!(%error, "background revalidation failed"),
         }

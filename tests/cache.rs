@@ -1043,3 +1043,456 @@ fn rss_bytes() -> usize {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+// Regressions from the review of the cache phase: each test is named
+// after the problem it reproduces.
+
+/// A 304 that brings `Set-Cookie` (or `private`) must not put the cookie
+/// into the shared entry: the entry leaves the store instead.
+#[tokio::test]
+async fn a_304_with_set_cookie_does_not_share_the_cookie() {
+    let (origin, _) = scripted(|head, _| {
+        if !head.headers.contains_key("if-none-match") {
+            return reply(
+                200,
+                &[("cache-control", "max-age=1"), ("age", "5"), ("etag", "\"a\"")],
+                "page",
+            );
+        }
+        let mut r = reply(
+            304,
+            &[
+                ("etag", "\"a\""),
+                ("cache-control", "max-age=600"),
+                ("set-cookie", "sid=ALICE"),
+            ],
+            "",
+        );
+        *r.body_mut() = empty();
+        r
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    get(proxy.addr, "/p").await;
+    landed(&cache_of(&proxy), 1).await;
+    let alice = get(proxy.addr, "/p").await;
+    assert_eq!(alice.text(), "page");
+    assert_eq!(
+        alice.header("set-cookie"),
+        Some("sid=ALICE"),
+        "the client that caused it gets it"
+    );
+    assert!(
+        status_of(&alice).ends_with("detail=set-cookie"),
+        "{}",
+        status_of(&alice)
+    );
+    assert_eq!(cache_of(&proxy).store().keys(), 0, "the entry left the store");
+    let bob = get(proxy.addr, "/p").await;
+    assert_eq!(bob.header("set-cookie"), None, "never served to another client");
+}
+
+/// Keys and `Vary` are computed on the fields the origin sees, so a
+/// client cannot pick another client's variant by sending a field the
+/// proxy sets.
+#[tokio::test]
+async fn vary_uses_the_fields_sent_upstream_not_the_clients() {
+    let (origin, _) = scripted(|head, _| {
+        let tier = head
+            .headers
+            .get("x-tier")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        reply(200, &[("cache-control", "max-age=600"), ("vary", "X-Tier")], &tier)
+    })
+    .await;
+    let toml = format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+upstream = "app"
+cache = true
+request_headers = {{ set = {{ "x-tier" = "gold" }} }}
+
+[upstreams.app]
+servers = ["{}"]
+"#,
+        origin.addr
+    );
+    let proxy = start_proxy(&toml).await;
+    assert_eq!(get_with(proxy.addr, "/v", &[("x-tier", "evil")]).await.text(), "gold");
+    landed(&cache_of(&proxy), 1).await;
+    let other = get(proxy.addr, "/v").await;
+    assert_eq!(other.text(), "gold");
+    assert!(
+        status_of(&other).starts_with("portcullis; hit"),
+        "same forwarded value, same variant"
+    );
+    assert_eq!(origin.requests(), 1);
+}
+
+/// Behind a trusted TLS terminator, `X-Forwarded-Proto` is part of the
+/// URL: an http redirect is never served to https clients.
+#[tokio::test]
+async fn http_and_https_behind_a_terminator_have_separate_keys() {
+    let (origin, _) = scripted(|head, _| {
+        let proto = head
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        reply(200, &[("cache-control", "max-age=600")], &proto)
+    })
+    .await;
+    let toml = config(origin.addr, "true", "") + "\n[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n";
+    let proxy = start_proxy(&toml).await;
+    let cache = cache_of(&proxy);
+    assert_eq!(
+        get_with(proxy.addr, "/s", &[("x-forwarded-proto", "http")])
+            .await
+            .text(),
+        "http"
+    );
+    landed(&cache, 1).await;
+    assert_eq!(
+        get_with(proxy.addr, "/s", &[("x-forwarded-proto", "https")])
+            .await
+            .text(),
+        "https"
+    );
+    landed(&cache, 2).await;
+    let again = get_with(proxy.addr, "/s", &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(again.text(), "https");
+    assert!(status_of(&again).starts_with("portcullis; hit"));
+    assert_eq!(cache.purge_url("https://test.local/s"), 1);
+}
+
+/// A 304 answering the client's own validators (passed through with a
+/// range) is not a revalidation of the stored response (section 4.3.4).
+#[tokio::test]
+async fn a_304_to_the_clients_validators_does_not_refresh_the_entry() {
+    let (origin, mut heads) = scripted(|_, n| {
+        if n == 1 {
+            return reply(
+                200,
+                &[("cache-control", "max-age=1"), ("age", "5"), ("etag", "\"a\"")],
+                "v1",
+            );
+        }
+        let mut r = reply(304, &[("etag", "\"b\""), ("cache-control", "max-age=3600")], "");
+        *r.body_mut() = empty();
+        r
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    get(proxy.addr, "/r").await;
+    landed(&cache_of(&proxy), 1).await;
+    let ranged = get_with(proxy.addr, "/r", &[("range", "bytes=0-0"), ("if-none-match", "\"b\"")]).await;
+    assert_eq!(
+        ranged.status,
+        StatusCode::NOT_MODIFIED,
+        "the origin's answer passes through"
+    );
+    heads.recv().await.expect("first");
+    let sent = heads.recv().await.expect("second");
+    assert_eq!(
+        sent.headers.get("if-none-match").map(|v| v.as_bytes()),
+        Some(&b"\"b\""[..])
+    );
+    let plain = get(proxy.addr, "/r").await;
+    assert!(
+        !status_of(&plain).starts_with("portcullis; hit"),
+        "v1 not made fresh: {}",
+        status_of(&plain)
+    );
+}
+
+/// A 416 or 412 to a range or precondition is never stored, nor replaces
+/// the stored response (no cache-poisoned denial of service).
+#[tokio::test]
+async fn answers_to_ranges_and_preconditions_never_replace_the_entry() {
+    let (origin, _) = scripted(|head, _| {
+        if head.headers.contains_key("range") {
+            reply(416, &[("cache-control", "public, max-age=3600")], "")
+        } else if head.headers.contains_key("if-match") {
+            reply(412, &[("cache-control", "public, max-age=3600")], "")
+        } else {
+            reply(200, &[("cache-control", "public, max-age=3600")], "good")
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    get(proxy.addr, "/app.js").await;
+    landed(&cache_of(&proxy), 1).await;
+    let range = get_with(
+        proxy.addr,
+        "/app.js",
+        &[("cache-control", "max-age=0"), ("range", "bytes=999999-")],
+    )
+    .await;
+    assert_eq!(range.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    let pre = get_with(proxy.addr, "/app.js", &[("if-match", "\"x\"")]).await;
+    assert_eq!(pre.status, StatusCode::PRECONDITION_FAILED);
+    assert!(status_of(&pre).ends_with("detail=precondition"), "{}", status_of(&pre));
+    let miss_pre = get_with(proxy.addr, "/other.js", &[("if-match", "\"x\"")]).await;
+    assert_eq!(miss_pre.status, StatusCode::PRECONDITION_FAILED);
+    let after = get(proxy.addr, "/app.js").await;
+    assert_eq!(after.text(), "good");
+    assert!(status_of(&after).starts_with("portcullis; hit"));
+    assert!(!status_of(&get(proxy.addr, "/other.js").await).starts_with("portcullis; hit"));
+}
+
+/// A client's own `no-store` (or any request-side reason) cannot evict a
+/// stored response.
+#[tokio::test]
+async fn a_client_cannot_evict_an_entry_with_request_directives() {
+    let (origin, _) = scripted(|_, _| reply(200, &[("cache-control", "max-age=600")], "kept")).await;
+    let proxy = caching_proxy(origin.addr).await;
+    get(proxy.addr, "/e").await;
+    landed(&cache_of(&proxy), 1).await;
+    for fields in [
+        &[("cache-control", "no-cache, no-store")][..],
+        &[("cache-control", "no-cache"), ("authorization", "Basic eA==")][..],
+    ] {
+        let got = get_with(proxy.addr, "/e", fields).await;
+        assert!(status_of(&got).contains("fwd=request"), "{}", status_of(&got));
+        let after = get(proxy.addr, "/e").await;
+        assert!(
+            status_of(&after).starts_with("portcullis; hit"),
+            "{fields:?} evicted it"
+        );
+    }
+}
+
+/// The leader of a flight reads the body at the origin's pace: a client
+/// that never reads does not hold up the requests waiting on it.
+#[tokio::test]
+async fn a_slow_leader_does_not_hold_up_waiters() {
+    let (release, released) = watch::channel(false);
+    // Far more than the loopback socket buffers hold.
+    let body = "b".repeat(48 << 20);
+    let origin = origin(move |_| {
+        let mut released = released.clone();
+        let body = body.clone();
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            reply(200, &[("cache-control", "max-age=600")], &body)
+        }
+    })
+    .await;
+    let proxy = start_proxy(&config(
+        origin.addr,
+        "true",
+        "memory = \"128MiB\"\nmax_object_size = \"64MiB\"",
+    ))
+    .await;
+    let cache = cache_of(&proxy);
+    let mut stats = cache.flight_stats();
+    // The leader sends its request and never reads a byte of the answer.
+    let mut leader = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut leader, b"GET /big HTTP/1.1\r\nhost: test.local\r\n\r\n")
+        .await
+        .expect("write");
+    let addr = proxy.addr;
+    let waiter = tokio::spawn(async move { get(addr, "/big").await });
+    tokio::time::timeout(Duration::from_secs(10), stats.wait_for(|s| s.waiting == 1))
+        .await
+        .expect("the second request waits")
+        .expect("alive");
+    release.send_replace(true);
+    let got = tokio::time::timeout(Duration::from_secs(4), waiter)
+        .await
+        .expect("served before the 5 s lock timeout")
+        .expect("client");
+    assert_eq!(got.body.len(), 48 << 20);
+    assert!(status_of(&got).contains("collapsed"), "{}", status_of(&got));
+    assert_eq!(origin.requests(), 1);
+    drop(leader);
+}
+
+/// Query parameters left out of the key are not sent to the origin, so
+/// they cannot change what is stored for everyone.
+#[tokio::test]
+async fn unkeyed_parameters_never_reach_the_origin() {
+    let (origin, mut heads) =
+        scripted(|head, _| reply(200, &[("cache-control", "max-age=600")], head.uri.query().unwrap_or(""))).await;
+    let proxy = start_proxy(&config(origin.addr, r#"{ ignore_params = ["utm_source"] }"#, "")).await;
+    let got = get(proxy.addr, "/?a=1&utm_source=%3Cscript%3E").await;
+    assert_eq!(got.text(), "a=1");
+    assert_eq!(heads.recv().await.expect("head").uri.to_string(), "/?a=1");
+}
+
+/// A GET with a body is not looked up or stored: its URL alone does not
+/// name the answer.
+#[tokio::test]
+async fn a_get_with_a_body_bypasses_the_cache() {
+    let (origin, _) = scripted(|_, n| reply(200, &[("cache-control", "max-age=600")], &format!("v{n}"))).await;
+    let proxy = caching_proxy(origin.addr).await;
+    let mut c = h1(proxy.addr).await;
+    let req = Request::get("/q")
+        .header("host", "test.local")
+        .body(full("query"))
+        .expect("request");
+    let got = read(c.send_ready(req).await.expect("send")).await;
+    assert_eq!(got.text(), "v1");
+    assert!(got.header("cache-status").is_none() || !status_of(&got).contains("stored"));
+    assert_eq!(cache_of(&proxy).store().keys(), 0);
+}
+
+/// The route's grace never serves stale what `s-maxage` (which implies
+/// `proxy-revalidate`) or the client's `max-age` forbid.
+#[tokio::test]
+async fn the_route_grace_respects_s_maxage_and_request_max_age() {
+    let (origin, _) = scripted(|head, n| {
+        let cc = if head.uri.path() == "/smax" {
+            "s-maxage=1"
+        } else {
+            "max-age=1"
+        };
+        if n <= 2 {
+            reply(200, &[("cache-control", cc), ("age", "5")], "kept")
+        } else {
+            reply(502, &[], "down")
+        }
+    })
+    .await;
+    let proxy = start_proxy(&config(origin.addr, "{ stale_if_error = \"1h\" }", "")).await;
+    let cache = cache_of(&proxy);
+    get(proxy.addr, "/smax").await;
+    get(proxy.addr, "/plain").await;
+    landed(&cache, 2).await;
+    assert_eq!(get(proxy.addr, "/smax").await.status, StatusCode::BAD_GATEWAY);
+    let refused = get_with(proxy.addr, "/plain", &[("cache-control", "max-age=0")]).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(get(proxy.addr, "/plain").await.text(), "kept");
+}
+
+/// The background refresh of `stale-while-revalidate` is a plain GET with
+/// the stored validators, whatever the client that triggered it asked.
+#[tokio::test]
+async fn the_background_refresh_is_a_plain_get() {
+    let (origin, mut heads) = scripted(|_, n| {
+        if n == 1 {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=1, stale-while-revalidate=600"),
+                    ("age", "5"),
+                    ("etag", "\"a\""),
+                ],
+                "0123456789",
+            )
+        } else {
+            reply(
+                200,
+                &[("cache-control", "max-age=600"), ("etag", "\"b\"")],
+                "abcdefghij",
+            )
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let cache = cache_of(&proxy);
+    get(proxy.addr, "/w").await;
+    landed(&cache, 1).await;
+    let part = send(
+        proxy.addr,
+        Method::HEAD,
+        "/w",
+        &[("range", "bytes=0-1"), ("if-none-match", "\"zzz\"")],
+    )
+    .await;
+    assert_eq!(part.status, StatusCode::OK, "HEAD is answered from the store");
+    landed(&cache, 2).await;
+    heads.recv().await.expect("first");
+    let refresh = heads.recv().await.expect("refresh");
+    assert_eq!(refresh.method, Method::GET);
+    assert!(!refresh.headers.contains_key("range"));
+    assert_eq!(
+        refresh.headers.get("if-none-match").map(|v| v.as_bytes()),
+        Some(&b"\"a\""[..])
+    );
+    let fresh = get_with(proxy.addr, "/w", &[("range", "bytes=0-1")]).await;
+    assert_eq!(fresh.text(), "ab", "the refreshed body, ranged from the store");
+}
+
+/// A response still arriving when its URL is invalidated is not stored
+/// afterwards.
+#[tokio::test]
+async fn an_invalidation_during_a_fetch_wins() {
+    let (chunks_in, chunks_out) = mpsc::unbounded_channel::<bytes::Bytes>();
+    let chunks_out = Arc::new(tokio::sync::Mutex::new(Some(chunks_out)));
+    let origin = origin(move |req| {
+        let chunks_out = chunks_out.clone();
+        async move {
+            if req.method() != Method::GET {
+                return reply(204, &[], "");
+            }
+            let rx = chunks_out.lock().await.take();
+            let Some(rx) = rx else {
+                return reply(200, &[("cache-control", "max-age=600")], "second");
+            };
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv()
+                    .await
+                    .map(|b| (Ok::<_, BoxError>(http_body::Frame::data(b)), rx))
+            });
+            let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+            r.headers_mut()
+                .insert("cache-control", "max-age=600".parse().expect("value"));
+            r
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let cache = cache_of(&proxy);
+    let addr = proxy.addr;
+    let first = tokio::spawn(async move { get(addr, "/i").await });
+    chunks_in.send(bytes::Bytes::from_static(b"fir")).expect("chunk");
+    // The POST succeeds while the GET's body is still arriving.
+    let post = send(proxy.addr, Method::POST, "/i", &[]).await;
+    assert_eq!(post.status, StatusCode::NO_CONTENT);
+    chunks_in.send(bytes::Bytes::from_static(b"st")).expect("chunk");
+    drop(chunks_in);
+    assert_eq!(first.await.expect("client").text(), "first");
+    landed(&cache, 1).await;
+    assert_eq!(cache.store().keys(), 0, "the invalidated response was not stored");
+}
+
+/// `Cache-Status` from a cache closer to the origin is kept; ours follows.
+#[tokio::test]
+async fn cache_status_is_appended_to_an_upstream_caches() {
+    let (origin, _) = scripted(|_, _| {
+        reply(
+            200,
+            &[("cache-control", "max-age=600"), ("cache-status", "origin-cache; hit")],
+            "x",
+        )
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let first = get(proxy.addr, "/c").await;
+    let all: Vec<&str> = first
+        .headers
+        .get_all("cache-status")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(all[0], "origin-cache; hit");
+    assert!(all[1].starts_with("portcullis; fwd=uri-miss"));
+    landed(&cache_of(&proxy), 1).await;
+    let hit = get(proxy.addr, "/c").await;
+    let all: Vec<&str> = hit
+        .headers
+        .get_all("cache-status")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(all[0], "origin-cache; hit");
+    assert!(all.last().expect("ours").starts_with("portcullis; hit"));
+}

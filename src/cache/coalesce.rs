@@ -87,10 +87,16 @@ impl Flights {
 
     /// Waits up to `limit` for a flight to land; `None` on timeout.
     pub async fn wait(&self, rx: watch::Receiver<Landing>, limit: Duration) -> Option<Landing> {
+        /// Counts the waiter out even when its request is cancelled.
+        struct Waiting<'a>(&'a watch::Sender<FlightStats>);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.send_modify(|s| s.waiting -= 1);
+            }
+        }
         self.stats.send_modify(|s| s.waiting += 1);
-        let landed = wait(rx, limit).await;
-        self.stats.send_modify(|s| s.waiting -= 1);
-        landed
+        let _counted = Waiting(&self.stats);
+        wait(rx, limit).await
     }
 
     /// Flights in the air now.

@@ -275,7 +275,7 @@ pub fn acceptable(current_age: u64, lifetime: u64, request: &CacheControl, respo
 
 /// True when the request wants a response validated now or fresher than a
 /// stale one can be, so that no stale-serving permission applies to it.
-fn request_refuses_stale(current_age: u64, request: &CacheControl) -> bool {
+pub fn request_refuses_stale(current_age: u64, request: &CacheControl) -> bool {
     request.no_cache.is_whole()
         || request.max_age_invalid
         || request.max_age.is_some_and(|max| current_age > max)

@@ -45,6 +45,34 @@ pub fn url_key(scheme: &str, host: &str, uri: &Uri, options: &RouteCache) -> Str
     key
 }
 
+/// The request target without the query parameters the key leaves out
+/// (all of them with `query = "ignore"`); `None` when nothing changes.
+pub fn strip_unkeyed(uri: &Uri, options: &RouteCache) -> Option<Uri> {
+    let query = uri.query()?;
+    let kept: Vec<&str> = match options.query {
+        QueryKey::Ignore => Vec::new(),
+        _ if options.ignore_params.is_empty() => return None,
+        _ => query
+            .split('&')
+            .filter(|param| {
+                let name = param.split_once('=').map_or(*param, |(n, _)| n);
+                !options.ignore_params.iter().any(|p| p == name)
+            })
+            .collect(),
+    };
+    let mut target = uri.path().to_owned();
+    if !kept.is_empty() {
+        target.push('?');
+        target.push_str(&kept.join("&"));
+    }
+    if target.len() == uri.path().len() + 1 + query.len() {
+        return None;
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(target.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 fn push_params<'a>(key: &mut String, params: impl Iterator<Item = &'a str>) {
     let mut first = true;
     for param in params {
@@ -136,6 +164,24 @@ mod tests {
                 *want,
                 "{target} with {query:?} {ignore:?}"
             );
+        }
+    }
+
+    #[test]
+    fn unkeyed_parameters_are_stripped_from_the_target() {
+        let cases: &[(QueryKey, &[&str], &str, Option<&str>)] = &[
+            (QueryKey::Keep, &[], "/a?x=1", None),
+            (QueryKey::Sort, &[], "/a?x=1", None),
+            (QueryKey::Ignore, &[], "/a?x=1", Some("/a")),
+            (QueryKey::Ignore, &[], "/a", None),
+            (QueryKey::Keep, &["utm"], "/a?utm=1&b=2&utm=3", Some("/a?b=2")),
+            (QueryKey::Keep, &["utm"], "/a?b=2", None),
+            (QueryKey::Sort, &["utm"], "/a?utm=%3Cscript%3E", Some("/a")),
+        ];
+        for (query, ignore, target, want) in cases {
+            let uri: Uri = target.parse().expect("uri");
+            let got = strip_unkeyed(&uri, &options(*query, ignore));
+            assert_eq!(got.as_ref().map(|u| u.to_string()), want.map(str::to_owned), "{target}");
         }
     }
 

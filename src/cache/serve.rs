@@ -15,14 +15,16 @@
 //! Every response of a caching route carries `Cache-Status` (RFC 9211);
 //! every response served from the store carries `Age`.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    self, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE, ETAG, HeaderName, HeaderValue, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, LOCATION, RANGE,
+    self, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_RANGE, ETAG, HeaderName, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, LAST_MODIFIED, LOCATION, RANGE,
 };
 use http::{HeaderMap, Method, Response, StatusCode};
 
@@ -52,6 +54,14 @@ pub struct Cache {
     lock_timeout: Duration,
     heuristic: HeuristicSettings,
     max_object: u64,
+    /// Bytes held by tees for responses still arriving, and the most they
+    /// may hold together (the store's budget): past it a response streams
+    /// through without being copied.
+    buffering: AtomicU64,
+    buffering_limit: u64,
+    /// Bumped when URLs are invalidated or purged (by URL hash, 64 ways), so
+    /// a response that was arriving meanwhile is not stored afterwards.
+    generations: [AtomicU64; 64],
 }
 
 /// What the log and the metrics call the way a request was served.
@@ -123,6 +133,11 @@ pub struct Pending {
     /// the upstream request (a full response is wanted, to store); the
     /// cache answers them.
     answer_conditionals: bool,
+    /// The upstream request carries the stored response's validators, so
+    /// a 304 is about the stored response (RFC 9111 section 4.3.4).
+    revalidating: bool,
+    /// The response may be stored (or replace the stored one).
+    may_store: bool,
 }
 
 impl Cache {
@@ -136,6 +151,9 @@ impl Cache {
                 max_seconds: config.heuristic_max.as_secs(),
             },
             max_object: config.max_object_size,
+            buffering: AtomicU64::new(0),
+            buffering_limit: config.memory,
+            generations: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -156,6 +174,7 @@ impl Cache {
     /// Removes every stored response of the URL `url` (as
     /// `scheme://host/path?query`, the form keys take); how many keys went.
     pub fn purge_url(&self, url: &str) -> usize {
+        self.generations[generation_slot(url)].fetch_add(1, Ordering::SeqCst);
         let mut removed = usize::from(self.store.remove(url));
         removed += self
             .store
@@ -165,12 +184,29 @@ impl Cache {
 
     /// Removes every key starting with `prefix`.
     pub fn purge_prefix(&self, prefix: &str) -> usize {
+        self.bump_all();
         self.store.purge_prefix(prefix)
     }
 
     /// Removes every response tagged `tag` (`Surrogate-Key`, `Cache-Tag`).
     pub fn purge_tag(&self, tag: &str) -> usize {
+        self.bump_all();
         self.store.purge_tag(tag)
+    }
+
+    fn bump_all(&self) {
+        for g in &self.generations {
+            g.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn generation(&self, key: &str) -> u64 {
+        self.generations[generation_slot(key)].load(Ordering::SeqCst)
+    }
+
+    /// Bytes tees hold now (responses being copied into the store).
+    pub fn buffering(&self) -> u64 {
+        self.buffering.load(Ordering::Relaxed)
     }
 
     /// The cache phase for a GET or HEAD: answer from the store or say how
@@ -189,7 +225,10 @@ impl Cache {
         }
         let origin_only = validators::has_origin_only_preconditions(headers);
         let ranged = headers.contains_key(RANGE);
+        // Served from a flight's stored response.
         let mut collapsed = false;
+        // Waited once already: never again.
+        let mut waited = false;
         let mut round = 0;
         loop {
             round += 1;
@@ -219,7 +258,20 @@ impl Cache {
                     let response = serve(&v, method, headers, age, status, options);
                     return match self.flights.join(&key) {
                         Join::Lead(flight) => {
-                            let mut pending = self.pending(method, headers, key, options, Fwd::Stale, collapsed);
+                            // The refresh is a plain GET with the stored
+                            // validators, whatever this client asked.
+                            for name in [
+                                RANGE,
+                                IF_RANGE,
+                                IF_NONE_MATCH,
+                                IF_MODIFIED_SINCE,
+                                IF_MATCH,
+                                IF_UNMODIFIED_SINCE,
+                            ] {
+                                headers.remove(name);
+                            }
+                            let mut pending = self.pending(&Method::GET, headers, key, options, Fwd::Stale, false);
+                            pending.may_store = true;
                             pending.stale = Some(v);
                             pending.flight = Some(flight);
                             pending.prepare_revalidation(headers);
@@ -250,24 +302,30 @@ impl Cache {
             // Only requests whose answer can be shared wait for each other.
             let shareable = method == Method::GET && !ranged && !origin_only && !rc.no_store && !rc.no_cache.is_whole();
             let mut flight = None;
-            if shareable {
+            if shareable && !waited && !collapsed && round < MAX_ROUNDS {
                 match self.flights.join(&key) {
                     Join::Lead(f) => flight = Some(f),
-                    Join::Wait(rx) => match self.flights.wait(rx, self.lock_timeout).await {
-                        Some(Landing::Stored) if round < MAX_ROUNDS && !collapsed => {
-                            collapsed = true;
-                            continue;
+                    Join::Wait(rx) => {
+                        match self.flights.wait(rx, self.lock_timeout).await {
+                            Some(Landing::Stored) => collapsed = true,
+                            // The leader gave up: one of the waiters leads.
+                            Some(Landing::Abandoned) => {}
+                            // Not shareable, or too slow: look once more
+                            // (another request may have stored it), then
+                            // go alone.
+                            Some(Landing::Pass | Landing::Pending) | None => waited = true,
                         }
-                        Some(Landing::Abandoned) if round < MAX_ROUNDS => continue,
-                        // Not shareable after all, or too slow: alone.
-                        _ => collapsed = true,
-                    },
+                        continue;
+                    }
                 }
             }
             if ranged && fwd != Fwd::Request {
                 fwd = Fwd::Bypass;
             }
-            let mut pending = self.pending(method, headers, key, options, fwd, collapsed);
+            let mut pending = self.pending(method, headers, key, options, fwd, false);
+            // Responses to ranges and origin-only preconditions (206, 412,
+            // 416...) are never stored, nor let replace a stored one.
+            pending.may_store = method == Method::GET && !ranged && !origin_only;
             pending.flight = flight;
             match stale {
                 Some(v) => {
@@ -304,6 +362,8 @@ impl Cache {
             flight: None,
             collapsed,
             answer_conditionals: false,
+            revalidating: false,
+            may_store: false,
         }
     }
 
@@ -340,6 +400,14 @@ impl Cache {
     }
 }
 
+/// The generation counter of a key: by its URL part, so a purge of the URL
+/// reaches every variant and extra-keyed entry of it.
+fn generation_slot(key: &str) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let url = key.split(super::key::EXTRA_SEPARATOR).next().unwrap_or(key);
+    (BuildHasherDefault::<DefaultHasher>::default().hash_one(url) % 64) as usize
+}
+
 impl Stored {
     /// RFC 9111 section 4.2.3's `current_age` at `now`.
     pub fn current_age(&self, now: SystemTime) -> u64 {
@@ -374,9 +442,7 @@ fn serve(
     let mut headers = v.headers.clone();
     strip_cache_fields(&mut headers, options);
     headers.insert(header::AGE, HeaderValue::from(age));
-    if let Ok(value) = HeaderValue::from_str(&cache_status) {
-        headers.insert(CACHE_STATUS.clone(), value);
-    }
+    set_status(&mut headers, &cache_status);
     let len = v.body.len() as u64;
     let conditional = request.contains_key(IF_NONE_MATCH) || request.contains_key(IF_MODIFIED_SINCE);
     let (status, body) = if conditional
@@ -449,12 +515,9 @@ fn tags(headers: &HeaderMap) -> Vec<String> {
 pub enum Answer {
     /// Send this response head (edited in place) with the origin's body.
     Origin,
-    /// Send this instead (a stored response); drain the origin's body in
-    /// the background when `drain` is set, so it can still be stored.
-    Replace {
-        response: Box<Response<ProxyBody>>,
-        drain: bool,
-    },
+    /// Send this instead (a stored response). With a [`Tee`] the origin's
+    /// body is still read in the background, to be stored.
+    Replace(Box<Response<ProxyBody>>),
 }
 
 impl Pending {
@@ -476,6 +539,7 @@ impl Pending {
         if let Some(modified) = v.headers.get(LAST_MODIFIED) {
             headers.insert(IF_MODIFIED_SINCE, modified.clone());
         }
+        self.revalidating = v.headers.contains_key(ETAG) || v.headers.contains_key(LAST_MODIFIED);
     }
 
     /// The client's conditionals are answered here, from the full response
@@ -519,7 +583,7 @@ impl Pending {
         if !allowed {
             return None;
         }
-        let mut status_text = format!("portcullis; fwd=stale; ttl={}", ttl(v, age));
+        let mut status_text = format!("portcullis; fwd={}; ttl={}", self.fwd.token(), ttl(v, age));
         if let Some(s) = status {
             let _ = write!(status_text, "; fwd-status={}", s.as_u16());
         }
@@ -528,60 +592,39 @@ impl Pending {
     }
 
     /// The route's `stale_if_error` grace: like the directive, it never
-    /// overrides `must-revalidate`, `proxy-revalidate` or `no-cache`
-    /// (section 4.2.4), nor a client's `no-cache`.
+    /// overrides what forbids stale service in a shared cache
+    /// (`must-revalidate`, `proxy-revalidate`, `no-cache`, `s-maxage`;
+    /// sections 4.2.4 and 5.2.2.10), nor a request that refuses stale
+    /// responses (`no-cache`, `max-age`, `min-fresh`).
     fn grace_allows(&self, v: &Stored, age: u64, rc: &super::control::CacheControl) -> bool {
         let grace = self.options.stale_if_error.as_secs();
-        if grace == 0 || freshness::is_fresh(v.lifetime, age) || rc.no_cache.is_whole() {
+        if grace == 0 || freshness::is_fresh(v.lifetime, age) || freshness::request_refuses_stale(age, rc) {
             return false;
         }
-        let forbidden = v.control.must_revalidate || v.control.proxy_revalidate || v.control.no_cache.is_whole();
+        let c = &v.control;
+        let forbidden = c.must_revalidate
+            || c.proxy_revalidate
+            || c.no_cache.is_whole()
+            || c.s_maxage.is_some()
+            || c.s_maxage_invalid;
         !forbidden && freshness::staleness(age, v.lifetime) <= grace
     }
 
     /// Handles the origin's response head: refreshes or stores, sets
-    /// `Cache-Status`, and says what the client gets. When the response is
-    /// stored, `body` gets a [`Tee`] that stores it as it streams.
-    pub fn on_response(mut self, parts: &mut http::response::Parts, body: &mut ProxyBody) -> (Answer, &'static str) {
+    /// `Cache-Status`, and says what the client gets. A response to store
+    /// comes with a [`Tee`] for its body.
+    pub fn on_response(mut self, parts: &mut http::response::Parts) -> Handled {
         let status = parts.status;
         let outcome = self.outcome_on_response(status);
         if status.is_server_error() {
             if let Some(response) = self.stale_for_error(Some(status)) {
-                return (
-                    Answer::Replace {
-                        response: Box::new(response),
-                        drain: false,
-                    },
-                    outcome::STALE,
-                );
+                return Handled::replace(response, outcome::STALE, None);
             }
         }
         let response_time = SystemTime::now();
-        if status == StatusCode::NOT_MODIFIED {
+        if status == StatusCode::NOT_MODIFIED && self.revalidating {
             if let Some(v) = self.stale.take() {
-                // Section 4.3.4: freshen the stored response with the 304.
-                let mut fresh = (*v).clone();
-                storable::update_from_304(&mut fresh.headers, &parts.headers);
-                fresh.request_time = self.request_time;
-                fresh.response_time = response_time;
-                self.cache.refresh_metadata(&mut fresh);
-                let age = fresh.current_age(response_time);
-                let status_text = format!(
-                    "portcullis; fwd=stale; fwd-status=304; stored; ttl={}",
-                    ttl(&fresh, age)
-                );
-                let response = serve(&fresh, &self.method, &self.request, age, status_text, &self.options);
-                let stored = self.cache.put(&self.key, fresh);
-                if let Some(flight) = self.flight.take() {
-                    flight.land(if stored { Landing::Stored } else { Landing::Pass });
-                }
-                return (
-                    Answer::Replace {
-                        response: Box::new(response),
-                        drain: false,
-                    },
-                    outcome,
-                );
+                return self.refresh(&v, parts, response_time, outcome);
             }
         }
         let mut status_text = format!("portcullis; fwd={}; fwd-status={}", self.fwd.token(), status.as_u16());
@@ -593,15 +636,15 @@ impl Pending {
                 if let Some(flight) = self.flight.take() {
                     flight.land(Landing::Pass);
                 }
-                if self.stale.is_some() && status.is_success() && self.method == Method::GET {
-                    // A new response that cannot be stored replaces the
-                    // old one for good (section 4.3.3).
-                    self.cache.purge_url(&self.key);
+                if self.replaces_stored(status, detail) {
+                    // A new response that cannot be stored makes the old
+                    // one obsolete (section 4.3.3).
+                    self.cache.store.remove(&self.key);
                 }
                 let _ = write!(status_text, "; detail={detail}");
                 set_status(&mut parts.headers, &status_text);
                 strip_cache_fields(&mut parts.headers, &self.options);
-                (Answer::Origin, outcome)
+                Handled::origin(outcome, None)
             }
             Ok(mut stored) => {
                 let age = stored.current_age(response_time);
@@ -626,33 +669,101 @@ impl Pending {
                     )
                 });
                 strip_cache_fields(&mut parts.headers, &self.options);
-                body.set_tee(Tee {
+                let tee = Tee {
+                    generation: self.cache.generation(&self.key),
                     cache: self.cache.clone(),
                     key: std::mem::take(&mut self.key),
                     stored: Some(stored),
                     buffer: BytesMut::new(),
-                    limit: self.cache.max_object,
+                    reserved: 0,
                     flight: self.flight.take(),
-                });
+                };
                 match replacement {
-                    Some(response) => (
-                        Answer::Replace {
-                            response: Box::new(response),
-                            drain: true,
-                        },
-                        outcome,
-                    ),
-                    None => (Answer::Origin, outcome),
+                    Some(response) => Handled::replace(response, outcome, Some(tee)),
+                    None => Handled::origin(outcome, Some(tee)),
                 }
             }
         }
     }
 
+    /// A 304 to the stored validators (section 4.3.4): the stored response
+    /// gets the 304's fields and a new age. If the fields now forbid
+    /// sharing it (`no-store`, `private`, a cookie), it leaves the store
+    /// and only this client gets it.
+    fn refresh(
+        &mut self,
+        v: &Stored,
+        parts: &http::response::Parts,
+        response_time: SystemTime,
+        outcome: &'static str,
+    ) -> Handled {
+        let mut fresh = v.clone();
+        storable::update_from_304(&mut fresh.headers, &parts.headers);
+        fresh.request_time = self.request_time;
+        fresh.response_time = response_time;
+        self.cache.refresh_metadata(&mut fresh);
+        let age = fresh.current_age(response_time);
+        let control = response_control(&fresh.headers).directives;
+        let unshareable = if control.no_store && !control.must_understand {
+            Some("no-store")
+        } else if control.private.is_whole() {
+            Some("private")
+        } else if !self.options.store_set_cookie && fresh.headers.contains_key(header::SET_COOKIE) {
+            Some("set-cookie")
+        } else {
+            None
+        };
+        let mut status_text = format!("portcullis; fwd={}; fwd-status=304", self.fwd.token());
+        let landing = match unshareable {
+            Some(detail) => {
+                self.cache.store.remove(&self.key);
+                let _ = write!(status_text, "; detail={detail}");
+                Landing::Pass
+            }
+            None => {
+                let _ = write!(status_text, "; stored; ttl={}", ttl(&fresh, age));
+                Landing::Stored
+            }
+        };
+        let response = serve(&fresh, &self.method, &self.request, age, status_text, &self.options);
+        let landing = match landing {
+            Landing::Stored if !self.cache.put(&self.key, fresh) => Landing::Pass,
+            other => other,
+        };
+        if let Some(flight) = self.flight.take() {
+            flight.land(landing);
+        }
+        Handled::replace(response, outcome, None)
+    }
+
+    /// True when a response that may not be stored makes the stored one
+    /// obsolete: a successful answer to a plain GET that the origin marked
+    /// unstorable (not a reason on the request's side, which any client
+    /// could use to evict entries).
+    fn replaces_stored(&self, status: StatusCode, detail: &str) -> bool {
+        let response_side = matches!(
+            detail,
+            "no-store" | "private" | "vary-star" | "no-freshness" | "must-understand" | "set-cookie" | "too-big"
+        );
+        self.stale.is_some()
+            && self.may_store
+            && status.is_success()
+            && response_side
+            && !request_control(&self.request).no_store
+    }
+
     /// The stored form of a response, or why it may not be stored (the
     /// `Cache-Status` detail).
     fn storable(&self, parts: &http::response::Parts) -> Result<Stored, &'static str> {
-        if matches!(self.fwd, Fwd::Bypass | Fwd::Method) {
-            return Err(if self.fwd == Fwd::Method { "method" } else { "range" });
+        if self.fwd == Fwd::Method || self.method != Method::GET {
+            return Err("method");
+        }
+        if !self.may_store {
+            return Err(if self.request.contains_key(RANGE) {
+                "range"
+            } else {
+                "precondition"
+            });
         }
         let settings = StoreSettings { heuristic: true };
         let decision = storable::storable(&self.method, &self.request, parts.status, &parts.headers, &settings)
@@ -690,9 +801,39 @@ impl Pending {
     }
 }
 
+/// What [`Pending::on_response`] decided.
+pub struct Handled {
+    pub answer: Answer,
+    /// The access log's and metrics' word for it.
+    pub outcome: &'static str,
+    /// Copies the origin's body into the store: the pipeline puts it on the
+    /// body, or reads ahead with it when it leads a flight.
+    pub tee: Option<Tee>,
+}
+
+impl Handled {
+    fn origin(outcome: &'static str, tee: Option<Tee>) -> Handled {
+        Handled {
+            answer: Answer::Origin,
+            outcome,
+            tee,
+        }
+    }
+
+    fn replace(response: Response<ProxyBody>, outcome: &'static str, tee: Option<Tee>) -> Handled {
+        Handled {
+            answer: Answer::Replace(Box::new(response)),
+            outcome,
+            tee,
+        }
+    }
+}
+
+/// Adds our `Cache-Status` member after any an upstream cache wrote
+/// (RFC 9211 section 2: the list runs from the origin to the client).
 fn set_status(headers: &mut HeaderMap, text: &str) {
     if let Ok(value) = HeaderValue::from_str(text) {
-        headers.insert(CACHE_STATUS.clone(), value);
+        headers.append(CACHE_STATUS.clone(), value);
     }
 }
 
@@ -708,48 +849,123 @@ impl Cache {
     }
 }
 
-/// Stores a response body as it streams to the client, up to the maximum
-/// object size; lands the flight when the body ends (or is given up).
+/// Copies a response body into the store, up to the maximum object size
+/// and within the cache's buffering limit; lands the flight when the body
+/// ends (or is given up). Dropped unfinished, it stores nothing.
 pub struct Tee {
     cache: Arc<Cache>,
     key: String,
+    /// The key's invalidation generation when the response arrived.
+    generation: u64,
     stored: Option<Stored>,
     buffer: BytesMut,
-    limit: u64,
+    /// Bytes counted in `cache.buffering` for this tee.
+    reserved: u64,
     flight: Option<Flight>,
 }
 
 impl Tee {
-    /// A chunk of the body; false once the object is too big to keep
-    /// (the tee then holds nothing and the flight is passed).
+    /// True when other requests wait for this body (it leads a flight).
+    pub fn leads(&self) -> bool {
+        self.flight.is_some()
+    }
+
+    /// A chunk of the body; false once the copy is given up (too big for
+    /// one object, or for the buffering limit): the flight is passed.
     pub fn data(&mut self, chunk: &Bytes) -> bool {
         if self.stored.is_none() {
             return false;
         }
-        if (self.buffer.len() + chunk.len()) as u64 > self.limit {
-            self.stored = None;
-            self.buffer = BytesMut::new();
-            if let Some(flight) = self.flight.take() {
-                flight.land(Landing::Pass);
-            }
+        let n = chunk.len() as u64;
+        if self.buffer.len() as u64 + n > self.cache.max_object {
+            self.give_up();
+            return false;
+        }
+        let before = self.cache.buffering.fetch_add(n, Ordering::Relaxed);
+        // Counted even when refused, so the release balances it.
+        self.reserved += n;
+        if before.saturating_add(n) > self.cache.buffering_limit {
+            self.give_up();
             return false;
         }
         self.buffer.extend_from_slice(chunk);
         true
     }
 
-    /// The body ended cleanly: store it.
-    pub fn finish(mut self) {
-        let Some(mut stored) = self.stored.take() else {
-            return;
-        };
+    fn give_up(&mut self) {
+        self.stored = None;
+        self.buffer = BytesMut::new();
+        self.release();
+        if let Some(flight) = self.flight.take() {
+            flight.land(Landing::Pass);
+        }
+    }
+
+    fn release(&mut self) {
+        let n = std::mem::take(&mut self.reserved);
+        self.cache.buffering.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// The body ended cleanly: store it, unless its URL was invalidated
+    /// while it arrived. Returns the whole body.
+    pub fn finish(mut self) -> Option<Bytes> {
+        let mut stored = self.stored.take()?;
         let body = std::mem::take(&mut self.buffer).freeze();
+        self.release();
         stored.headers.remove(header::TRANSFER_ENCODING);
-        stored.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        stored.body = body;
-        let admitted = self.cache.put(&self.key, stored);
+        if stored.status != StatusCode::NO_CONTENT {
+            stored.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        stored.body = body.clone();
+        let current = self.cache.generation(&self.key) == self.generation;
+        let admitted = current && self.cache.put(&self.key, stored);
         if let Some(flight) = self.flight.take() {
             flight.land(if admitted { Landing::Stored } else { Landing::Pass });
         }
+        Some(body)
+    }
+
+    /// For a flight's leader: reads the body at the origin's pace, not its
+    /// client's, so the requests waiting on the flight are not held up by
+    /// a slow reader. A body that ends within the limits is stored and
+    /// handed over whole; past them, the part read so far is handed over
+    /// followed by the rest as it streams.
+    pub async fn read_ahead(mut self, mut body: ProxyBody) -> ProxyBody {
+        use http_body_util::BodyExt;
+        let mut read: VecDeque<http_body::Frame<Bytes>> = VecDeque::new();
+        loop {
+            match body.frame().await {
+                None => {
+                    return match self.finish() {
+                        Some(whole) if !whole.is_empty() => ProxyBody::full(whole),
+                        _ => ProxyBody::empty(),
+                    };
+                }
+                Some(Ok(frame)) => {
+                    let kept = match frame.data_ref() {
+                        Some(data) => self.data(data),
+                        // Trailers are not stored: give the copy up.
+                        None => {
+                            self.give_up();
+                            false
+                        }
+                    };
+                    read.push_back(frame);
+                    if !kept {
+                        return ProxyBody::chained(read, body, None);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.give_up();
+                    return ProxyBody::chained(read, body, Some(e));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        self.release();
     }
 }
