@@ -21,7 +21,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::cache::serve::Tee;
+use crate::cache::serve::{Held, Tee};
 use crate::observe::Observation;
 use crate::server::conn::InFlight;
 use crate::upstream::ServerGuard;
@@ -188,6 +188,8 @@ struct Chained {
     read: VecDeque<Frame<Bytes>>,
     error: Option<BoxError>,
     rest: ProxyBody,
+    /// The cache's count of the bytes in `read`, released with them.
+    _held: Option<Held>,
 }
 
 /// An upstream response body with its connection lease and deadline.
@@ -218,9 +220,14 @@ impl ProxyBody {
 
     /// The frames `read` so far, then `error` if the body failed, else the
     /// rest of `rest`.
-    pub fn chained(read: VecDeque<Frame<Bytes>>, rest: ProxyBody, error: Option<BoxError>) -> Self {
+    pub fn chained(read: VecDeque<Frame<Bytes>>, rest: ProxyBody, error: Option<BoxError>, held: Option<Held>) -> Self {
         ProxyBody {
-            kind: Kind::Chained(Box::new(Chained { read, error, rest })),
+            kind: Kind::Chained(Box::new(Chained {
+                read,
+                error,
+                rest,
+                _held: held,
+            })),
             in_flight: None,
             server: None,
             exchange: None,
@@ -331,7 +338,10 @@ impl Body for ProxyBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         if this.tee.as_mut().is_some_and(|tee| !tee.data(data)) {
-                            this.tee = None;
+                            // Too big to keep: the waiters go on their own.
+                            if let Some(tee) = this.tee.take() {
+                                tee.pass();
+                            }
                         }
                     }
                     // The last frame: the server may not poll again.

@@ -82,7 +82,21 @@ async fn answer(name: &'static str, req: Request<Incoming>) -> Result<Response<F
             header("via"),
         )
     };
+    let cacheable = req.uri().path().starts_with("/static/");
+    let body = if cacheable {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("{body}Made at:           {now} (Unix time; cacheable for 60 s)\n")
+    } else {
+        body
+    };
     let mut response = Response::new(Full::new(Bytes::from(body)));
+    if cacheable {
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60"));
+    }
     let content_type = if json {
         "application/json"
     } else {
@@ -158,6 +172,12 @@ rewrite_prefix = "/"
 name = "app"
 path = "/"
 upstream = "app"
+
+[[routes]]
+name = "static"
+path = "/static/"
+upstream = "app"
+cache = true
 
 [upstreams.app]
 servers = ["{}", "{}"]

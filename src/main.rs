@@ -342,6 +342,7 @@ async fn demo(
     println!("Try:");
     println!("  curl -i http://{addr}/              # round robin over app-1 and app-2 (repeat it)");
     println!("  curl -i http://{addr}/api/users     # routed to api, /api/ rewritten to /");
+    println!("  curl -i http://{addr}/static/a.txt  # cached for 60 s: repeat it (Cache-Status, Age)");
     println!("  curl -i --http2-prior-knowledge http://{addr}/   # HTTP/2 cleartext");
     println!("  curl -k -i --http2 https://{tls_addr}/        # HTTPS, HTTP/2 by ALPN");
     println!("  curl -s http://{metrics_addr}/metrics | grep portcullis_requests");

@@ -207,16 +207,21 @@ async fn forward(
         return Err(ProxyError::UpgradeFailed);
     }
 
-    // rewrite (the header fields)
-    let version = req.version();
-    rewrite_fields(req.headers_mut(), version, kind, conn, snapshot, route, host.as_ref());
-
     // cache: a GET or HEAD may be answered from the store; an unsafe
     // request that succeeds invalidates what the store holds for its URL
     let caching = match (&route.cache, &snapshot.cache) {
         (Some(options), Some(cache)) if !upgrade => Some((options, cache)),
         _ => None,
     };
+    let version = req.version();
+    // Load shedding judges the client by the fields it sent.
+    let shedding = matches!(snapshot.shedders.get(route.upstream), Some(Some(_)));
+    let as_sent = (caching.is_some() && shedding).then(|| req.headers().clone());
+    if caching.is_some() {
+        // rewrite (the header fields) first: cache keys and `Vary` are
+        // worked out on what the origin will see.
+        rewrite_fields(req.headers_mut(), version, kind, conn, snapshot, route, host.as_ref());
+    }
     let mut pending = None;
     let mut invalidate = None;
     if let Some((options, cache)) = caching {
@@ -233,13 +238,13 @@ async fn forward(
             _ => conn.scheme,
         };
         let url = cache::key::url_key(scheme, host_text, req.uri(), options);
-        // Parameters left out of the key never reach the origin either, so
-        // they cannot change what is stored.
-        if let Some(uri) = cache::key::strip_unkeyed(req.uri(), options) {
-            *req.uri_mut() = uri;
-        }
         let bodiless = http_body::Body::is_end_stream(req.body());
         if (req.method() == Method::GET || req.method() == Method::HEAD) && bodiless {
+            // Parameters left out of the key never reach the origin either,
+            // so they cannot change what is stored.
+            if let Some(uri) = cache::key::strip_unkeyed(req.uri(), options) {
+                *req.uri_mut() = uri;
+            }
             let key = cache::key::primary_key(url, req.headers(), options);
             let method = req.method().clone();
             match cache.lookup(&method, req.headers_mut(), key, options).await {
@@ -264,8 +269,18 @@ async fn forward(
     }
 
     // Held until the response head arrives (or the exchange fails).
-    let shed_wait =
-        crate::protect::check_load(&req, conn, snapshot, route.upstream, route_index, &mut trace.protection)?;
+    let shed_wait = crate::protect::check_load(
+        as_sent.as_ref().unwrap_or(req.headers()),
+        conn,
+        snapshot,
+        route.upstream,
+        route_index,
+        &mut trace.protection,
+    )?;
+    if caching.is_none() {
+        // rewrite (the header fields)
+        rewrite_fields(req.headers_mut(), version, kind, conn, snapshot, route, host.as_ref());
+    }
 
     let client_upgrade: Option<OnUpgrade> = upgrade.then(|| hyper::upgrade::on(&mut req));
     let downstream_version = req.version();
@@ -321,7 +336,7 @@ async fn forward(
         }
         match handled.tee {
             // Others wait for this body: read it at the origin's pace.
-            Some(tee) if tee.leads() => body = tee.read_ahead(body).await,
+            Some(tee) if tee.has_waiters() => body = tee.read_ahead(body).await,
             Some(tee) => body.set_tee(tee),
             None => {}
         }
@@ -333,7 +348,7 @@ async fn forward(
         }
         parts
             .headers
-            .insert(CACHE_STATUS.clone(), HeaderValue::from_static("portcullis; fwd=method"));
+            .append(CACHE_STATUS.clone(), HeaderValue::from_static("portcullis; fwd=method"));
     }
     if let Some(via) = &snapshot.via {
         forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);

@@ -1495,4 +1495,174 @@ async fn cache_status_is_appended_to_an_upstream_caches() {
         .collect();
     assert_eq!(all[0], "origin-cache; hit");
     assert!(all.last().expect("ours").starts_with("portcullis; hit"));
+    let post = send(proxy.addr, Method::POST, "/c", &[]).await;
+    let all: Vec<&str> = post
+        .headers
+        .get_all("cache-status")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(all, ["origin-cache; hit", "portcullis; fwd=method"]);
+}
+
+/// The origin failing in the middle of a body others wait for abandons
+/// the flight: one waiter tries again and the rest are served from it,
+/// rather than all of them going to the failing origin at once.
+#[tokio::test]
+async fn an_origin_failure_mid_body_lets_one_waiter_retry() {
+    let (release, released) = watch::channel(false);
+    let (arrived, mut arrivals) = mpsc::unbounded_channel::<usize>();
+    let counter = Arc::new(AtomicUsize::new(0));
+    let origin = origin(move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = arrived.send(n);
+        let mut released = released.clone();
+        async move {
+            if n > 1 {
+                return reply(200, &[("cache-control", "max-age=600")], "whole");
+            }
+            let _ = released.wait_for(|r| *r).await;
+            // "part", then (after one yield, so the head and the first
+            // chunk are flushed) a failure.
+            let stream = futures_util::stream::unfold(0, |i| async move {
+                match i {
+                    0 => Some((
+                        Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from_static(b"part"))),
+                        1,
+                    )),
+                    1 => {
+                        tokio::task::yield_now().await;
+                        Some((Err("origin broke".into()), 2))
+                    }
+                    _ => None,
+                }
+            });
+            let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+            r.headers_mut()
+                .insert("cache-control", "max-age=600".parse().expect("value"));
+            r
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let cache = cache_of(&proxy);
+    let mut stats = cache.flight_stats();
+    let addr = proxy.addr;
+    let leader = tokio::spawn(async move {
+        let mut c = h1(addr).await;
+        let req = Request::get("/f")
+            .header("host", "test.local")
+            .body(empty())
+            .expect("request");
+        match c.send_ready(req).await {
+            Ok(response) => response.status() == StatusCode::OK && response.into_body().collect().await.is_err(),
+            Err(_) => true,
+        }
+    });
+    assert_eq!(arrivals.recv().await, Some(1), "the leader reached the origin");
+    let waiters: Vec<_> = (0..5)
+        .map(|_| tokio::spawn(async move { get(addr, "/f").await }))
+        .collect();
+    tokio::time::timeout(Duration::from_secs(10), stats.wait_for(|s| s.waiting == 5))
+        .await
+        .expect("waiters")
+        .expect("alive");
+    release.send_replace(true);
+    assert!(
+        leader.await.expect("leader"),
+        "the leader's client gets the head, then the failure"
+    );
+    for w in waiters {
+        assert_eq!(w.await.expect("waiter").text(), "whole");
+    }
+    assert_eq!(origin.requests(), 2, "one retry, not one per waiter");
+}
+
+/// A request sent before its URL is invalidated does not store its
+/// (older) answer after the invalidation.
+#[tokio::test]
+async fn an_invalidation_before_the_answer_arrives_wins() {
+    let (release, released) = watch::channel(false);
+    let (seen, mut arrivals) = mpsc::unbounded_channel::<Method>();
+    let origin = origin(move |req| {
+        let mut released = released.clone();
+        let seen = seen.clone();
+        async move {
+            let _ = seen.send(req.method().clone());
+            if req.method() != Method::GET {
+                return reply(204, &[], "");
+            }
+            let _ = released.wait_for(|r| *r).await;
+            reply(200, &[("cache-control", "max-age=600")], "old")
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let cache = cache_of(&proxy);
+    let addr = proxy.addr;
+    let get_task = tokio::spawn(async move { get(addr, "/i").await });
+    assert_eq!(arrivals.recv().await, Some(Method::GET));
+    assert_eq!(
+        send(proxy.addr, Method::PUT, "/i", &[]).await.status,
+        StatusCode::NO_CONTENT
+    );
+    release.send_replace(true);
+    assert_eq!(get_task.await.expect("get").text(), "old");
+    landed(&cache, 1).await;
+    assert_eq!(cache.store().keys(), 0);
+}
+
+/// Ignored query parameters are stripped only from GET and HEAD.
+#[tokio::test]
+async fn other_methods_keep_their_query() {
+    let (origin, mut heads) = scripted(|_, _| reply(204, &[], "")).await;
+    let proxy = start_proxy(&config(origin.addr, r#"{ query = "ignore" }"#, "")).await;
+    send(proxy.addr, Method::DELETE, "/items?id=5", &[]).await;
+    assert_eq!(heads.recv().await.expect("head").uri.to_string(), "/items?id=5");
+}
+
+/// With nobody waiting, a response streams to its client as it arrives
+/// (it is copied for the store on the way).
+#[tokio::test]
+async fn a_miss_nobody_waits_for_streams() {
+    let (release, released) = watch::channel(false);
+    let origin = origin(move |_| {
+        let released = released.clone();
+        async move {
+            let stream = futures_util::stream::unfold((0, released), |(i, mut released)| async move {
+                match i {
+                    0 => Some((
+                        Ok::<_, BoxError>(http_body::Frame::data(bytes::Bytes::from_static(b"first "))),
+                        (1, released),
+                    )),
+                    1 => {
+                        let _ = released.wait_for(|r| *r).await;
+                        Some((
+                            Ok(http_body::Frame::data(bytes::Bytes::from_static(b"second"))),
+                            (2, released),
+                        ))
+                    }
+                    _ => None,
+                }
+            });
+            let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed());
+            r.headers_mut()
+                .insert("cache-control", "max-age=600".parse().expect("value"));
+            r
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let mut c = h1(proxy.addr).await;
+    let req = Request::get("/s")
+        .header("host", "test.local")
+        .body(empty())
+        .expect("request");
+    let mut body = c.send_ready(req).await.expect("head before the body ends").into_body();
+    let first = body.frame().await.expect("a frame").expect("ok");
+    assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"first "[..]));
+    release.send_replace(true);
+    while body.frame().await.is_some() {}
+    landed(&cache_of(&proxy), 1).await;
+    assert_eq!(get(proxy.addr, "/s").await.text(), "first second", "stored on the way");
 }

@@ -372,6 +372,17 @@ async fn the_demo_serves_logs_counts_and_audits() {
     let record: serde_json::Value = serde_json::from_str(&next_line(&mut lines).await).expect("a JSON access log line");
     assert_eq!(record["request_id"], id.as_str());
     assert_eq!(record["route"], "api");
+    let first = get(addr, "/static/a.txt").await;
+    assert!(first.header("cache-status").is_some_and(|s| s.contains("stored")));
+    next_line(&mut lines).await;
+    let second = get(addr, "/static/a.txt").await;
+    assert!(
+        second
+            .header("cache-status")
+            .is_some_and(|s| s.starts_with("portcullis; hit"))
+    );
+    assert_eq!(second.body, first.body, "the same stored response");
+    next_line(&mut lines).await;
     let mut m = h1(metrics).await;
     let req = Request::get("/metrics").header("host", "m").body(empty()).expect("req");
     let text = read(m.send_ready(req).await.expect("scrape")).await.text();

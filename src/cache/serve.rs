@@ -138,6 +138,9 @@ pub struct Pending {
     revalidating: bool,
     /// The response may be stored (or replace the stored one).
     may_store: bool,
+    /// The key's invalidation generation at lookup: a response to a request
+    /// sent before an invalidation is not stored after it.
+    generation: u64,
 }
 
 impl Cache {
@@ -227,8 +230,10 @@ impl Cache {
         let ranged = headers.contains_key(RANGE);
         // Served from a flight's stored response.
         let mut collapsed = false;
-        // Waited once already: never again.
+        // Gave up waiting (too slow, or not shareable): never again.
         let mut waited = false;
+        // All waiting together is bounded by `lock_timeout`.
+        let deadline = tokio::time::Instant::now() + self.lock_timeout;
         let mut round = 0;
         loop {
             round += 1;
@@ -302,11 +307,12 @@ impl Cache {
             // Only requests whose answer can be shared wait for each other.
             let shareable = method == Method::GET && !ranged && !origin_only && !rc.no_store && !rc.no_cache.is_whole();
             let mut flight = None;
-            if shareable && !waited && !collapsed && round < MAX_ROUNDS {
+            if shareable && !waited && round < MAX_ROUNDS {
                 match self.flights.join(&key) {
                     Join::Lead(f) => flight = Some(f),
                     Join::Wait(rx) => {
-                        match self.flights.wait(rx, self.lock_timeout).await {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        match self.flights.wait(rx, left).await {
                             Some(Landing::Stored) => collapsed = true,
                             // The leader gave up: one of the waiters leads.
                             Some(Landing::Abandoned) => {}
@@ -350,6 +356,7 @@ impl Cache {
         fwd: Fwd,
         collapsed: bool,
     ) -> Pending {
+        let generation = self.generation(&key);
         Pending {
             cache: self.clone(),
             options: options.clone(),
@@ -364,6 +371,7 @@ impl Cache {
             answer_conditionals: false,
             revalidating: false,
             may_store: false,
+            generation,
         }
     }
 
@@ -670,7 +678,7 @@ impl Pending {
                 });
                 strip_cache_fields(&mut parts.headers, &self.options);
                 let tee = Tee {
-                    generation: self.cache.generation(&self.key),
+                    generation: self.generation,
                     cache: self.cache.clone(),
                     key: std::mem::take(&mut self.key),
                     stored: Some(stored),
@@ -726,8 +734,11 @@ impl Pending {
             }
         };
         let response = serve(&fresh, &self.method, &self.request, age, status_text, &self.options);
+        // Not stored when the URL was invalidated meanwhile, or when this
+        // request said `no-store` (section 5.2.1.5).
+        let keep = self.cache.generation(&self.key) == self.generation && !request_control(&self.request).no_store;
         let landing = match landing {
-            Landing::Stored if !self.cache.put(&self.key, fresh) => Landing::Pass,
+            Landing::Stored if !(keep && self.cache.put(&self.key, fresh)) => Landing::Pass,
             other => other,
         };
         if let Some(flight) = self.flight.take() {
@@ -851,11 +862,12 @@ impl Cache {
 
 /// Copies a response body into the store, up to the maximum object size
 /// and within the cache's buffering limit; lands the flight when the body
-/// ends (or is given up). Dropped unfinished, it stores nothing.
+/// ends (or is given up). Dropped unfinished, it stores nothing and
+/// abandons its flight (a waiter leads the next try).
 pub struct Tee {
     cache: Arc<Cache>,
     key: String,
-    /// The key's invalidation generation when the response arrived.
+    /// The key's invalidation generation when the request was looked up.
     generation: u64,
     stored: Option<Stored>,
     buffer: BytesMut,
@@ -864,54 +876,69 @@ pub struct Tee {
     flight: Option<Flight>,
 }
 
+/// Bytes still counted in the cache's buffering limit after a tee gave
+/// up (the part read ahead, waiting for its client); released on drop.
+pub struct Held {
+    cache: Arc<Cache>,
+    bytes: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.cache.buffering.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 impl Tee {
-    /// True when other requests wait for this body (it leads a flight).
-    pub fn leads(&self) -> bool {
-        self.flight.is_some()
+    /// True when other requests are waiting for this body now: then the
+    /// pipeline reads it ahead at the origin's pace.
+    pub fn has_waiters(&self) -> bool {
+        self.flight.as_ref().is_some_and(Flight::has_waiters)
     }
 
-    /// A chunk of the body; false once the copy is given up (too big for
-    /// one object, or for the buffering limit): the flight is passed.
+    /// Copies a chunk; false, copying nothing, when it does not fit (the
+    /// object would pass `max_object_size`, or all copies together the
+    /// buffering limit). The caller then gives the copy up.
     pub fn data(&mut self, chunk: &Bytes) -> bool {
         if self.stored.is_none() {
             return false;
         }
         let n = chunk.len() as u64;
         if self.buffer.len() as u64 + n > self.cache.max_object {
-            self.give_up();
             return false;
         }
         let before = self.cache.buffering.fetch_add(n, Ordering::Relaxed);
-        // Counted even when refused, so the release balances it.
-        self.reserved += n;
         if before.saturating_add(n) > self.cache.buffering_limit {
-            self.give_up();
+            self.cache.buffering.fetch_sub(n, Ordering::Relaxed);
             return false;
         }
+        self.reserved += n;
         self.buffer.extend_from_slice(chunk);
         true
     }
 
-    fn give_up(&mut self) {
-        self.stored = None;
-        self.buffer = BytesMut::new();
-        self.release();
+    /// The response cannot be shared after all (too big): the waiters go
+    /// to the origin on their own.
+    pub fn pass(mut self) {
+        self.clear();
         if let Some(flight) = self.flight.take() {
             flight.land(Landing::Pass);
         }
     }
 
-    fn release(&mut self) {
+    fn clear(&mut self) {
+        self.stored = None;
+        self.buffer = BytesMut::new();
         let n = std::mem::take(&mut self.reserved);
         self.cache.buffering.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// The body ended cleanly: store it, unless its URL was invalidated
-    /// while it arrived. Returns the whole body.
+    /// since the request was looked up. Returns the whole body.
     pub fn finish(mut self) -> Option<Bytes> {
         let mut stored = self.stored.take()?;
         let body = std::mem::take(&mut self.buffer).freeze();
-        self.release();
+        self.clear();
         stored.headers.remove(header::TRANSFER_ENCODING);
         if stored.status != StatusCode::NO_CONTENT {
             stored.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -925,14 +952,33 @@ impl Tee {
         Some(body)
     }
 
-    /// For a flight's leader: reads the body at the origin's pace, not its
-    /// client's, so the requests waiting on the flight are not held up by
+    /// Gives the copy up, landing the flight with `landing`, and hands
+    /// over what was read so far (one frame) with its buffering count.
+    fn hand_over(mut self, landing: Landing) -> (VecDeque<http_body::Frame<Bytes>>, Held) {
+        let read = std::mem::take(&mut self.buffer).freeze();
+        let held = Held {
+            cache: self.cache.clone(),
+            bytes: std::mem::take(&mut self.reserved),
+        };
+        self.stored = None;
+        if let Some(flight) = self.flight.take() {
+            flight.land(landing);
+        }
+        let mut frames = VecDeque::new();
+        if !read.is_empty() {
+            frames.push_back(http_body::Frame::data(read));
+        }
+        (frames, held)
+    }
+
+    /// For a flight that others wait on: reads the body at the origin's
+    /// pace, not its client's, so the waiting requests are not held up by
     /// a slow reader. A body that ends within the limits is stored and
     /// handed over whole; past them, the part read so far is handed over
+    /// (still counted against the buffering limit until it is sent)
     /// followed by the rest as it streams.
     pub async fn read_ahead(mut self, mut body: ProxyBody) -> ProxyBody {
         use http_body_util::BodyExt;
-        let mut read: VecDeque<http_body::Frame<Bytes>> = VecDeque::new();
         loop {
             match body.frame().await {
                 None => {
@@ -942,22 +988,18 @@ impl Tee {
                     };
                 }
                 Some(Ok(frame)) => {
-                    let kept = match frame.data_ref() {
-                        Some(data) => self.data(data),
-                        // Trailers are not stored: give the copy up.
-                        None => {
-                            self.give_up();
-                            false
-                        }
-                    };
-                    read.push_back(frame);
-                    if !kept {
-                        return ProxyBody::chained(read, body, None);
+                    // Trailers are not stored: they end the copy too.
+                    if frame.data_ref().is_some_and(|data| self.data(data)) {
+                        continue;
                     }
+                    let (mut read, held) = self.hand_over(Landing::Pass);
+                    read.push_back(frame);
+                    return ProxyBody::chained(read, body, None, Some(held));
                 }
                 Some(Err(e)) => {
-                    self.give_up();
-                    return ProxyBody::chained(read, body, Some(e));
+                    // The origin failed: one of the waiters tries again.
+                    let (read, held) = self.hand_over(Landing::Abandoned);
+                    return ProxyBody::chained(read, body, Some(e), Some(held));
                 }
             }
         }
@@ -966,6 +1008,6 @@ impl Tee {
 
 impl Drop for Tee {
     fn drop(&mut self) {
-        self.release();
+        self.clear();
     }
 }

@@ -7,7 +7,8 @@
 //! section 4.1: the request fields `Vary` names). Storing a variant whose
 //! secondary key is already there replaces it. Every variant is counted
 //! at its body length plus its header bytes plus a fixed overhead; when a
-//! store would pass the budget, the least recently used keys go first. An
+//! store would pass the budget, the least recently used keys go first
+//! (approximately: see `Inner::touch`). An
 //! object bigger than `max_object_bytes` is never admitted (the pipeline
 //! streams such responses through without buffering them whole).
 //!
@@ -106,7 +107,18 @@ struct Inner {
 }
 
 impl Inner {
+    /// Marks `key` as used now. A key already among the most recently
+    /// used half is left where it is: the order stays close to LRU, and a
+    /// hot key's hits cost no reordering (nor an allocation) at all.
     fn touch(&mut self, key: &str) {
+        let recent = self.entries.len() as u64 / 2;
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|e| self.tick.saturating_sub(e.used) <= recent)
+        {
+            return;
+        }
         self.tick += 1;
         let tick = self.tick;
         if let Some(entry) = self.entries.get_mut(key) {

@@ -138,7 +138,7 @@ pub fn check_request(
             });
         }
     }
-    if challenge && !has_valid_cookie(req, snapshot, client) {
+    if challenge && !has_valid_cookie(req.headers(), snapshot, client) {
         *protection = Some("challenged");
         strike(snapshot, client, now_ms);
         let now = crate::state::unix_now();
@@ -160,7 +160,7 @@ pub fn check_request(
 /// looked at, so a calm proxy pays two atomic loads. An admitted request
 /// counts as waiting until the returned guard is dropped.
 pub fn check_load(
-    req: &Request<Incoming>,
+    headers: &http::HeaderMap,
     conn: &ConnInfo,
     snapshot: &Snapshot,
     upstream_index: usize,
@@ -173,7 +173,12 @@ pub fn check_load(
     if let Some(waiting) = shedder.try_wait(false) {
         return Ok(Some(waiting));
     }
-    let client = client_of(req, conn, snapshot);
+    let client = crate::observe::client_ip(
+        headers,
+        conn.peer.ip().to_canonical(),
+        conn.trusted,
+        &snapshot.config.server.trusted_proxies,
+    );
     let route = &snapshot.config.routes[route_index];
     // Without a way to tell clients apart, everyone may use the whole limit.
     let can_tell = snapshot.adaptive.is_some() || route.challenge != ChallengeWhen::Never;
@@ -182,7 +187,7 @@ pub fn check_load(
             .adaptive
             .as_ref()
             .is_some_and(|a| a.is_returning(adaptive::client_hash(client)))
-        || has_valid_cookie(req, snapshot, client);
+        || has_valid_cookie(headers, snapshot, client);
     if trusted {
         if let Some(waiting) = shedder.try_wait(true) {
             return Ok(Some(waiting));
@@ -211,10 +216,10 @@ fn client_of(req: &Request<Incoming>, conn: &ConnInfo, snapshot: &Snapshot) -> s
     )
 }
 
-fn has_valid_cookie(req: &Request<Incoming>, snapshot: &Snapshot, client: std::net::IpAddr) -> bool {
+fn has_valid_cookie(headers: &http::HeaderMap, snapshot: &Snapshot, client: std::net::IpAddr) -> bool {
     let name = &snapshot.config.protect.challenge.cookie;
     let now = crate::state::unix_now();
-    balance::cookie(req.headers(), name).is_some_and(|value| snapshot.challenge.verify(value, client, now).is_ok())
+    balance::cookie(headers, name).is_some_and(|value| snapshot.challenge.verify(value, client, now).is_ok())
 }
 
 /// Whole seconds to wait, at least 1 (for `Retry-After`).
