@@ -110,6 +110,36 @@ fn age_of(got: &Got) -> Option<u64> {
     got.header("age").and_then(|a| a.parse().ok())
 }
 
+/// An origin that reports each request's arrival, holds it until
+/// `release` is set to `true`, then answers with `answer()`.
+async fn held<F>(answer: F) -> (Origin, watch::Sender<bool>, mpsc::UnboundedReceiver<()>)
+where
+    F: Fn() -> Response<TestBody> + Send + Sync + 'static,
+{
+    let (release, released) = watch::channel(false);
+    let (arrived, arrivals) = mpsc::unbounded_channel();
+    let answer = Arc::new(answer);
+    let origin = origin(move |_| {
+        let (mut released, answer) = (released.clone(), answer.clone());
+        let _ = arrived.send(());
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            answer()
+        }
+    })
+    .await;
+    (origin, release, arrivals)
+}
+
+/// Waits until `n` requests wait on flights.
+async fn waiting(cache: &Cache, n: usize) {
+    let mut stats = cache.flight_stats();
+    tokio::time::timeout(Duration::from_secs(30), stats.wait_for(|s| s.waiting == n))
+        .await
+        .expect("the requests wait in time")
+        .expect("cache alive");
+}
+
 /// Waits until `n` flights have landed (a response stored, passed or
 /// given up), so a test knows a background store is done.
 async fn landed(cache: &Cache, n: u64) {
@@ -578,18 +608,9 @@ async fn futures_hits(addr: SocketAddr, paths: &[&str]) -> Vec<bool> {
 /// request; every client gets the same body.
 #[tokio::test]
 async fn a_stampede_of_1000_is_one_origin_request() {
-    let (release, released) = watch::channel(false);
-    let origin = origin(move |_| {
-        let mut released = released.clone();
-        async move {
-            let _ = released.wait_for(|r| *r).await;
-            reply(200, &[("cache-control", "max-age=600")], "the one answer")
-        }
-    })
-    .await;
+    let (origin, release, _) = held(|| reply(200, &[("cache-control", "max-age=600")], "the one answer")).await;
     let proxy = caching_proxy(origin.addr).await;
     let cache = cache_of(&proxy);
-    let mut stats = cache.flight_stats();
 
     let mut clients = Vec::new();
     for _ in 0..10 {
@@ -604,10 +625,7 @@ async fn a_stampede_of_1000_is_one_origin_request() {
         }));
     }
     // Everyone but the leader waits on its flight before the origin answers.
-    tokio::time::timeout(Duration::from_secs(30), stats.wait_for(|s| s.waiting == 999))
-        .await
-        .expect("999 waiters in time")
-        .expect("cache alive");
+    waiting(&cache, 999).await;
     release.send_replace(true);
     let mut hits = 0;
     for task in tasks {
@@ -626,27 +644,15 @@ async fn a_stampede_of_1000_is_one_origin_request() {
 /// themselves (at once, not one after another).
 #[tokio::test]
 async fn waiters_on_an_uncacheable_response_go_alone() {
-    let (release, released) = watch::channel(false);
-    let origin = origin(move |_| {
-        let mut released = released.clone();
-        async move {
-            let _ = released.wait_for(|r| *r).await;
-            reply(200, &[("cache-control", "private")], "mine")
-        }
-    })
-    .await;
+    let (origin, release, _) = held(|| reply(200, &[("cache-control", "private")], "mine")).await;
     let proxy = caching_proxy(origin.addr).await;
     let cache = cache_of(&proxy);
-    let mut stats = cache.flight_stats();
     let mut tasks = Vec::new();
     for _ in 0..5 {
         let addr = proxy.addr;
         tasks.push(tokio::spawn(async move { get(addr, "/p").await }));
     }
-    tokio::time::timeout(Duration::from_secs(10), stats.wait_for(|s| s.waiting == 4))
-        .await
-        .expect("waiters")
-        .expect("alive");
+    waiting(&cache, 4).await;
     release.send_replace(true);
     for task in tasks {
         let got = task.await.expect("client");
@@ -750,16 +756,17 @@ async fn stale_if_error_serves_when_the_origin_fails() {
 }
 
 /// A route's `stale_if_error` grace stands in for the directive; it never
-/// overrides `must-revalidate`.
+/// overrides what forbids stale service (`must-revalidate`, `s-maxage`,
+/// which implies `proxy-revalidate`) or a client's `max-age`.
 #[tokio::test]
-async fn the_route_grace_serves_stale_on_error() {
+async fn the_route_grace_serves_stale_on_error_where_allowed() {
     let (origin, _) = scripted(|head, n| {
-        let cc = if head.uri.path() == "/strict" {
-            "max-age=1, must-revalidate"
-        } else {
-            "max-age=1"
+        let cc = match head.uri.path() {
+            "/strict" => "max-age=1, must-revalidate",
+            "/smax" => "s-maxage=1",
+            _ => "max-age=1",
         };
-        if n <= 2 {
+        if n <= 3 {
             reply(200, &[("cache-control", cc), ("age", "5")], "kept")
         } else {
             reply(502, &[], "down")
@@ -768,11 +775,20 @@ async fn the_route_grace_serves_stale_on_error() {
     .await;
     let proxy = start_proxy(&config(origin.addr, "{ stale_if_error = \"1h\" }", "")).await;
     let cache = cache_of(&proxy);
-    get(proxy.addr, "/g").await;
-    get(proxy.addr, "/strict").await;
-    landed(&cache, 2).await;
-    assert_eq!(get(proxy.addr, "/g").await.text(), "kept");
-    assert_eq!(get(proxy.addr, "/strict").await.status, StatusCode::BAD_GATEWAY);
+    for path in ["/g", "/strict", "/smax"] {
+        get(proxy.addr, path).await;
+    }
+    landed(&cache, 3).await;
+    let cases: &[(&str, Fields, StatusCode)] = &[
+        ("/strict", &[], StatusCode::BAD_GATEWAY),
+        ("/smax", &[], StatusCode::BAD_GATEWAY),
+        ("/g", &[("cache-control", "max-age=0")], StatusCode::BAD_GATEWAY),
+        ("/g", &[], StatusCode::OK),
+    ];
+    for (path, fields, want) in cases {
+        let got = get_with(proxy.addr, path, fields).await;
+        assert_eq!(got.status, *want, "{path} {fields:?}");
+    }
 }
 
 /// RFC 9110 section 14: one range from a stored response is a 206; an
@@ -1272,18 +1288,9 @@ async fn a_client_cannot_evict_an_entry_with_request_directives() {
 /// that never reads does not hold up the requests waiting on it.
 #[tokio::test]
 async fn a_slow_leader_does_not_hold_up_waiters() {
-    let (release, released) = watch::channel(false);
     // Far more than the loopback socket buffers hold.
     let body = "b".repeat(48 << 20);
-    let origin = origin(move |_| {
-        let mut released = released.clone();
-        let body = body.clone();
-        async move {
-            let _ = released.wait_for(|r| *r).await;
-            reply(200, &[("cache-control", "max-age=600")], &body)
-        }
-    })
-    .await;
+    let (origin, release, mut arrivals) = held(move || reply(200, &[("cache-control", "max-age=600")], &body)).await;
     let proxy = start_proxy(&config(
         origin.addr,
         "true",
@@ -1291,18 +1298,15 @@ async fn a_slow_leader_does_not_hold_up_waiters() {
     ))
     .await;
     let cache = cache_of(&proxy);
-    let mut stats = cache.flight_stats();
     // The leader sends its request and never reads a byte of the answer.
     let mut leader = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
     tokio::io::AsyncWriteExt::write_all(&mut leader, b"GET /big HTTP/1.1\r\nhost: test.local\r\n\r\n")
         .await
         .expect("write");
+    arrivals.recv().await.expect("the leader's request reached the origin");
     let addr = proxy.addr;
     let waiter = tokio::spawn(async move { get(addr, "/big").await });
-    tokio::time::timeout(Duration::from_secs(10), stats.wait_for(|s| s.waiting == 1))
-        .await
-        .expect("the second request waits")
-        .expect("alive");
+    waiting(&cache, 1).await;
     release.send_replace(true);
     let got = tokio::time::timeout(Duration::from_secs(4), waiter)
         .await
@@ -1341,34 +1345,6 @@ async fn a_get_with_a_body_bypasses_the_cache() {
     assert_eq!(got.text(), "v1");
     assert!(got.header("cache-status").is_none() || !status_of(&got).contains("stored"));
     assert_eq!(cache_of(&proxy).store().keys(), 0);
-}
-
-/// The route's grace never serves stale what `s-maxage` (which implies
-/// `proxy-revalidate`) or the client's `max-age` forbid.
-#[tokio::test]
-async fn the_route_grace_respects_s_maxage_and_request_max_age() {
-    let (origin, _) = scripted(|head, n| {
-        let cc = if head.uri.path() == "/smax" {
-            "s-maxage=1"
-        } else {
-            "max-age=1"
-        };
-        if n <= 2 {
-            reply(200, &[("cache-control", cc), ("age", "5")], "kept")
-        } else {
-            reply(502, &[], "down")
-        }
-    })
-    .await;
-    let proxy = start_proxy(&config(origin.addr, "{ stale_if_error = \"1h\" }", "")).await;
-    let cache = cache_of(&proxy);
-    get(proxy.addr, "/smax").await;
-    get(proxy.addr, "/plain").await;
-    landed(&cache, 2).await;
-    assert_eq!(get(proxy.addr, "/smax").await.status, StatusCode::BAD_GATEWAY);
-    let refused = get_with(proxy.addr, "/plain", &[("cache-control", "max-age=0")]).await;
-    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(get(proxy.addr, "/plain").await.text(), "kept");
 }
 
 /// The background refresh of `stale-while-revalidate` is a plain GET with
@@ -1546,7 +1522,6 @@ async fn an_origin_failure_mid_body_lets_one_waiter_retry() {
     .await;
     let proxy = caching_proxy(origin.addr).await;
     let cache = cache_of(&proxy);
-    let mut stats = cache.flight_stats();
     let addr = proxy.addr;
     let leader = tokio::spawn(async move {
         let mut c = h1(addr).await;
@@ -1563,10 +1538,7 @@ async fn an_origin_failure_mid_body_lets_one_waiter_retry() {
     let waiters: Vec<_> = (0..5)
         .map(|_| tokio::spawn(async move { get(addr, "/f").await }))
         .collect();
-    tokio::time::timeout(Duration::from_secs(10), stats.wait_for(|s| s.waiting == 5))
-        .await
-        .expect("waiters")
-        .expect("alive");
+    waiting(&cache, 5).await;
     release.send_replace(true);
     assert!(
         leader.await.expect("leader"),
