@@ -8,7 +8,6 @@
 //!   the connection's in-flight guard and the upstream connection lease, so
 //!   both are released exactly when the body is done or dropped.
 
-use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,6 +44,11 @@ pub struct BodyTooSlow;
 #[derive(Debug, thiserror::Error)]
 #[error("request timed out while streaming the body")]
 pub struct BodyDeadline;
+
+/// The task feeding a response body stopped before its end.
+#[derive(Debug, thiserror::Error)]
+#[error("the response body was cut off")]
+pub struct BodyCut;
 
 pin_project_lite::pin_project! {
     /// The client's request body, forwarded as it arrives.
@@ -179,17 +183,27 @@ pub struct ProxyBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
-    /// Frames already read (by the cache, ahead of the client), then an
-    /// error or the rest of the body.
-    Chained(Box<Chained>),
+    /// Fed by a task that reads the upstream body at the origin's pace
+    /// (the cache's [`Tee::feed`]), until it hands the rest over.
+    Fed(Box<Fed>),
 }
 
-struct Chained {
-    read: VecDeque<Frame<Bytes>>,
-    error: Option<BoxError>,
-    rest: ProxyBody,
-    /// The cache's count of the bytes in `read`, released with them.
-    _held: Option<Held>,
+/// What the feeding task sends.
+pub enum Feed {
+    /// A frame, with the cache's count of its bytes (released when the
+    /// frame is taken).
+    Frame(Result<Frame<Bytes>, BoxError>, Option<Held>),
+    /// The rest of the body, to read directly (at the client's pace).
+    Rest(ProxyBody),
+    /// The body ended cleanly.
+    End,
+}
+
+struct Fed {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Feed>,
+    rest: Option<ProxyBody>,
+    ended: bool,
+    failed: bool,
 }
 
 /// An upstream response body with its connection lease and deadline.
@@ -220,13 +234,14 @@ impl ProxyBody {
 
     /// The frames `read` so far, then `error` if the body failed, else the
     /// rest of `rest`.
-    pub fn chained(read: VecDeque<Frame<Bytes>>, rest: ProxyBody, error: Option<BoxError>, held: Option<Held>) -> Self {
+    /// A body fed through `rx` (see [`Feed`]).
+    pub fn fed(rx: tokio::sync::mpsc::UnboundedReceiver<Feed>) -> Self {
         ProxyBody {
-            kind: Kind::Chained(Box::new(Chained {
-                read,
-                error,
-                rest,
-                _held: held,
+            kind: Kind::Fed(Box::new(Fed {
+                rx,
+                rest: None,
+                ended: false,
+                failed: false,
             })),
             in_flight: None,
             server: None,
@@ -288,7 +303,10 @@ impl ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(up) => up.completed(),
-            Kind::Chained(c) => c.read.is_empty() && c.error.is_none() && c.rest.complete(),
+            Kind::Fed(f) => match &f.rest {
+                Some(rest) => !f.failed && rest.complete(),
+                None => f.ended && !f.failed,
+            },
         }
     }
 }
@@ -320,13 +338,7 @@ impl Body for ProxyBody {
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => up.poll_frame(cx),
-            Kind::Chained(c) => match c.read.pop_front() {
-                Some(frame) => Poll::Ready(Some(Ok(frame))),
-                None => match c.error.take() {
-                    Some(e) => Poll::Ready(Some(Err(e))),
-                    None => Pin::new(&mut c.rest).poll_frame(cx),
-                },
-            },
+            Kind::Fed(f) => f.poll_frame(cx),
         };
         if let (Some(exchange), Poll::Ready(Some(Ok(frame)))) = (&mut this.exchange, &polled) {
             if let Some(data) = frame.data_ref() {
@@ -367,7 +379,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(up) => up.done || up.inner.is_end_stream(),
-            Kind::Chained(c) => c.read.is_empty() && c.error.is_none() && c.rest.is_end_stream(),
+            Kind::Fed(f) => f.ended || f.rest.as_ref().is_some_and(Body::is_end_stream),
         }
     }
 
@@ -376,15 +388,34 @@ impl Body for ProxyBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(up) => up.inner.size_hint(),
-            Kind::Chained(c) => {
-                let read: u64 = c.read.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
-                let rest = c.rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + read);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + read);
+            Kind::Fed(f) => f.rest.as_ref().map_or_else(SizeHint::new, Body::size_hint),
+        }
+    }
+}
+
+impl Fed {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(rest) = &mut self.rest {
+                return Pin::new(rest).poll_frame(cx);
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Feed::Frame(frame, _counted))) => {
+                    self.failed |= frame.is_err();
+                    return Poll::Ready(Some(frame));
                 }
-                hint
+                Poll::Ready(Some(Feed::Rest(rest))) => self.rest = Some(rest),
+                Poll::Ready(Some(Feed::End)) => self.ended = true,
+                // The feeder went away without saying the body ended.
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    self.failed = true;
+                    return Poll::Ready(Some(Err(Box::new(BodyCut))));
+                }
             }
         }
     }

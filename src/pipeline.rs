@@ -335,8 +335,8 @@ async fn forward(
             return Ok(finish_stored(*response, snapshot, route, downstream_version));
         }
         match handled.tee {
-            // Others wait for this body: read it at the origin's pace.
-            Some(tee) if tee.has_waiters() => body = tee.read_ahead(body).await,
+            // Others may wait for this body: read at the origin's pace.
+            Some(tee) if tee.leads() => body = tee.feed(body),
             Some(tee) => body.set_tee(tee),
             None => {}
         }

@@ -129,12 +129,6 @@ pub struct Flight {
 }
 
 impl Flight {
-    /// True when requests wait on this flight now (the map holds one
-    /// receiver; each waiter holds another).
-    pub fn has_waiters(&self) -> bool {
-        self.tx.receiver_count() > 1
-    }
-
     pub fn land(mut self, landing: Landing) {
         self.finish(landing);
     }

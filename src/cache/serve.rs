@@ -15,7 +15,6 @@
 //! Every response of a caching route carries `Cache-Status` (RFC 9211);
 //! every response served from the store carries `Age`.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +35,7 @@ use super::storable::{self, StoreSettings};
 use super::store::{MemoryStore, Storage, Stored};
 use super::validators;
 use super::vary;
-use crate::body::ProxyBody;
+use crate::body::{Feed, ProxyBody};
 use crate::config::{CacheConfig, RouteCache};
 use crate::error::ProxyError;
 
@@ -876,8 +875,8 @@ pub struct Tee {
     flight: Option<Flight>,
 }
 
-/// Bytes still counted in the cache's buffering limit after a tee gave
-/// up (the part read ahead, waiting for its client); released on drop.
+/// Bytes counted in the cache's buffering limit for a frame read ahead of
+/// its client; released when the frame is taken (or dropped).
 pub struct Held {
     cache: Arc<Cache>,
     bytes: u64,
@@ -889,11 +888,25 @@ impl Drop for Held {
     }
 }
 
+impl Cache {
+    /// Counts `n` bytes against the buffering limit, or `None` past it.
+    fn reserve(self: &Arc<Self>, n: u64) -> Option<Held> {
+        let before = self.buffering.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) > self.buffering_limit {
+            self.buffering.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        Some(Held {
+            cache: self.clone(),
+            bytes: n,
+        })
+    }
+}
+
 impl Tee {
-    /// True when other requests are waiting for this body now: then the
-    /// pipeline reads it ahead at the origin's pace.
-    pub fn has_waiters(&self) -> bool {
-        self.flight.as_ref().is_some_and(Flight::has_waiters)
+    /// True when this body lands a flight other requests may wait on.
+    pub fn leads(&self) -> bool {
+        self.flight.is_some()
     }
 
     /// Copies a chunk; false, copying nothing, when it does not fit (the
@@ -952,57 +965,61 @@ impl Tee {
         Some(body)
     }
 
-    /// Gives the copy up, landing the flight with `landing`, and hands
-    /// over what was read so far (one frame) with its buffering count.
-    fn hand_over(mut self, landing: Landing) -> (VecDeque<http_body::Frame<Bytes>>, Held) {
-        let read = std::mem::take(&mut self.buffer).freeze();
-        let held = Held {
-            cache: self.cache.clone(),
-            bytes: std::mem::take(&mut self.reserved),
-        };
-        self.stored = None;
-        if let Some(flight) = self.flight.take() {
-            flight.land(landing);
-        }
-        let mut frames = VecDeque::new();
-        if !read.is_empty() {
-            frames.push_back(http_body::Frame::data(read));
-        }
-        (frames, held)
-    }
-
-    /// For a flight that others wait on: reads the body at the origin's
-    /// pace, not its client's, so the waiting requests are not held up by
-    /// a slow reader. A body that ends within the limits is stored and
-    /// handed over whole; past them, the part read so far is handed over
-    /// (still counted against the buffering limit until it is sent)
-    /// followed by the rest as it streams.
-    pub async fn read_ahead(mut self, mut body: ProxyBody) -> ProxyBody {
+    /// For a flight's leader: a task reads the body at the origin's pace,
+    /// copying it for the store and passing each frame on to the client at
+    /// once, so the requests waiting on the flight are held up neither by
+    /// a slow client nor by one that left (the copy is finished without
+    /// it). Frames the client has not taken yet count against the
+    /// buffering limit. When the copy is given up (too big, or the limit
+    /// is reached) the rest of the body goes to the client directly, at
+    /// its own pace.
+    pub fn feed(self, mut body: ProxyBody) -> ProxyBody {
         use http_body_util::BodyExt;
-        loop {
-            match body.frame().await {
-                None => {
-                    return match self.finish() {
-                        Some(whole) if !whole.is_empty() => ProxyBody::full(whole),
-                        _ => ProxyBody::empty(),
-                    };
-                }
-                Some(Ok(frame)) => {
-                    // Trailers are not stored: they end the copy too.
-                    if frame.data_ref().is_some_and(|data| self.data(data)) {
-                        continue;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cache = self.cache.clone();
+        let mut tee = Some(self);
+        tokio::spawn(async move {
+            loop {
+                match body.frame().await {
+                    None => {
+                        if let Some(tee) = tee.take() {
+                            tee.finish();
+                        }
+                        let _ = tx.send(Feed::End);
+                        return;
                     }
-                    let (mut read, held) = self.hand_over(Landing::Pass);
-                    read.push_back(frame);
-                    return ProxyBody::chained(read, body, None, Some(held));
-                }
-                Some(Err(e)) => {
-                    // The origin failed: one of the waiters tries again.
-                    let (read, held) = self.hand_over(Landing::Abandoned);
-                    return ProxyBody::chained(read, body, Some(e), Some(held));
+                    Some(Ok(frame)) => {
+                        let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                        let counted = cache.reserve(n);
+                        // Trailers are not stored: they end the copy too.
+                        let kept = counted.is_some()
+                            && tee
+                                .as_mut()
+                                .is_some_and(|t| frame.data_ref().is_some_and(|d| t.data(d)));
+                        let delivered = tx.send(Feed::Frame(Ok(frame), counted)).is_ok();
+                        if !kept {
+                            if let Some(tee) = tee.take() {
+                                tee.pass();
+                            }
+                            // Nobody waits any more: the client's pace.
+                            let _ = tx.send(Feed::Rest(body));
+                            return;
+                        }
+                        if !delivered && tee.is_none() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        // The origin failed: dropping the tee abandons the
+                        // flight, and one of the waiters tries again.
+                        drop(tee.take());
+                        let _ = tx.send(Feed::Frame(Err(e), None));
+                        return;
+                    }
                 }
             }
-        }
+        });
+        ProxyBody::fed(rx)
     }
 }
 

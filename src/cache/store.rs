@@ -111,11 +111,14 @@ impl Inner {
     /// used half is left where it is: the order stays close to LRU, and a
     /// hot key's hits cost no reordering (nor an allocation) at all.
     fn touch(&mut self, key: &str) {
-        let recent = self.entries.len() as u64 / 2;
+        // Strictly fewer than half the keys (at least one) were used after
+        // it, so it is never the least recently used one (which has every
+        // other key after it).
+        let recent = (self.entries.len() as u64 / 2).max(1);
         if self
             .entries
             .get(key)
-            .is_some_and(|e| self.tick.saturating_sub(e.used) <= recent)
+            .is_some_and(|e| self.tick.saturating_sub(e.used) < recent)
         {
             return;
         }
@@ -358,6 +361,26 @@ mod tests {
         assert_eq!(s.get("k01").len(), 0, "evicted");
         assert_eq!(s.get("k00").len(), 1, "kept: used recently");
         assert_eq!(s.len(), 3);
+    }
+
+    /// Hits on a recent key skip reordering, but never so that the key
+    /// just used is evicted first, whatever the number of keys.
+    #[test]
+    fn skipped_reordering_never_evicts_the_key_just_used() {
+        for keys in 2..8usize {
+            let one = stored(1000, "a", &[]).size() + "k00".len() as u64;
+            let s = MemoryStore::new(one * keys as u64, one);
+            let names: Vec<String> = (0..keys).map(|i| format!("k{i:02}")).collect();
+            for name in &names {
+                assert!(s.put(name, stored(1000, "a", &[])));
+            }
+            for _ in 0..3 {
+                assert_eq!(s.get(&names[0]).len(), 1);
+            }
+            assert!(s.put("new", stored(1000, "a", &[])));
+            assert_eq!(s.get(&names[0]).len(), 1, "{keys} keys: the key just used stays");
+            assert_eq!(s.get(&names[1]).len(), 0, "{keys} keys: the least recently used went");
+        }
     }
 
     #[test]
