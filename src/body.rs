@@ -191,8 +191,8 @@ enum Kind {
 /// What the feeding task sends.
 pub enum Feed {
     /// A frame, with the cache's count of its bytes (released when the
-    /// frame is taken).
-    Frame(Result<Frame<Bytes>, BoxError>, Option<Held>),
+    /// frame is taken), and whether it is the last one.
+    Frame(Result<Frame<Bytes>, BoxError>, Option<Held>, bool),
     /// The rest of the body, to read directly (at the client's pace).
     Rest(ProxyBody),
     /// The body ended cleanly.
@@ -404,8 +404,9 @@ impl Fed {
             }
             match self.rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Feed::Frame(frame, _counted))) => {
+                Poll::Ready(Some(Feed::Frame(frame, _counted, last))) => {
                     self.failed |= frame.is_err();
+                    self.ended |= last;
                     return Poll::Ready(Some(frame));
                 }
                 Poll::Ready(Some(Feed::Rest(rest))) => self.rest = Some(rest),

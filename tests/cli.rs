@@ -101,6 +101,11 @@ const CASES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "cache object size over half the memory",
+        "[cache]\nmemory = \"4MiB\"\nmax_object_size = \"3MiB\"\n",
+        &["cache.max_object_size: must be at most half of memory (2097152 bytes)"],
+    ),
+    (
         "observability sections",
         "[access_log]\nformat = \"xml\"\nfields = [\"time\", \"bogus\"]\nbuffer_records = 0\nredact_headers = [\"bad header\"]\ndestination = \"\"\n[request_id]\ntraceparent = \"make\"\nheader = \"x id\"\n[audit_log]\ncheckpoint_every = 0\n[metrics]\nlisten = \"nowhere\"\npath = \"metrics\"\n[[routes]]\nupstream = \"app\"\nlog_sample = 0\n",
         &[

@@ -776,3 +776,45 @@ async fn client_ip_comes_from_forwarded_for_only_behind_a_trusted_proxy() {
         serde_json::json!({"client_ip": "203.0.113.9", "peer_ip": "127.0.0.1"})
     );
 }
+
+/// On a caching route the record names how the cache served the request,
+/// and a response fed to its client by the cache (a miss that others
+/// could wait on) is logged complete once it was delivered.
+#[tokio::test]
+async fn cache_results_are_logged_and_fed_responses_complete() {
+    let origin = origin(|req| async move {
+        let body = if req.uri().path() == "/empty" {
+            ""
+        } else {
+            "some content"
+        };
+        let mut r = text(200, body);
+        r.headers_mut()
+            .insert("cache-control", "max-age=600".parse().expect("value"));
+        r
+    })
+    .await;
+    let toml = format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+name = "main"
+upstream = "app"
+cache = true
+
+[upstreams.app]
+servers = ["{}"]
+"#,
+        origin.addr
+    );
+    let (proxy, mut records) = logged_proxy(&toml).await;
+    for (path, cache) in [("/a", "miss"), ("/a", "hit"), ("/empty", "miss"), ("/empty", "hit")] {
+        let got = get(proxy.addr, path).await;
+        assert_eq!(got.status, 200);
+        let r = next_record(&mut records).await;
+        assert_eq!(r["cache"], cache, "{path}: {r}");
+        assert_eq!(r["complete"], true, "{path} {cache}: {r}");
+    }
+}

@@ -975,6 +975,11 @@ impl Tee {
     /// its own pace.
     pub fn feed(self, mut body: ProxyBody) -> ProxyBody {
         use http_body_util::BodyExt;
+        if http_body::Body::is_end_stream(&body) {
+            // Nothing to read (an empty body): stored at once.
+            self.finish();
+            return body;
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cache = self.cache.clone();
         let mut tee = Some(self);
@@ -996,24 +1001,39 @@ impl Tee {
                             && tee
                                 .as_mut()
                                 .is_some_and(|t| frame.data_ref().is_some_and(|d| t.data(d)));
-                        let delivered = tx.send(Feed::Frame(Ok(frame), counted)).is_ok();
-                        if !kept {
-                            if let Some(tee) = tee.take() {
-                                tee.pass();
+                        // The client's server may not poll again after the
+                        // last frame: it is marked so.
+                        let last = http_body::Body::is_end_stream(&body);
+                        match (kept, last) {
+                            (true, false) => {
+                                // The copy goes on even if the client left.
+                                let _ = tx.send(Feed::Frame(Ok(frame), counted, false));
                             }
-                            // Nobody waits any more: the client's pace.
-                            let _ = tx.send(Feed::Rest(body));
-                            return;
-                        }
-                        if !delivered && tee.is_none() {
-                            return;
+                            (true, true) => {
+                                if let Some(tee) = tee.take() {
+                                    tee.finish();
+                                }
+                                let _ = tx.send(Feed::Frame(Ok(frame), counted, true));
+                                return;
+                            }
+                            (false, _) => {
+                                if let Some(tee) = tee.take() {
+                                    tee.pass();
+                                }
+                                let _ = tx.send(Feed::Frame(Ok(frame), counted, last));
+                                if !last {
+                                    // Nobody waits any more: the client's pace.
+                                    let _ = tx.send(Feed::Rest(body));
+                                }
+                                return;
+                            }
                         }
                     }
                     Some(Err(e)) => {
                         // The origin failed: dropping the tee abandons the
                         // flight, and one of the waiters tries again.
                         drop(tee.take());
-                        let _ = tx.send(Feed::Frame(Err(e), None));
+                        let _ = tx.send(Feed::Frame(Err(e), None, false));
                         return;
                     }
                 }

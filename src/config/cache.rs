@@ -12,7 +12,8 @@ use super::reader::Table;
 pub struct CacheConfig {
     /// Byte budget of the store (bodies, fields and per-entry overhead).
     pub memory: u64,
-    /// Responses larger than this stream through without being stored.
+    /// Responses larger than this stream through without being stored; at
+    /// most half of `memory`.
     pub max_object_size: u64,
     /// How long a request waits for another request fetching the same key
     /// before it goes to the origin itself.
@@ -104,10 +105,12 @@ pub fn read_cache(table: Option<Table<'_>>) -> CacheConfig {
             c.max_object_size = n;
         }
     }
-    if c.max_object_size > c.memory {
+    // A response being stored is held twice while its client is behind:
+    // the copy, and the part read ahead for the client.
+    if c.max_object_size > c.memory / 2 {
         t.error(
             "max_object_size",
-            format!("must not be larger than memory ({} bytes)", c.memory),
+            format!("must be at most half of memory ({} bytes)", c.memory / 2),
         );
     }
     if let Some(d) = t.duration("lock_timeout") {
