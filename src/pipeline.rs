@@ -224,6 +224,8 @@ async fn forward(
     }
     let mut pending = None;
     let mut invalidate = None;
+    // A method the cache does not serve, or a GET / HEAD with a body.
+    let mut bypass_status = "portcullis; fwd=method";
     if let Some((options, cache)) = caching {
         let host_text = host.as_ref().map(|h| String::from_utf8_lossy(h.as_bytes()));
         let host_text = host_text.as_deref().unwrap_or("");
@@ -262,6 +264,9 @@ async fn forward(
             }
         } else {
             trace.cache = Some(outcome::BYPASS);
+            if req.method() == Method::GET || req.method() == Method::HEAD {
+                bypass_status = "portcullis; fwd=bypass; detail=request-body";
+            }
             if !req.method().is_safe() {
                 invalidate = Some((url, format!("{scheme}://{host_text}")));
             }
@@ -348,7 +353,7 @@ async fn forward(
         }
         parts
             .headers
-            .append(CACHE_STATUS.clone(), HeaderValue::from_static("portcullis; fwd=method"));
+            .append(CACHE_STATUS.clone(), HeaderValue::from_static(bypass_status));
     }
     if let Some(via) = &snapshot.via {
         forwarding::append_via(&mut parts.headers, &via[via_index(parts.version)]);
