@@ -3,8 +3,9 @@
 # others beside Portcullis, interleaved, on loopback). Extra arguments go to
 # peers.sh, for example: bench/run.sh --quick --scenarios small,large,close
 #
-# Needs wrk, h2load (nghttp2-client), nginx and haproxy:
-#   apt-get install -y wrk nghttp2-client nginx haproxy
+# Needs wrk, h2load (nghttp2-client), nginx and haproxy; the cache scenario
+# (--scenarios cache) also measures Varnish when it is installed:
+#   apt-get install -y wrk nghttp2-client nginx haproxy varnish
 set -euo pipefail
 cd "$(dirname "$0")/.."
 peers="${PEERS_SH:-../shared/bench/peers.sh}"
