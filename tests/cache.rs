@@ -106,6 +106,24 @@ fn status_of(got: &Got) -> String {
     got.header("cache-status").unwrap_or("").to_owned()
 }
 
+/// Every `Cache-Status` line, in order.
+fn statuses(got: &Got) -> Vec<&str> {
+    got.headers
+        .get_all("cache-status")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect()
+}
+
+/// A request field's value as the origin received it, or `default`.
+fn field(head: &http::request::Parts, name: &str, default: &str) -> String {
+    head.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(default)
+        .to_owned()
+}
+
 fn age_of(got: &Got) -> Option<u64> {
     got.header("age").and_then(|a| a.parse().ok())
 }
@@ -414,12 +432,7 @@ async fn a_route_can_ignore_client_no_cache() {
 #[tokio::test]
 async fn vary_keeps_variants_apart() {
     let (origin, _) = scripted(|head, _| {
-        let lang = head
-            .headers
-            .get("accept-language")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned();
+        let lang = field(head, "accept-language", "none");
         reply(
             200,
             &[("cache-control", "max-age=600"), ("vary", "Accept-Language")],
@@ -959,6 +972,7 @@ async fn objects_over_the_max_size_stream_through_with_bounded_memory() {
     let cache = cache_of(&proxy);
     landed(&cache, 1).await;
     assert_eq!(cache.store().keys(), 0, "not stored");
+    assert_eq!(cache.buffering(), 0, "every copied or queued byte released");
     let grown = peak.saturating_sub(before);
     assert!(grown < 24 << 20, "RSS grew {grown} bytes for a 64 MiB body");
     let again = get(proxy.addr, "/big").await;
@@ -1114,12 +1128,7 @@ async fn a_304_with_set_cookie_does_not_share_the_cookie() {
 #[tokio::test]
 async fn vary_uses_the_fields_sent_upstream_not_the_clients() {
     let (origin, _) = scripted(|head, _| {
-        let tier = head
-            .headers
-            .get("x-tier")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned();
+        let tier = field(head, "x-tier", "none");
         reply(200, &[("cache-control", "max-age=600"), ("vary", "X-Tier")], &tier)
     })
     .await;
@@ -1155,12 +1164,7 @@ servers = ["{}"]
 #[tokio::test]
 async fn http_and_https_behind_a_terminator_have_separate_keys() {
     let (origin, _) = scripted(|head, _| {
-        let proto = head
-            .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let proto = field(head, "x-forwarded-proto", "");
         reply(200, &[("cache-control", "max-age=600")], &proto)
     })
     .await;
@@ -1313,6 +1317,11 @@ async fn a_slow_leader_does_not_hold_up_waiters() {
         .expect("served before the 5 s lock timeout")
         .expect("client");
     assert_eq!(got.body.len(), 48 << 20);
+    landed(&cache, 1).await;
+    // The copy is stored and released; what the leader has not taken is
+    // still counted, and never more than the body.
+    let queued = cache.buffering();
+    assert!(queued > 0 && queued <= 48 << 20, "{queued}");
     assert!(status_of(&got).contains("collapsed"), "{}", status_of(&got));
     assert_eq!(origin.requests(), 1);
     drop(leader);
@@ -1452,32 +1461,17 @@ async fn cache_status_is_appended_to_an_upstream_caches() {
     .await;
     let proxy = caching_proxy(origin.addr).await;
     let first = get(proxy.addr, "/c").await;
-    let all: Vec<&str> = first
-        .headers
-        .get_all("cache-status")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let all = statuses(&first);
     assert_eq!(all.len(), 2, "{all:?}");
     assert_eq!(all[0], "origin-cache; hit");
     assert!(all[1].starts_with("portcullis; fwd=uri-miss"));
     landed(&cache_of(&proxy), 1).await;
     let hit = get(proxy.addr, "/c").await;
-    let all: Vec<&str> = hit
-        .headers
-        .get_all("cache-status")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let all = statuses(&hit);
     assert_eq!(all[0], "origin-cache; hit");
     assert!(all.last().expect("ours").starts_with("portcullis; hit"));
     let post = send(proxy.addr, Method::POST, "/c", &[]).await;
-    let all: Vec<&str> = post
-        .headers
-        .get_all("cache-status")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let all = statuses(&post);
     assert_eq!(all, ["origin-cache; hit", "portcullis; fwd=method"]);
 }
 

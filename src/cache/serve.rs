@@ -115,7 +115,7 @@ pub enum Lookup {
 /// A request that goes to the origin, and what to do with the answer.
 pub struct Pending {
     cache: Arc<Cache>,
-    options: RouteCache,
+    options: Arc<RouteCache>,
     key: String,
     fwd: Fwd,
     method: Method,
@@ -161,11 +161,6 @@ impl Cache {
 
     pub fn store(&self) -> &dyn Storage {
         &*self.store
-    }
-
-    /// Flights in progress (for tests and the dashboard).
-    pub fn flights_in_air(&self) -> usize {
-        self.flights.len()
     }
 
     /// Follows the requests waiting on flights and the flights landed.
@@ -219,7 +214,7 @@ impl Cache {
         method: &Method,
         headers: &mut HeaderMap,
         key: String,
-        options: &RouteCache,
+        options: &Arc<RouteCache>,
     ) -> Lookup {
         let mut rc = request_control(headers);
         if options.ignore_client_no_cache {
@@ -351,14 +346,14 @@ impl Cache {
         method: &Method,
         headers: &HeaderMap,
         key: String,
-        options: &RouteCache,
+        options: &Arc<RouteCache>,
         fwd: Fwd,
         collapsed: bool,
     ) -> Pending {
         let generation = self.generation(&key);
         Pending {
             cache: self.clone(),
-            options: options.clone(),
+            options: Arc::clone(options),
             key,
             fwd,
             method: method.clone(),

@@ -228,7 +228,8 @@ pub struct RouteConfig {
     /// When clients without a valid challenge cookie get a 307 that sets one.
     pub challenge: ChallengeWhen,
     /// Responses are cached (RFC 9111) when set.
-    pub cache: Option<RouteCache>,
+    /// Shared with the requests that go to the origin (no copy per miss).
+    pub cache: Option<std::sync::Arc<RouteCache>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -969,7 +969,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
         let ip_filter = protect::read_ip_filter(&t);
         let rate_limit = protect::read_rate_limit(t.table("rate_limit"));
         let challenge = protect::read_challenge_when(&t);
-        let cache = super::cache::read_route_cache(&t);
+        let cache = super::cache::read_route_cache(&t).map(std::sync::Arc::new);
         t.finish();
 
         let keys: Vec<HostPattern> = if hosts.is_empty() {
