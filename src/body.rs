@@ -65,6 +65,9 @@ pin_project_lite::pin_project! {
         min_rate: Option<(u64, Duration)>,
         started: Instant,
         slow: Option<Pin<Box<Sleep>>>,
+        // Fields only the proxy sets, removed from the client's trailers
+        // with those a trailer may not carry.
+        owned: Option<Arc<[http::HeaderName]>>,
     }
 }
 
@@ -78,6 +81,7 @@ impl RequestBody {
             min_rate: None,
             started: Instant::now(),
             slow: None,
+            owned: None,
         }
     }
 
@@ -85,6 +89,12 @@ impl RequestBody {
     /// on average once `grace` has passed.
     pub fn min_rate(mut self, rate: Option<(u64, Duration)>) -> Self {
         self.min_rate = rate;
+        self
+    }
+
+    /// Cleans the client's trailers (`owned` are the proxy's own fields).
+    pub fn owned_fields(mut self, owned: Arc<[http::HeaderName]>) -> Self {
+        self.owned = Some(owned);
         self
     }
 
@@ -103,6 +113,7 @@ impl RequestBody {
             min_rate: None,
             started: Instant::now(),
             slow: None,
+            owned: None,
         }
     }
 }
@@ -136,6 +147,11 @@ impl Body for RequestBody {
             }
         };
         match polled {
+            Some(Ok(frame)) if frame.is_trailers() => {
+                let mut trailers = frame.into_trailers().unwrap_or_default();
+                crate::forwarding::clean_request_trailers(&mut trailers, this.owned.as_deref().unwrap_or(&[]));
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;

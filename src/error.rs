@@ -76,6 +76,9 @@ pub enum ProxyError {
     // Internal.
     #[error("proxy internal error")]
     Internal,
+    /// The proxy ran out of file descriptors, buffers or local ports.
+    #[error("proxy out of local resources (file descriptors, ports or memory)")]
+    LocalResources,
 }
 
 impl ProxyError {
@@ -111,12 +114,17 @@ impl ProxyError {
             ConnectionLimit => (StatusCode::SERVICE_UNAVAILABLE, Some("connection_limit_reached")),
             Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some("connection_limit_reached")),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, Some("proxy_internal_error")),
+            LocalResources => (StatusCode::SERVICE_UNAVAILABLE, Some("proxy_internal_error")),
         }
     }
 
     /// True when the failure is on the upstream side.
     pub fn is_upstream(self) -> bool {
-        self.status().0.is_server_error() && !matches!(self, ProxyError::Internal | ProxyError::OnlyIfCached)
+        self.status().0.is_server_error()
+            && !matches!(
+                self,
+                ProxyError::Internal | ProxyError::OnlyIfCached | ProxyError::LocalResources
+            )
     }
 
     /// The response the client sees.
@@ -146,7 +154,7 @@ impl ProxyError {
         if matches!(self, ProxyError::MethodNotAllowed) {
             headers.insert(
                 header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
             );
         }
         response

@@ -25,6 +25,13 @@ pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// `Connection: upgrade` so the next hop sees the upgrade request.
 /// Returns whether the sender accepted trailers (`TE: trailers`).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
+    strip_hop_by_hop_keeping(headers, upgrade, &[])
+}
+
+/// [`strip_hop_by_hop`], where `Connection` may not name the fields in
+/// `keep` (the proxy's own request id and trace context: a client must not
+/// be able to take them off the request the upstream sees).
+pub fn strip_hop_by_hop_keeping(headers: &mut HeaderMap, upgrade: bool, keep: &[&HeaderName]) -> bool {
     const CONN: u8 = 1;
     const TE_: u8 = 2;
     const TRANSFER: u8 = 4;
@@ -68,7 +75,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
                 }
                 if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
                     // Never let Connection strip what the proxy relies on.
-                    if name != header::HOST && name != header::CONTENT_LENGTH {
+                    if name != header::HOST && name != header::CONTENT_LENGTH && !keep.contains(&&name) {
                         named.push(name);
                     }
                 }
@@ -114,6 +121,64 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) -> bool {
         headers.remove(UPGRADE);
     }
     trailers
+}
+
+/// Request fields a client could use to change what an origin believes
+/// about the request (its client, host, port, target or method) that no
+/// cache key holds: on caching routes they never reach the origin unless
+/// the route keys on them, so one client cannot poison what others get.
+pub static UNKEYED_ON_CACHING_ROUTES: [HeaderName; 7] = [
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+];
+
+/// Removes from a request's trailer section every field a trailer must
+/// not carry (RFC 9110 section 6.5.1: framing, routing, request
+/// modifiers, authentication, content handling), the hop-by-hop and
+/// forwarding fields, and `owned` (fields only the proxy sets: client
+/// certificate identity, request id). Origins that merge trailers into
+/// the header section would otherwise take them for the proxy's word.
+pub fn clean_request_trailers(trailers: &mut HeaderMap, owned: &[HeaderName]) {
+    let refused: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|name| !allowed_in_request_trailer(name) || owned.contains(name))
+        .cloned()
+        .collect();
+    for name in refused {
+        trailers.remove(&name);
+    }
+}
+
+fn allowed_in_request_trailer(name: &HeaderName) -> bool {
+    const REFUSED: &[&str] = &[
+        "authorization",
+        "cache-control",
+        "connection",
+        "cookie",
+        "expect",
+        "forwarded",
+        "host",
+        "keep-alive",
+        "max-forwards",
+        "pragma",
+        "range",
+        "set-cookie",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "true-client-ip",
+        "upgrade",
+        "via",
+        "x-real-ip",
+    ];
+    const REFUSED_PREFIXES: &[&str] = &["content-", "if-", "proxy-", "x-forwarded-"];
+    let text = name.as_str();
+    !REFUSED.contains(&text) && !REFUSED_PREFIXES.iter().any(|p| text.starts_with(p))
 }
 
 /// True when an HTTP/1.1 request asks to switch protocols.
@@ -335,6 +400,40 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, false);
         assert!(h.contains_key("host") && h.contains_key("content-length"));
+    }
+
+    #[test]
+    fn request_trailers_keep_only_what_a_trailer_may_carry() {
+        let mut h = map(&[
+            ("x-checksum", "42"),
+            ("grpc-status", "0"),
+            ("host", "evil"),
+            ("content-length", "9"),
+            ("content-type", "x"),
+            ("if-match", "*"),
+            ("authorization", "Basic x"),
+            ("cookie", "a=b"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+            ("proxy-authorization", "x"),
+            ("x-client-cert-subject", "CN=admin"),
+        ]);
+        clean_request_trailers(&mut h, &[HeaderName::from_static("x-client-cert-subject")]);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-checksum", "grpc-status"]);
+    }
+
+    #[test]
+    fn connection_cannot_strip_kept_fields() {
+        let id = HeaderName::from_static("x-request-id");
+        let mut h = map(&[
+            ("connection", "x-request-id, x-other"),
+            ("x-request-id", "1"),
+            ("x-other", "2"),
+        ]);
+        strip_hop_by_hop_keeping(&mut h, false, &[&id]);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-request-id"]);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`error`]: the error type and its status / `Proxy-Status` mapping;
 //! - [`secret`]: key files and hex, for the audit log and challenge cookie;
 //! - [`state`]: the runtime snapshot behind one `ArcSwap`;
+//! - [`target`]: the normalised path and the host rules (pure);
 //! - [`demo`]: built-in origins for `portcullis demo` and tests.
 
 pub mod body;
@@ -34,6 +35,7 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod state;
+pub mod target;
 pub mod upstream;
 
 pub use config::Config;

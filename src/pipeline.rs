@@ -170,8 +170,14 @@ async fn forward(
     }
     validate(&req, &config.limits)?;
     let host = request_host(&req)?;
-    let kind = exchange_kind(&req);
+    let kind = exchange_kind(&req, &config.server.upgrade_protocols);
     let is_connect = kind == Exchange::Connect;
+    if kind != Exchange::Plain && declares_body(&req)? {
+        // A tunnel carries no request body: the declared bytes would be
+        // read by the origin as the next request (request smuggling).
+        return Err(ProxyError::BadRequest);
+    }
+    let raw_target = normalize_target(&mut req, config.server.encoded_slash)?;
 
     // route
     let path = req.uri().path();
@@ -185,6 +191,9 @@ async fn forward(
     trace.route = Some(route_index);
     if is_connect && !route.allow_connect {
         return Err(ProxyError::MethodNotAllowed);
+    }
+    if let (true, Some(raw)) = (route.raw_path, raw_target) {
+        req.extensions_mut().insert(RawTarget(raw));
     }
 
     // protect: the route's IP lists, attack mode, rate limit, challenge
@@ -294,6 +303,7 @@ async fn forward(
         RequestBody::empty()
     } else {
         RequestBody::new(body, config.limits.max_request_body_bytes)
+            .owned_fields(snapshot.owned_fields.clone())
             .counted(trace.bytes_in.clone())
             .min_rate(
                 config
@@ -387,7 +397,11 @@ fn rewrite_fields(
     route: &RouteConfig,
     host: Option<&HeaderValue>,
 ) {
-    forwarding::strip_hop_by_hop(headers, kind == Exchange::Upgrade);
+    let traceparent = HeaderName::from_static("traceparent");
+    match &snapshot.config.request_id.header {
+        Some(id) => forwarding::strip_hop_by_hop_keeping(headers, kind == Exchange::Upgrade, &[id, &traceparent]),
+        None => forwarding::strip_hop_by_hop_keeping(headers, kind == Exchange::Upgrade, &[&traceparent]),
+    };
     headers.remove(header::EXPECT);
     forwarding::set_forwarding(
         headers,
@@ -398,17 +412,33 @@ fn rewrite_fields(
             host,
         },
     );
+    if let Some(options) = &route.cache {
+        // What the cache key does not hold must not change the answer.
+        for name in &forwarding::UNKEYED_ON_CACHING_ROUTES {
+            if !options.key_headers.contains(name) {
+                headers.remove(name);
+            }
+        }
+        if !options.key_headers.contains(&forwarding::X_FORWARDED_HOST) {
+            match host {
+                Some(h) => headers.insert(forwarding::X_FORWARDED_HOST.clone(), h.clone()),
+                None => headers.remove(&forwarding::X_FORWARDED_HOST),
+            };
+        }
+    }
     if let Some(via) = &snapshot.via {
         forwarding::append_via(headers, &via[via_index(version)]);
     }
-    if let Some((subject_header, fingerprint_header)) = &conn.client_cert_headers {
-        // Only the proxy vouches for a client certificate.
-        headers.remove(subject_header);
-        headers.remove(fingerprint_header);
-        if let Some((subject, fingerprint)) = &conn.client_cert {
-            headers.insert(subject_header.clone(), subject.clone());
-            headers.insert(fingerprint_header.clone(), fingerprint.clone());
-        }
+    // Only the proxy vouches for a client certificate: the identity
+    // fields of every listener are removed, whichever listener this is.
+    for name in &snapshot.identity_headers {
+        headers.remove(name);
+    }
+    if let (Some((subject_header, fingerprint_header)), Some((subject, fingerprint))) =
+        (&conn.client_cert_headers, &conn.client_cert)
+    {
+        headers.insert(subject_header.clone(), subject.clone());
+        headers.insert(fingerprint_header.clone(), fingerprint.clone());
     }
     route.request_headers.apply(headers);
 }
@@ -430,7 +460,7 @@ async fn exchange(
     mut parts: http::request::Parts,
     body: RequestBody,
     client_upgrade: Option<OnUpgrade>,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     snapshot: &Snapshot,
     outbound: &Outbound<'_>,
     trace: &mut Trace,
@@ -448,8 +478,10 @@ async fn exchange(
     if kind == Exchange::ExtendedConnect {
         extended_connect_to_upgrade(&mut parts);
     }
+    let raw = parts.extensions.remove::<RawTarget>();
     parts.uri = upstream_uri(
         &parts.uri,
+        raw.as_ref().map(|r| &r.0),
         route,
         upstream.config.protocol,
         host,
@@ -534,7 +566,7 @@ async fn exchange(
             tried.len() < upstream.config.retry.max_retries as usize
                 && upstream.budget.try_retry(crate::upstream::health::now_ms())
         };
-        match tokio::time::timeout(try_timeout, server.pool.send(upstream_req, &addrs)).await {
+        match tokio::time::timeout(try_timeout, server.pool.send(upstream_req, &addrs, Some(deadline))).await {
             Ok(Ok((response, lease))) => {
                 let latency = try_started.elapsed();
                 upstream.record(
@@ -565,6 +597,12 @@ async fn exchange(
                 trace.server = Some((route.upstream, index));
                 return Err(ProxyError::ResponseTimeout);
             }
+            Ok(Err(SendError::Connect(ProxyError::LocalResources, _))) => {
+                // Not the server's failure: not recorded against it, and
+                // another server would fail the same way.
+                trace.server = Some((route.upstream, index));
+                return Err(ProxyError::LocalResources);
+            }
             Ok(Err(SendError::Connect(e, returned))) => {
                 upstream.record(index, Outcome::Failed);
                 if let Some((servers, _)) = server_metrics {
@@ -582,6 +620,13 @@ async fn exchange(
                     retries.inc();
                 }
                 pending = Some(*returned);
+            }
+            Ok(Err(SendError::Exchange(_))) if Instant::now() >= deadline => {
+                // The pool closed the connection at the request deadline
+                // (it races the timeout above): a timeout all the same.
+                upstream.record(index, Outcome::Failed);
+                trace.server = Some((route.upstream, index));
+                return Err(ProxyError::ResponseTimeout);
             }
             Ok(Err(SendError::Exchange(err))) => {
                 let e = classify(&err);
@@ -620,8 +665,7 @@ async fn exchange(
     };
     if let (true, Some(client_side)) = (tunnel, client_upgrade) {
         let upstream_side = hyper::upgrade::on(&mut response);
-        conn.tasks
-            .spawn(run_tunnel(client_side, upstream_side, conn.hard_stop.clone()));
+        conn.tasks.spawn(run_tunnel(client_side, upstream_side, conn.clone()));
     }
     let (mut parts, body) = response.into_parts();
     forwarding::strip_hop_by_hop(&mut parts.headers, tunnel && kind == Exchange::Upgrade);
@@ -718,15 +762,13 @@ fn spawn_refresh(
 /// `308 Permanent Redirect` to the same host, path and query over HTTPS
 /// (308 keeps the method and body, unlike 301).
 fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())
-        .map(|h| match h.rfind(':') {
-            Some(i) if !h.ends_with(']') => &h[..i],
-            _ => h,
-        });
+    let Ok(Some(host)) = request_host(req) else {
+        return ProxyError::BadRequest.response();
+    };
+    let host = host.to_str().ok().map(|h| match h.rfind(':') {
+        Some(i) if !h.ends_with(']') => &h[..i],
+        _ => h,
+    });
     let Some(host) = host.filter(|h| !h.is_empty()) else {
         return ProxyError::BadRequest.response();
     };
@@ -801,18 +843,68 @@ enum Exchange {
     ExtendedConnect,
 }
 
-fn exchange_kind(req: &Request<Incoming>) -> Exchange {
+/// An upgrade (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT) counts as one
+/// only for a protocol in `server.upgrade_protocols`; an HTTP/1.1 request
+/// asking for another is served as a plain request (RFC 9110 section 7.8:
+/// a server may ignore `Upgrade`), an extended CONNECT for another is a
+/// plain CONNECT.
+fn exchange_kind(req: &Request<Incoming>, allowed: &[String]) -> Exchange {
+    let allowed_protocol = |name: &str| allowed.iter().any(|p| p.eq_ignore_ascii_case(name.trim()));
     if req.method() == Method::CONNECT {
-        if req.extensions().get::<hyper::ext::Protocol>().is_some() {
-            Exchange::ExtendedConnect
-        } else {
-            Exchange::Connect
+        match req.extensions().get::<hyper::ext::Protocol>() {
+            Some(protocol) if allowed_protocol(protocol.as_str()) => Exchange::ExtendedConnect,
+            _ => Exchange::Connect,
         }
-    } else if req.version() <= Version::HTTP_11 && forwarding::is_upgrade_request(req.headers()) {
+    } else if req.version() <= Version::HTTP_11
+        && forwarding::is_upgrade_request(req.headers())
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .all(|v| v.to_str().is_ok_and(|text| text.split(',').all(allowed_protocol)))
+    {
         Exchange::Upgrade
     } else {
         Exchange::Plain
     }
+}
+
+/// True when the request declares a body (`Content-Length` above zero, or
+/// any `Transfer-Encoding`).
+fn declares_body(req: &Request<Incoming>) -> Result<bool, ProxyError> {
+    Ok(req.headers().contains_key(header::TRANSFER_ENCODING) || content_length(req)?.is_some_and(|n| n > 0))
+}
+
+/// The client's request target, kept for a `raw_path` route.
+#[derive(Clone)]
+struct RawTarget(PathAndQuery);
+
+/// Replaces the request's path with its normal form ([`crate::target`]);
+/// returns the target as the client sent it when that changed anything.
+/// A path that cannot be normalised safely is a bad request.
+fn normalize_target(
+    req: &mut Request<Incoming>,
+    encoded_slash: crate::target::EncodedSlash,
+) -> Result<Option<PathAndQuery>, ProxyError> {
+    let uri = req.uri();
+    let normal = match crate::target::normalize_path(uri.path(), encoded_slash) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(None),
+        Ok(std::borrow::Cow::Owned(normal)) => normal,
+        Err(why) => {
+            tracing::debug!(path = %uri.path(), %why, "request path refused");
+            return Err(ProxyError::BadRequest);
+        }
+    };
+    let raw = uri.path_and_query().cloned();
+    let mut target = normal;
+    if let Some(query) = uri.query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(target).map_err(|_| ProxyError::BadRequest)?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest)?;
+    Ok(raw)
 }
 
 /// Rewrites an extended CONNECT into the HTTP/1.1 upgrade request it
@@ -904,8 +996,17 @@ fn validate(req: &Request<Incoming>, limits: &Limits) -> Result<(), ProxyError> 
 }
 
 /// The host the client asked for: `:authority` on HTTP/2, `Host` on
-/// HTTP/1.1 (exactly one, and agreeing with an absolute-form target).
+/// HTTP/1.1 (exactly one, and agreeing with an absolute-form target),
+/// valid as RFC 3986 `host [ ":" port ]` ([`crate::target::valid_authority`]).
 fn request_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
+    let host = request_host_unchecked(req)?;
+    match &host {
+        Some(h) if !crate::target::valid_authority(h.as_bytes()) => Err(ProxyError::BadRequest),
+        _ => Ok(host),
+    }
+}
+
+fn request_host_unchecked(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
     let authority = req.uri().authority();
     if req.version() == Version::HTTP_2 {
         return match authority {
@@ -952,6 +1053,7 @@ fn content_length(req: &Request<Incoming>) -> Result<Option<u64>, ProxyError> {
 /// absolute for HTTP/2, with the route's prefix rewrite applied.
 fn upstream_uri(
     original: &Uri,
+    raw: Option<&PathAndQuery>,
     route: &RouteConfig,
     protocol: UpstreamProtocol,
     host: Option<&HeaderValue>,
@@ -979,14 +1081,18 @@ fn upstream_uri(
             }
             PathAndQuery::try_from(new).map_err(|_| ProxyError::BadRequest)?
         }
-        None => match original.path_and_query() {
+        None => match raw.or(original.path_and_query()) {
             Some(pq) => pq.clone(),
             None => PathAndQuery::from_static("/"),
         },
     };
     match protocol {
         UpstreamProtocol::Http1 => {
-            if route.rewrite_prefix.is_none() && original.scheme().is_none() && original.authority().is_none() {
+            if raw.is_none()
+                && route.rewrite_prefix.is_none()
+                && original.scheme().is_none()
+                && original.authority().is_none()
+            {
                 return Ok(original.clone());
             }
             Ok(Uri::from(path_and_query))
@@ -1025,8 +1131,11 @@ fn classify(error: &hyper::Error) -> ProxyError {
 }
 
 /// Copies bytes both ways between an upgraded client and upstream until
-/// either side closes, or the drain deadline cuts it.
-async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, hard_stop: tokio_util::sync::CancellationToken) {
+/// either side closes, no byte passed for `timeouts.tunnel_idle`, or the
+/// drain deadline cuts it. The tunnel holds the client connection's
+/// `ConnInfo`, and with it the connection's place in the connection table
+/// (caps count open tunnels); it is never evicted as idle.
+async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, conn: Arc<ConnInfo>) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
         (c, u) => {
@@ -1038,7 +1147,12 @@ async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, hard_stop: tokio_uti
             return;
         }
     };
-    let mut client = TokioIo::new(client);
+    if let Some(activity) = &conn.activity {
+        activity.busy();
+    }
+    let idle = conn.tunnel_idle;
+    let traffic = Arc::new(crate::server::conn::Traffic::default());
+    let mut client = crate::server::conn::Counted::new(TokioIo::new(client), traffic.clone());
     let mut upstream = TokioIo::new(upstream);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
@@ -1046,7 +1160,10 @@ async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, hard_stop: tokio_uti
                 tracing::debug!(error = %e, "tunnel closed with an error");
             }
         }
-        _ = hard_stop.cancelled() => {}
+        () = traffic.idle_for(idle) => {
+            tracing::debug!(peer = %conn.peer, "tunnel idle (timeouts.tunnel_idle); closing");
+        }
+        _ = conn.hard_stop.cancelled() => {}
     }
 }
 

@@ -179,6 +179,7 @@ mod tests {
             rewrite_prefix: None,
             preserve_host: true,
             allow_connect: false,
+            raw_path: false,
             request_headers: HeaderEdits::default(),
             response_headers: HeaderEdits::default(),
             log_sample: 1,

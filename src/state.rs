@@ -52,6 +52,13 @@ pub struct Snapshot {
     /// The shared HTTP cache, when a route caches. FIXME: a full config
     /// reload (not built yet) should carry the store over.
     pub cache: Option<Arc<Cache>>,
+    /// The client certificate identity fields of every listener (and the
+    /// defaults): removed from every request on every listener, set only
+    /// from a verified certificate.
+    pub identity_headers: Vec<http::HeaderName>,
+    /// Fields only the proxy sets (identity fields, the request id):
+    /// removed from request trailers too.
+    pub owned_fields: Arc<[http::HeaderName]>,
 }
 
 impl Snapshot {
@@ -114,17 +121,34 @@ impl Snapshot {
             .iter()
             .map(|_| config.protect.load_shedding.as_ref().map(|c| Arc::new(Shedder::new(c))))
             .collect();
-        let bans = config
-            .protect
-            .bans
-            .as_ref()
-            .map(|b| Arc::new(Bans::new(b, &config.server.trusted_proxies)));
+        let bans = config.protect.bans.as_ref().map(|b| {
+            Arc::new(Bans::new(b, &config.server.trusted_proxies).with_ipv6_prefix(config.protect.ipv6_prefix))
+        });
         let cache = config
             .routes
             .iter()
             .any(|r| r.cache.is_some())
             .then(|| Arc::new(Cache::new(&config.cache)));
+        let mut identity_headers: Vec<http::HeaderName> = crate::config::defaults::CLIENT_CERT_HEADERS
+            .iter()
+            .map(|name| http::HeaderName::from_static(name))
+            .collect();
+        for auth in config
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref()?.client_auth.as_ref())
+        {
+            for name in [&auth.subject_header, &auth.fingerprint_header] {
+                if !identity_headers.contains(name) {
+                    identity_headers.push(name.clone());
+                }
+            }
+        }
+        let mut owned_fields = identity_headers.clone();
+        owned_fields.extend(config.request_id.header.clone());
         Ok(Snapshot {
+            identity_headers,
+            owned_fields: owned_fields.into(),
             cache,
             shedders,
             bans,

@@ -256,17 +256,43 @@ async fn responses_a_shared_cache_must_not_store_are_fetched_each_time() {
 }
 
 /// Section 3.5: `public`, `s-maxage` or `must-revalidate` let a shared
-/// cache store a response to a request with `Authorization`.
+/// cache store a response to a request with `Authorization` (with the
+/// route's `credentials = "rfc9111"`). By default only the first two,
+/// which mark the response for shared caches, do: `must-revalidate` says
+/// nothing about who may see the response (docs/caching.md).
 #[tokio::test]
 async fn authorization_is_stored_when_the_response_allows_it() {
-    for allow in ["public, max-age=600", "s-maxage=600", "must-revalidate, max-age=600"] {
-        let (origin, _) = scripted(move |_, _| reply(200, &[("cache-control", allow)], "x")).await;
-        let proxy = caching_proxy(origin.addr).await;
-        get_with(proxy.addr, "/p", &[("authorization", "Bearer x")]).await;
-        landed(&cache_of(&proxy), 1).await;
-        let again = get_with(proxy.addr, "/p", &[("authorization", "Bearer x")]).await;
-        assert!(status_of(&again).contains("hit"), "{allow}: {}", status_of(&again));
-        assert_eq!(origin.requests(), 1, "{allow}");
+    for (allow, by_default) in [
+        ("public, max-age=600", true),
+        ("s-maxage=600", true),
+        ("must-revalidate, max-age=600", false),
+    ] {
+        for (route, stored) in [("{ credentials = \"rfc9111\" }", true), ("true", by_default)] {
+            let (origin, _) = scripted(move |_, _| reply(200, &[("cache-control", allow)], "x")).await;
+            let proxy = start_proxy(&config(origin.addr, route, "")).await;
+            let first = get_with(proxy.addr, "/p", &[("authorization", "Bearer x")]).await;
+            if route != "true" {
+                landed(&cache_of(&proxy), 1).await;
+            }
+            // A request with credentials leads no flight: its copy is
+            // stored as its body ends, before the client has the body.
+            assert_eq!(cache_of(&proxy).store().keys(), usize::from(stored), "{allow} {route}");
+            if !stored {
+                assert!(
+                    status_of(&first).ends_with("detail=credentials"),
+                    "{allow}: {}",
+                    status_of(&first)
+                );
+            }
+            let again = get_with(proxy.addr, "/p", &[("authorization", "Bearer x")]).await;
+            assert_eq!(
+                status_of(&again).contains("hit"),
+                stored,
+                "{allow} {route}: {}",
+                status_of(&again)
+            );
+            assert_eq!(origin.requests(), if stored { 1 } else { 2 }, "{allow} {route}");
+        }
     }
 }
 

@@ -96,7 +96,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "routes[0].cache.key_headers[0]: \"bad header\" is not a header name",
             "routes[0].cache.query: unknown value \"shuffle\", expected one of \"keep\", \"sort\", \"ignore\"",
             "routes[0].cache.stale_if_error: invalid duration \"soon\": expected a number then a unit, like \"5s\"",
-            "routes[0].cache.ttl: unknown key, expected one of: expose_tags, ignore_client_no_cache, ignore_params, key_cookies, key_headers, query, stale_if_error, store_set_cookie",
+            "routes[0].cache.ttl: unknown key, expected one of: credentials, expose_tags, ignore_client_no_cache, ignore_params, key_cookies, key_headers, query, stale_if_error, store_set_cookie",
             "routes[1].cache: expected a table, found integer",
         ],
     ),
@@ -176,11 +176,14 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "impossible timeouts",
-        "[timeouts]\nconnect = \"5x\"\nheader_read = \"0s\"\nrequest = 30\n",
+        "[timeouts]\nconnect = \"5x\"\nheader_read = \"0s\"\nrequest = 30\nkeepalive_idle = \"0.5ms\"\nsend = \"0ms\"\ntunnel_idle = \"1x\"\n",
         &[
             "timeouts.connect: invalid duration \"5x\": unknown unit \"x\" (use ms, s, m, h or d)",
-            "timeouts.header_read: must be greater than zero",
+            "timeouts.header_read: must be at least 1ms",
+            "timeouts.keepalive_idle: must be at least 1ms",
             "timeouts.request: expected a string, found integer",
+            "timeouts.send: must be at least 1ms",
+            "timeouts.tunnel_idle: invalid duration \"1x\": unknown unit \"x\" (use ms, s, m, h or d)",
         ],
     ),
     (

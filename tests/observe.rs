@@ -322,6 +322,41 @@ async fn a_stalled_writer_costs_records_not_requests() {
     }
 }
 
+/// Regression (issue 13): the queue was bounded by records only, and a
+/// record holds the client's header values (escaped, so up to 4x larger).
+#[tokio::test]
+async fn the_access_log_queue_is_bounded_in_bytes() {
+    let origin = origin(|_| async { text(200, "ok") }).await;
+    let toml = config_for(
+        origin.addr,
+        "[access_log]\nbuffer_records = 1048576\nbuffer_bytes = \"64KiB\"\n",
+    );
+    let config = portcullis::Config::from_toml(&toml, "test").expect("config");
+    let (release, stalled) = std::sync::mpsc::channel();
+    let access = AccessLog::to_writer(&config.access_log, Box::new(Stalled(stalled))).expect("log");
+    let observe = Observe::new(Some(access), None, None);
+    let proxy = start_proxy_with(&toml, observe).await;
+    let agent = "a".repeat(16 << 10);
+    let mut c = h1(proxy.addr).await;
+    for _ in 0..40 {
+        let req = Request::get("/")
+            .header("host", "a")
+            .header("user-agent", agent.as_str())
+            .body(empty())
+            .expect("request");
+        assert_eq!(read(c.send_ready(req).await.expect("send")).await.status, 200);
+    }
+    let log = proxy.observe.access.as_ref().expect("log");
+    assert!(log.queued_bytes() <= 64 << 10, "queued {}", log.queued_bytes());
+    assert!(
+        log.counters.dropped.load(Ordering::Relaxed) > 0,
+        "records over the bound are dropped"
+    );
+    for _ in 0..40 {
+        let _ = release.send(());
+    }
+}
+
 #[tokio::test]
 async fn request_ids_from_untrusted_clients_are_replaced_and_trusted_ones_kept() {
     let origin = echo_origin().await;

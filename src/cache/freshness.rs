@@ -67,6 +67,14 @@ impl Lifetime {
     fn new(seconds: u64, source: FreshnessSource) -> Self {
         Lifetime { seconds, source }
     }
+
+    /// Set by the origin (`s-maxage`, `max-age`, `Expires`), not guessed.
+    pub fn is_explicit(&self) -> bool {
+        matches!(
+            self.source,
+            FreshnessSource::SMaxAge | FreshnessSource::MaxAge | FreshnessSource::Expires
+        )
+    }
 }
 
 /// Status codes that are heuristically cacheable (RFC 9110 section 15.1).
@@ -240,9 +248,17 @@ fn stale_forbidden(response: &CacheControl) -> bool {
 /// response is fresh or, with the request's `max-stale`, stale within its
 /// limit. `max-stale` is not honoured when the response forbids stale
 /// service or carries `s-maxage`, which for a shared cache includes
-/// `proxy-revalidate` (section 5.2.2.10). A request `max-age` that was
-/// invalid counts as `max-age=0`.
-pub fn acceptable(current_age: u64, lifetime: u64, request: &CacheControl, response: &CacheControl) -> bool {
+/// `proxy-revalidate` (section 5.2.2.10), nor when its lifetime is not
+/// `explicit` (a heuristic or none): a client may stretch what the origin
+/// said, not what the cache guessed. A request `max-age` that was invalid
+/// counts as `max-age=0`.
+pub fn acceptable(
+    current_age: u64,
+    lifetime: u64,
+    explicit: bool,
+    request: &CacheControl,
+    response: &CacheControl,
+) -> bool {
     if request.no_cache.is_whole() || response.no_cache.is_whole() {
         return false;
     }
@@ -263,7 +279,7 @@ pub fn acceptable(current_age: u64, lifetime: u64, request: &CacheControl, respo
         return true;
     }
     let s_maxage = response.s_maxage.is_some() || response.s_maxage_invalid;
-    if stale_forbidden(response) || s_maxage {
+    if stale_forbidden(response) || s_maxage || !explicit {
         return false;
     }
     match request.max_stale {

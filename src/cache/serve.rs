@@ -36,7 +36,7 @@ use super::store::{MemoryStore, Storage, Stored};
 use super::validators;
 use super::vary;
 use crate::body::{Feed, ProxyBody};
-use crate::config::{CacheConfig, RouteCache};
+use crate::config::{CacheConfig, CredentialsPolicy, RouteCache};
 use crate::error::ProxyError;
 
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -140,6 +140,46 @@ pub struct Pending {
     /// The key's invalidation generation at lookup: a response to a request
     /// sent before an invalidation is not stored after it.
     generation: u64,
+    /// The request carried credentials the route's policy cares about.
+    credentials: Credentials,
+}
+
+/// A request's credentials (`Cookie`, `Authorization`) as the route's
+/// `credentials` policy sees them: with `public-only` (the default) a
+/// response is shared between such a request and any other only when the
+/// origin marked it for shared caches, or varies on those very fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Credentials {
+    cookie: bool,
+    authorization: bool,
+}
+
+impl Credentials {
+    fn of(headers: &HeaderMap, options: &RouteCache) -> Credentials {
+        if options.credentials == CredentialsPolicy::Rfc9111 {
+            return Credentials::default();
+        }
+        Credentials {
+            cookie: headers.contains_key(header::COOKIE),
+            authorization: headers.contains_key(header::AUTHORIZATION),
+        }
+    }
+
+    fn present(self) -> bool {
+        self.cookie || self.authorization
+    }
+
+    /// True when a response with this sharing mark and `Vary` may answer
+    /// (or be stored from) a request with these credentials.
+    fn allows(self, shared: bool, vary: &vary::Vary) -> bool {
+        shared
+            || ((!self.cookie || vary.names(&header::COOKIE))
+                && (!self.authorization || vary.names(&header::AUTHORIZATION)))
+    }
+
+    fn may_use(self, v: &Stored) -> bool {
+        self.allows(v.shared, &v.vary)
+    }
 }
 
 impl Cache {
@@ -172,11 +212,7 @@ impl Cache {
     /// `scheme://host/path?query`, the form keys take); how many keys went.
     pub fn purge_url(&self, url: &str) -> usize {
         self.generations[generation_slot(url)].fetch_add(1, Ordering::SeqCst);
-        let mut removed = usize::from(self.store.remove(url));
-        removed += self
-            .store
-            .purge_prefix(&format!("{url}{}", super::key::EXTRA_SEPARATOR));
-        removed
+        self.store.remove_url(url)
     }
 
     /// Removes every key starting with `prefix`.
@@ -222,6 +258,7 @@ impl Cache {
         }
         let origin_only = validators::has_origin_only_preconditions(headers);
         let ranged = headers.contains_key(RANGE);
+        let credentials = Credentials::of(headers, options);
         // Served from a flight's stored response.
         let mut collapsed = false;
         // Gave up waiting (too slow, or not shareable): never again.
@@ -233,7 +270,7 @@ impl Cache {
             round += 1;
             let now = SystemTime::now();
             let variants = self.store.get(&key);
-            let found = variants
+            let matching = variants
                 .iter()
                 .find(|v| vary::matches(&v.vary, &v.secondary, headers))
                 .cloned();
@@ -242,6 +279,17 @@ impl Cache {
             } else {
                 Fwd::VaryMiss
             };
+            // A request with credentials is answered from the store only
+            // with a response the origin marked for sharing.
+            let found = match matching {
+                Some(v) if !credentials.may_use(&v) => {
+                    // RFC 9211: a response was there, the request's
+                    // semantics did not allow its use.
+                    fwd = Fwd::Request;
+                    None
+                }
+                other => other,
+            };
             let mut stale = None;
             if let Some(v) = found {
                 let age = v.current_age(now);
@@ -249,7 +297,7 @@ impl Cache {
                     // Preconditions only the origin may evaluate (RFC 9111
                     // section 4.3.2).
                     fwd = Fwd::Request;
-                } else if freshness::acceptable(age, v.lifetime, &rc, &v.control) {
+                } else if freshness::acceptable(age, v.lifetime, v.explicit, &rc, &v.control) {
                     let status = hit_status(&v, age, collapsed);
                     return Lookup::Answer(serve(&v, method, headers, age, status, options), outcome::HIT);
                 } else if freshness::may_serve_stale_while_revalidate(age, v.lifetime, &rc, &v.control) {
@@ -299,7 +347,12 @@ impl Cache {
                 return Lookup::Answer(response, outcome::BYPASS);
             }
             // Only requests whose answer can be shared wait for each other.
-            let shareable = method == Method::GET && !ranged && !origin_only && !rc.no_store && !rc.no_cache.is_whole();
+            let shareable = method == Method::GET
+                && !ranged
+                && !origin_only
+                && !rc.no_store
+                && !rc.no_cache.is_whole()
+                && !credentials.present();
             let mut flight = None;
             if shareable && !waited && round < MAX_ROUNDS {
                 match self.flights.join(&key) {
@@ -326,6 +379,7 @@ impl Cache {
             // Responses to ranges and origin-only preconditions (206, 412,
             // 416...) are never stored, nor let replace a stored one.
             pending.may_store = method == Method::GET && !ranged && !origin_only;
+            pending.credentials = credentials;
             pending.flight = flight;
             match stale {
                 Some(v) => {
@@ -366,6 +420,7 @@ impl Cache {
             revalidating: false,
             may_store: false,
             generation,
+            credentials: Credentials::default(),
         }
     }
 
@@ -784,6 +839,15 @@ impl Pending {
         if declared.is_some_and(|n| n > self.cache.max_object) {
             return Err("too-big");
         }
+        let secondary = vary::secondary_key(&decision.vary, &self.request).unwrap_or_default();
+        if secondary.size() > MAX_SECONDARY_BYTES {
+            // Every client could store its own variant with long values.
+            return Err("vary-too-large");
+        }
+        let shared = is_shared(&decision.control);
+        if !self.credentials.allows(shared, &decision.vary) {
+            return Err("credentials");
+        }
         let mut headers = parts.headers.clone();
         for name in &decision.omit {
             headers.remove(name);
@@ -795,11 +859,13 @@ impl Pending {
             body: Bytes::new(),
             request_time: self.request_time,
             response_time: SystemTime::now(),
-            secondary: vary::secondary_key(&decision.vary, &self.request).unwrap_or_default(),
+            secondary,
             vary: decision.vary,
             control: decision.control.directives,
             lifetime: 0,
             initial_age: 0,
+            explicit: false,
+            shared,
         };
         self.cache.refresh_metadata(&mut stored);
         Ok(stored)
@@ -847,11 +913,25 @@ impl Cache {
     /// response from its fields and times.
     fn refresh_metadata(&self, v: &mut Stored) {
         let control = response_control(&v.headers);
-        v.lifetime =
-            freshness::freshness_lifetime(v.status, &v.headers, &control, v.response_time, &self.heuristic).seconds;
+        let lifetime = freshness::freshness_lifetime(v.status, &v.headers, &control, v.response_time, &self.heuristic);
+        v.lifetime = lifetime.seconds;
+        v.explicit = lifetime.is_explicit();
         v.initial_age = freshness::initial_age(&v.headers, v.request_time, v.response_time);
+        v.shared = is_shared(&control);
         v.control = control.directives;
     }
+}
+
+/// The most bytes of request values (those `Vary` names) one variant may
+/// be stored under.
+const MAX_SECONDARY_BYTES: u64 = 4096;
+
+/// True when the origin marked a response for shared caches: `public`, a
+/// valid `s-maxage`, or directives in a field targeted at this cache
+/// (RFC 9213: `Portcullis-Cache-Control`, `CDN-Cache-Control`).
+fn is_shared(control: &super::control::ResponseControl) -> bool {
+    let cc = &control.directives;
+    cc.public || (cc.s_maxage.is_some() && !cc.s_maxage_invalid) || control.source.is_targeted()
 }
 
 /// Copies a response body into the store, up to the maximum object size

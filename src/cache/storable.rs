@@ -9,8 +9,8 @@
 //! (206) responses, and only final statuses.
 
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, EXPIRES, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRANSFER_ENCODING, UPGRADE,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, ETAG, EXPIRES, LAST_MODIFIED, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, Method, StatusCode};
 
@@ -53,7 +53,7 @@ pub enum NotStored {
     MustUnderstand,
     #[error("Vary: * never matches a later request")]
     VaryAny,
-    #[error("response has no explicit freshness and no heuristic applies")]
+    #[error("response has no explicit freshness and no validator")]
     NoFreshness,
 }
 
@@ -97,7 +97,11 @@ fn understands_status(status: StatusCode) -> bool {
 /// Decides whether a shared cache may store a response (section 3), in
 /// this order: method (GET), status (final, not 206 or 304), `no-store` in
 /// the request, `must-understand` / `no-store` in the response, `private`,
-/// `Authorization` (section 3.5), `Vary: *`, and a source of freshness.
+/// `Authorization` (section 3.5), `Vary: *`, and a source of freshness:
+/// explicit, or a heuristically cacheable status (or `public`) with a
+/// validator (`ETag` or `Last-Modified`). That last condition is stricter
+/// than section 3 (which would store a 200 with nothing at all): such a
+/// response could never be validated, only served stale.
 pub fn storable(
     method: &Method,
     request: &HeaderMap,
@@ -143,7 +147,12 @@ pub fn storable(
         || cc.max_age.is_some()
         || cc.max_age_invalid
         || (!control.source.is_targeted() && response.contains_key(EXPIRES));
-    let heuristic = settings.heuristic && (is_heuristically_cacheable(status) || cc.public);
+    // Without explicit freshness a response is stored only with a
+    // validator: it can then be revalidated (or, with `Last-Modified`,
+    // given a heuristic lifetime). One with neither could only ever be
+    // served stale, which is how one user's page reached another.
+    let validator = response.contains_key(ETAG) || response.contains_key(LAST_MODIFIED);
+    let heuristic = settings.heuristic && (is_heuristically_cacheable(status) || cc.public) && validator;
     if !explicit && !heuristic {
         return Err(NotStored::NoFreshness);
     }

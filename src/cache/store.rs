@@ -12,11 +12,14 @@
 //! object bigger than `max_object_bytes` is never admitted (the pipeline
 //! streams such responses through without buffering them whole).
 //!
-//! Purges remove by exact key, by key prefix and by tag (`Surrogate-Key`
-//! / `Cache-Tag` values the origin attached). Purging by prefix or tag
-//! scans every key: they are operator actions, not request-path work.
+//! Purges remove by exact key, by URL (the key and the keys with extra
+//! parts built on it, found through an index), by key prefix and by tag
+//! (`Surrogate-Key` / `Cache-Tag` values the origin attached). Purging by
+//! prefix or tag scans every key: they are operator actions, not
+//! request-path work; invalidation by an unsafe request removes by URL.
 //!
-//! Not wired into the request pipeline yet.
+//! A variant counts its secondary key (the request values `Vary` named)
+//! in its size, and a key keeps at most [`MAX_VARIANTS`] variants.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,6 +29,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use super::control::CacheControl;
+use super::key::EXTRA_SEPARATOR;
 use super::vary::{SecondaryKey, Vary};
 
 /// One stored response, as the cache serves it.
@@ -50,6 +54,12 @@ pub struct Stored {
     pub control: CacheControl,
     pub lifetime: u64,
     pub initial_age: u64,
+    /// The lifetime is the origin's (`s-maxage`, `max-age`, `Expires`),
+    /// not a heuristic: only then may a client's `max-stale` stretch it.
+    pub explicit: bool,
+    /// The origin marked it for shared caches (`public`, `s-maxage`, or a
+    /// targeted field): it may answer requests that carry credentials.
+    pub shared: bool,
 }
 
 /// Bytes counted for every stored variant besides its body and fields:
@@ -65,9 +75,14 @@ impl Stored {
             .map(|(name, value)| (name.as_str().len() + value.len() + 32) as u64)
             .sum();
         let tags: u64 = self.tags.iter().map(|t| t.len() as u64 + 24).sum();
-        self.body.len() as u64 + fields + tags + ENTRY_OVERHEAD
+        self.body.len() as u64 + fields + tags + self.secondary.size() + ENTRY_OVERHEAD
     }
 }
+
+/// Most variants kept per key: beyond it the least recently stored goes.
+/// Each lookup compares the request with every variant, so their number
+/// must not be the client's to choose.
+pub const MAX_VARIANTS: usize = 32;
 
 /// What a store does; a disk tier implements it too.
 pub trait Storage: Send + Sync {
@@ -79,6 +94,10 @@ pub trait Storage: Send + Sync {
     fn put(&self, key: &str, stored: Stored) -> bool;
     /// Removes every variant of `key`; true if there was one.
     fn remove(&self, key: &str) -> bool;
+    /// Removes the key `url` and every key made of it and extra parts
+    /// (route key headers or cookies); how many keys went. Exact lookups
+    /// only, no scan: invalidation runs on the request path.
+    fn remove_url(&self, url: &str) -> usize;
     /// Removes every key starting with `prefix`; how many keys went.
     fn purge_prefix(&self, prefix: &str) -> usize;
     /// Removes every variant carrying `tag`; how many variants went.
@@ -99,6 +118,8 @@ struct Entry {
 #[derive(Default)]
 struct Inner {
     entries: HashMap<String, Entry>,
+    /// URL part -> the keys with extra parts made of it.
+    extras: HashMap<String, Vec<String>>,
     /// Recency order: use tick -> key; the smallest tick is the least
     /// recently used.
     order: BTreeMap<u64, String>,
@@ -135,7 +156,22 @@ impl Inner {
         let entry = self.entries.remove(key)?;
         self.order.remove(&entry.used);
         self.bytes = self.bytes.saturating_sub(entry.bytes);
+        if let Some((url, _)) = key.split_once(EXTRA_SEPARATOR) {
+            if let Some(keys) = self.extras.get_mut(url) {
+                keys.retain(|k| k != key);
+                if keys.is_empty() {
+                    self.extras.remove(url);
+                }
+            }
+        }
         Some(entry)
+    }
+
+    /// Records a new key in the URL index (keys with extra parts only).
+    fn index(&mut self, key: &str) {
+        if let Some((url, _)) = key.split_once(EXTRA_SEPARATOR) {
+            self.extras.entry(url.to_owned()).or_default().push(key.to_owned());
+        }
     }
 
     /// Evicts least recently used keys, never `keep`, until `incoming`
@@ -232,6 +268,15 @@ impl Storage for MemoryStore {
             Some(entry) => {
                 entry.variants.insert(0, Arc::new(stored));
                 entry.bytes += size;
+                let mut freed = 0;
+                while entry.variants.len() > MAX_VARIANTS {
+                    if let Some(oldest) = entry.variants.pop() {
+                        let n = oldest.size() + key.len() as u64;
+                        entry.bytes = entry.bytes.saturating_sub(n);
+                        freed += n;
+                    }
+                }
+                inner.bytes = inner.bytes.saturating_sub(freed);
             }
             None => {
                 inner.entries.insert(
@@ -243,6 +288,7 @@ impl Storage for MemoryStore {
                     },
                 );
                 inner.order.insert(tick, key.to_owned());
+                inner.index(key);
                 return true;
             }
         }
@@ -252,6 +298,15 @@ impl Storage for MemoryStore {
 
     fn remove(&self, key: &str) -> bool {
         self.lock().remove(key).is_some()
+    }
+
+    fn remove_url(&self, url: &str) -> usize {
+        let mut inner = self.lock();
+        let mut removed = usize::from(inner.remove(url).is_some());
+        for key in inner.extras.remove(url).unwrap_or_default() {
+            removed += usize::from(inner.remove(&key).is_some());
+        }
+        removed
     }
 
     fn purge_prefix(&self, prefix: &str) -> usize {
@@ -330,6 +385,8 @@ mod tests {
             control: CacheControl::default(),
             lifetime: 60,
             initial_age: 0,
+            explicit: true,
+            shared: false,
         }
     }
 
@@ -402,6 +459,49 @@ mod tests {
         let s = MemoryStore::new(1 << 20, 4096);
         assert!(!s.put("big", stored(5000, "a", &[])));
         assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn variants_per_key_are_capped_and_their_values_counted() {
+        let s = MemoryStore::new(1 << 30, 1 << 20);
+        let value = "v".repeat(1000);
+        for i in 0..100 {
+            assert!(s.put("http://a/x", stored(10, &format!("{value}{i}"), &[])));
+        }
+        let variants = s.get("http://a/x");
+        assert_eq!(variants.len(), MAX_VARIANTS);
+        assert!(
+            variants[0].secondary.0[0]
+                .1
+                .as_deref()
+                .is_some_and(|v| v.ends_with(b"99")),
+            "newest first"
+        );
+        assert!(
+            s.bytes() >= MAX_VARIANTS as u64 * 1000,
+            "the request values are counted: {}",
+            s.bytes()
+        );
+        let counted: u64 = variants.iter().map(|v| v.size() + "http://a/x".len() as u64).sum();
+        assert_eq!(counted, s.bytes(), "evicted variants gave their bytes back");
+    }
+
+    #[test]
+    fn remove_url_finds_the_keys_with_extra_parts_without_a_scan() {
+        let s = MemoryStore::new(1 << 20, 1 << 20);
+        s.put("http://a/x", stored(10, "a", &[]));
+        s.put("http://a/x\nx-tenant:1\n", stored(10, "a", &[]));
+        s.put("http://a/x\nx-tenant:2\n", stored(10, "a", &[]));
+        s.put("http://a/xy\nx-tenant:1\n", stored(10, "a", &[]));
+        s.put("http://a/xy", stored(10, "a", &[]));
+        assert_eq!(s.remove_url("http://a/x"), 3);
+        assert_eq!(s.len(), 2, "http://a/xy and its extra-keyed entry stay");
+        assert_eq!(s.remove_url("http://a/x"), 0);
+        assert!(s.remove("http://a/xy\nx-tenant:1\n"));
+        assert_eq!(s.remove_url("http://a/xy"), 1);
+        assert!(s.is_empty());
+        assert!(s.lock().extras.is_empty(), "the index holds no removed key");
         assert_eq!(s.bytes(), 0);
     }
 

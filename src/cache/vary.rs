@@ -57,12 +57,30 @@ impl Vary {
     pub fn is_any(&self) -> bool {
         matches!(self, Vary::Any)
     }
+
+    /// True when the response varies on `name`.
+    pub fn names(&self, name: &HeaderName) -> bool {
+        match self {
+            Vary::Fields(fields) => fields.contains(name),
+            Vary::Any => true,
+        }
+    }
 }
 
 /// The values a request had for the fields a response varies on, in the
 /// order of [`Vary::Fields`]; `None` for an absent field.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct SecondaryKey(pub Vec<(HeaderName, Option<Vec<u8>>)>);
+
+impl SecondaryKey {
+    /// Bytes the key holds (names and values), for the store's budget.
+    pub fn size(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|(name, value)| (name.as_str().len() + value.as_ref().map_or(0, Vec::len) + 24) as u64)
+            .sum()
+    }
+}
 
 /// One request field, normalized: its lines trimmed of optional whitespace
 /// and joined with ", "; `None` when the request does not have it.

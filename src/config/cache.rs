@@ -69,6 +69,24 @@ pub struct RouteCache {
     /// Store responses that set cookies (off by default: one client's
     /// cookie must not be served to another).
     pub store_set_cookie: bool,
+    /// How requests with `Cookie` or `Authorization` share the store.
+    pub credentials: CredentialsPolicy,
+}
+
+/// A route's rule for requests that carry credentials (`Cookie`,
+/// `Authorization`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CredentialsPolicy {
+    /// Such a request is answered from the store, and its response
+    /// stored for others, only when the origin marked the response for
+    /// shared caches (`public`, `s-maxage`, a targeted field) or it varies
+    /// on those fields. Origins that personalise a page by cookie rarely
+    /// say so; this keeps their pages apart.
+    #[default]
+    PublicOnly,
+    /// RFC 9111 as written: `Authorization` per section 3.5, cookies not
+    /// considered.
+    Rfc9111,
 }
 
 impl Default for RouteCache {
@@ -82,6 +100,7 @@ impl Default for RouteCache {
             stale_if_error: Duration::ZERO,
             expose_tags: false,
             store_set_cookie: false,
+            credentials: CredentialsPolicy::PublicOnly,
         }
     }
 }
@@ -192,6 +211,15 @@ pub fn read_route_cache(t: &Table<'_>) -> Option<RouteCache> {
     }
     if let Some(b) = c.bool("store_set_cookie") {
         out.store_set_cookie = b;
+    }
+    if let Some(policy) = c.choice(
+        "credentials",
+        &[
+            ("public-only", CredentialsPolicy::PublicOnly),
+            ("rfc9111", CredentialsPolicy::Rfc9111),
+        ],
+    ) {
+        out.credentials = policy;
     }
     c.finish();
     Some(out)

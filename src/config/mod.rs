@@ -26,11 +26,11 @@ use ipnet::IpNet;
 
 pub use crate::upstream::balance::{Algorithm, HashKey};
 pub use crate::upstream::health::{CheckKind, CheckSettings, OutlierSettings, RetrySettings};
-pub use cache::{CacheConfig, QueryKey, RouteCache};
+pub use cache::{CacheConfig, CredentialsPolicy, QueryKey, RouteCache};
 pub use observe::{
     AccessLogConfig, AuditLogConfig, LogDestination, LogField, LogFormat, MetricsConfig, RequestIdConfig,
 };
-pub use parse::parse;
+pub use parse::{defaults, parse};
 pub use protect::{
     AdaptiveConfig, BanConfig, ChallengeConfig, ChallengeWhen, IpFilter, LoadSheddingConfig, ProtectConfig,
     ProtectMode, Rate, RateKey, RateLimitConfig, parse_rate,
@@ -68,6 +68,11 @@ pub struct ServerSettings {
     pub via: Option<HeaderValue>,
     /// Request methods the proxy forwards; any other is answered 501.
     pub allowed_methods: Vec<http::Method>,
+    /// `%2F` / `%5C` in a path: refused (400) or kept opaque.
+    pub encoded_slash: crate::target::EncodedSlash,
+    /// `Upgrade` protocols passed to upstreams (lower case); a request
+    /// asking for another is forwarded as a plain request.
+    pub upgrade_protocols: Vec<String>,
 }
 
 /// Timeouts (`[timeouts]`); each has a safe default.
@@ -83,6 +88,12 @@ pub struct Timeouts {
     pub upstream_response_header: Duration,
     /// The whole exchange, including both bodies (not upgraded tunnels).
     pub request: Duration,
+    /// How long a write to a client may make no progress (the client
+    /// stopped reading) before the connection is closed.
+    pub send: Duration,
+    /// How long an upgraded tunnel (WebSocket, CONNECT) may carry no byte
+    /// either way before it is closed.
+    pub tunnel_idle: Duration,
 }
 
 /// Limits on what a client may send (`[limits]`).
@@ -216,6 +227,9 @@ pub struct RouteConfig {
     pub preserve_host: bool,
     /// Forward `CONNECT` requests (tunnels) instead of answering 405.
     pub allow_connect: bool,
+    /// Send the request target upstream as the client wrote it; routing
+    /// and protection still use the normalised path.
+    pub raw_path: bool,
     pub request_headers: HeaderEdits,
     pub response_headers: HeaderEdits,
     /// Access log sampling: one in this many responses below 400 is

@@ -118,6 +118,9 @@ pub struct AccessLogConfig {
     /// Records waiting for the writer; beyond this they are dropped and
     /// counted, never waited for.
     pub buffer_records: usize,
+    /// Bytes of records waiting for the writer, the same way: a record
+    /// holds the client's header values, so a count alone bounds nothing.
+    pub buffer_bytes: usize,
 }
 
 /// `[request_id]`.
@@ -161,6 +164,8 @@ pub mod defaults {
         "signature",
     ];
     pub const BUFFER_RECORDS: u64 = 16 * 1024;
+    /// 16,384 records of a kilobyte.
+    pub const BUFFER_BYTES: u64 = 16 << 20;
     pub const REQUEST_ID_HEADER: &str = "x-request-id";
     pub const CHECKPOINT_EVERY: u64 = 100;
     pub const METRICS_PATH: &str = "/metrics";
@@ -183,6 +188,7 @@ impl Default for AccessLogConfig {
                 .collect(),
             redact_query_params: defaults::REDACT_QUERY_PARAMS.iter().map(|s| (*s).to_owned()).collect(),
             buffer_records: defaults::BUFFER_RECORDS as usize,
+            buffer_bytes: defaults::BUFFER_BYTES as usize,
         }
     }
 }
@@ -275,6 +281,16 @@ pub fn read_access_log(table: Option<Table<'_>>) -> AccessLogConfig {
             config.buffer_records = n as usize;
         } else {
             t.error("buffer_records", format!("must be between 1 and 1048576, found {n}"));
+        }
+    }
+    if let Some(n) = t.size("buffer_bytes") {
+        if (64 << 10..=1 << 30).contains(&n) {
+            config.buffer_bytes = n as usize;
+        } else {
+            t.error(
+                "buffer_bytes",
+                format!("must be between 64KiB and 1GiB, found {}", super::units::format_size(n)),
+            );
         }
     }
     t.finish();

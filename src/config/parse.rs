@@ -21,15 +21,21 @@ pub mod defaults {
 
     pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
     pub const VIA: &str = "portcullis";
-    /// RFC 9110 section 9 methods, plus PATCH (RFC 5789).
-    pub const METHODS: &[&str] = &[
-        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-    ];
+    /// RFC 9110 section 9 methods, plus PATCH (RFC 5789), without TRACE:
+    /// a TRACE answer echoes the request, credentials included, and
+    /// origins rarely need it through a proxy.
+    pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "PATCH"];
+    /// Upgrade protocols passed through (RFC 6455 WebSocket).
+    pub const UPGRADE_PROTOCOLS: &[&str] = &["websocket"];
     pub const CONNECT: Duration = Duration::from_secs(5);
     pub const HEADER_READ: Duration = Duration::from_secs(15);
     pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
     pub const UPSTREAM_RESPONSE_HEADER: Duration = Duration::from_secs(60);
     pub const REQUEST: Duration = Duration::from_secs(15 * 60);
+    /// nginx's `send_timeout` is 60 s as well.
+    pub const SEND: Duration = Duration::from_secs(60);
+    /// WebSocket applications ping far more often than this.
+    pub const TUNNEL_IDLE: Duration = Duration::from_secs(10 * 60);
     pub const MAX_REQUEST_HEADER_BYTES: u64 = 32 << 10;
     pub const MAX_HEADER_COUNT: u64 = 100;
     pub const MAX_REQUEST_BODY_BYTES: u64 = 100 << 20;
@@ -49,6 +55,10 @@ pub mod defaults {
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
     pub const CHECK_HEALTHY_THRESHOLD: u64 = 2;
     pub const CHECK_UNHEALTHY_THRESHOLD: u64 = 3;
+    /// The client certificate's subject and fingerprint fields.
+    pub const CLIENT_CERT_SUBJECT_HEADER: &str = "x-client-cert-subject";
+    pub const CLIENT_CERT_FINGERPRINT_HEADER: &str = "x-client-cert-sha256";
+    pub const CLIENT_CERT_HEADERS: [&str; 2] = [CLIENT_CERT_SUBJECT_HEADER, CLIENT_CERT_FINGERPRINT_HEADER];
 }
 
 /// Walks the whole tree and returns the config or every error found.
@@ -104,6 +114,8 @@ fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
             .iter()
             .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
             .collect(),
+        encoded_slash: crate::target::EncodedSlash::Refuse,
+        upgrade_protocols: defaults::UPGRADE_PROTOCOLS.iter().map(|p| (*p).to_owned()).collect(),
     };
     let Some(t) = table else { return server };
     if let Some(list) = t.str_or_strs("allowed_methods") {
@@ -130,6 +142,31 @@ fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
     }
     if let Some(d) = t.duration("drain_timeout") {
         server.drain_timeout = d;
+    }
+    if let Some(choice) = t.choice(
+        "encoded_slash",
+        &[
+            ("refuse", crate::target::EncodedSlash::Refuse),
+            ("keep", crate::target::EncodedSlash::Keep),
+        ],
+    ) {
+        server.encoded_slash = choice;
+    }
+    if let Some(list) = t.str_or_strs("upgrade_protocols") {
+        let mut protocols = Vec::new();
+        for (path, text) in list {
+            // RFC 9110 section 7.8: a token, optionally with "/version".
+            let valid = !text.is_empty()
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+            if valid {
+                protocols.push(text.to_ascii_lowercase());
+            } else {
+                errors.push(path, format!("\"{}\" is not a protocol name", text.escape_debug()));
+            }
+        }
+        server.upgrade_protocols = protocols;
     }
     if let Some(list) = t.str_or_strs("trusted_proxies") {
         for (path, text) in list {
@@ -161,12 +198,13 @@ pub(super) fn parse_cidr(text: &str) -> Option<IpNet> {
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
-/// Reads an optional positive duration; zero is refused because a zero
-/// timeout would fail every request.
+/// Reads an optional timeout of at least a millisecond: zero would fail
+/// every request, and timers work in whole milliseconds (a shorter one
+/// would make the connection watchdog spin).
 fn positive_duration(t: &Table<'_>, key: &'static str, default: Duration) -> Duration {
     match t.duration(key) {
-        Some(d) if d.is_zero() => {
-            t.error(key, "must be greater than zero");
+        Some(d) if d < Duration::from_millis(1) => {
+            t.error(key, "must be at least 1ms");
             default
         }
         Some(d) => d,
@@ -181,6 +219,8 @@ fn read_timeouts(table: Option<Table<'_>>) -> Timeouts {
         keepalive_idle: defaults::KEEPALIVE_IDLE,
         upstream_response_header: defaults::UPSTREAM_RESPONSE_HEADER,
         request: defaults::REQUEST,
+        send: defaults::SEND,
+        tunnel_idle: defaults::TUNNEL_IDLE,
     };
     let Some(t) = table else { return timeouts };
     timeouts.connect = positive_duration(&t, "connect", timeouts.connect);
@@ -189,6 +229,8 @@ fn read_timeouts(table: Option<Table<'_>>) -> Timeouts {
     timeouts.upstream_response_header =
         positive_duration(&t, "upstream_response_header", timeouts.upstream_response_header);
     timeouts.request = positive_duration(&t, "request", timeouts.request);
+    timeouts.send = positive_duration(&t, "send", timeouts.send);
+    timeouts.tunnel_idle = positive_duration(&t, "tunnel_idle", timeouts.tunnel_idle);
     t.finish();
     timeouts
 }
@@ -400,8 +442,8 @@ fn read_tls(t: Table<'_>) -> TlsConfig {
             }),
             None => HeaderName::from_static(default),
         };
-        let subject_header = header("subject_header", "x-client-cert-subject");
-        let fingerprint_header = header("fingerprint_header", "x-client-cert-sha256");
+        let subject_header = header("subject_header", defaults::CLIENT_CERT_SUBJECT_HEADER);
+        let fingerprint_header = header("fingerprint_header", defaults::CLIENT_CERT_FINGERPRINT_HEADER);
         c.finish();
         Some(ClientAuth {
             required: required?,
@@ -956,6 +998,13 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
         };
         let preserve_host = t.bool("preserve_host").unwrap_or(true);
         let allow_connect = t.bool("allow_connect").unwrap_or(false);
+        let raw_path = t.bool("raw_path").unwrap_or(false);
+        if raw_path && rewrite_prefix.is_some() {
+            t.error(
+                "raw_path",
+                "cannot be combined with rewrite_prefix, which rewrites the normalised path",
+            );
+        }
         let request_headers = read_header_edits(t.table("request_headers"));
         let response_headers = read_header_edits(t.table("response_headers"));
         let log_sample = match t.uint("log_sample") {
@@ -999,6 +1048,7 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
                 rewrite_prefix,
                 preserve_host,
                 allow_connect,
+                raw_path,
                 request_headers,
                 response_headers,
                 log_sample,

@@ -119,6 +119,10 @@ pub struct ProtectConfig {
     /// HTTP/2 streams a client may cancel (RST_STREAM) per second on one
     /// connection before it is closed (Rapid Reset, CVE-2023-44487).
     pub h2_max_resets_per_second: u32,
+    /// The prefix length that makes one IPv6 client for the per-IP caps,
+    /// rates, limits, attack detection and bans: a host usually holds a
+    /// whole /64 and can rotate within it.
+    pub ipv6_prefix: u8,
 }
 
 /// `[protect.load_shedding]`: an adaptive concurrency limit per upstream
@@ -398,6 +402,7 @@ impl Default for ProtectConfig {
             bans: None,
             h2_max_concurrent_streams: 256,
             h2_max_resets_per_second: 100,
+            ipv6_prefix: 64,
         }
     }
 }
@@ -472,6 +477,13 @@ pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
             } else {
                 *slot = n as u32;
             }
+        }
+    }
+    if let Some(n) = t.uint("ipv6_prefix") {
+        if (16..=128).contains(&n) {
+            config.ipv6_prefix = n as u8;
+        } else {
+            t.error("ipv6_prefix", format!("must be between 16 and 128, found {n}"));
         }
     }
     config.load_shedding = read_load_shedding(t.table("load_shedding"));

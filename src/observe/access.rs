@@ -165,8 +165,13 @@ impl AccessLog {
         })
     }
 
+    /// Bytes of records waiting for the writer now.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.pending.lock().map_or(0, |p| p.bytes.len())
+    }
+
     /// Formats and queues one record; drops it (counted) if
-    /// `buffer_records` records are already waiting. Never waits for I/O:
+    /// `buffer_records` records or `buffer_bytes` bytes are already waiting. Never waits for I/O:
     /// the lock is held for one copy of the formatted bytes.
     pub fn write(&self, entry: &Entry<'_>) {
         SCRATCH.with(|scratch| {
@@ -176,7 +181,9 @@ impl AccessLog {
             let Ok(mut pending) = self.shared.pending.lock() else {
                 return;
             };
-            if pending.records >= self.config.buffer_records as u64 {
+            if pending.records >= self.config.buffer_records as u64
+                || pending.bytes.len() + line.len() > self.config.buffer_bytes
+            {
                 drop(pending);
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 return;

@@ -18,8 +18,13 @@
 //! without the key cannot forge either.
 //!
 //! Records are written by one thread, in order, flushed and synced one by
-//! one: audit events are rare and must never be lost, so there is no
-//! buffer to overflow (unlike the access log).
+//! one. When a write fails (a full disk), the partial line is cut off
+//! again (the file is truncated to its last whole record) and the record
+//! waits in memory, with those after it, to be written in order once the
+//! file takes writes again (tried every second), so an honest log always
+//! verifies. Only if the failure outlasts a backlog of 65,536 records are
+//! the oldest dropped, and then an `audit.records_lost` record, chained
+//! like the others, says how many.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -96,6 +101,12 @@ pub enum Event {
     /// An HMAC-SHA256 over `"<seq>:<prev>"` of this record.
     #[serde(rename = "checkpoint")]
     Checkpoint { mac: String },
+    /// The gap marker: records that could not be written (the disk stayed
+    /// full longer than the writer's backlog lasted) and were dropped. It
+    /// is chained like any record, so the chain stays whole and says what
+    /// is missing.
+    #[serde(rename = "audit.records_lost")]
+    RecordsLost { count: u64, reason: String },
 }
 
 /// The certificates one TLS listener serves (SHA-256 fingerprints).
@@ -159,14 +170,51 @@ impl std::fmt::Debug for Msg {
     }
 }
 
+/// Where the writer appends: the log file (or, in tests, a file that
+/// fails on demand).
+trait Sink: std::io::Write + Send {
+    fn sync(&mut self) -> std::io::Result<()>;
+    /// Cuts the file back to `len` bytes (after a partial write).
+    fn truncate(&mut self, len: u64) -> std::io::Result<()>;
+    fn len(&self) -> std::io::Result<u64>;
+}
+
+impl Sink for std::fs::File {
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.metadata().map(|m| m.len())
+    }
+}
+
+/// Records kept in memory while the file cannot be written; past this the
+/// oldest are dropped and a gap marker is written when writing works
+/// again.
+const MAX_BACKLOG: usize = 65_536;
+
 struct Writer {
     path: PathBuf,
-    file: std::fs::File,
+    file: Box<dyn Sink>,
+    /// The file's length after the last record written whole: a failed
+    /// write is cut back to it, so no partial line stays in the chain.
+    good_len: u64,
     seq: u64,
     prev: String,
     key: Option<hmac::Key>,
     checkpoint_every: u64,
     since_checkpoint: u64,
+    /// Records not written yet (the file failed), oldest first.
+    backlog: std::collections::VecDeque<Event>,
+    /// Records dropped from a full backlog since the last gap marker.
+    lost: u64,
+    /// [`MAX_BACKLOG`] (smaller in tests).
+    max_backlog: usize,
 }
 
 impl AuditLog {
@@ -176,27 +224,41 @@ impl AuditLog {
         let key = config.hmac_key_file.as_deref().map(read_key).transpose()?;
         let path = config.path.clone();
         let (file, seq, prev) = open_continuing(&path)?;
-        let mut writer = Writer {
-            path: path.clone(),
-            file,
+        let good_len = file
+            .len()
+            .map_err(|e| format!("{}: cannot read audit log: {e}", path.display()))?;
+        let mut writer = Writer::new(
+            path.clone(),
+            Box::new(file),
+            good_len,
             seq,
             prev,
             key,
-            checkpoint_every: config.checkpoint_every,
-            since_checkpoint: 0,
-        };
+            config.checkpoint_every,
+        );
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("audit-log".into())
             .spawn(move || {
-                for msg in rx {
-                    match msg {
-                        Msg::Record(event) => writer.append(&event),
-                        Msg::Reopen => writer.reopen(),
-                        Msg::Flush(done) => {
-                            let _ = done.send(());
+                loop {
+                    // With records waiting for a failed file, try again
+                    // every second even when nothing new comes.
+                    let msg = if writer.backlog.is_empty() {
+                        match rx.recv() {
+                            Ok(msg) => msg,
+                            Err(_) => return,
                         }
-                    }
+                    } else {
+                        match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                            Ok(msg) => msg,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                writer.drain();
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    };
+                    writer.handle(msg);
                 }
             })
             .map_err(|e| format!("cannot start the audit log writer: {e}"))?;
@@ -274,34 +336,115 @@ fn parse_tail(text: &str) -> Option<(u64, String)> {
 }
 
 impl Writer {
-    fn append(&mut self, event: &Event) {
-        self.write_record(event);
-        if let Some(key) = &self.key {
-            self.since_checkpoint += 1;
-            if self.since_checkpoint >= self.checkpoint_every {
-                let mac = mac_hex(key, &format!("{}:{}", self.seq + 1, self.prev));
-                self.write_record(&Event::Checkpoint { mac });
-                self.since_checkpoint = 0;
+    fn new(
+        path: PathBuf,
+        file: Box<dyn Sink>,
+        good_len: u64,
+        seq: u64,
+        prev: String,
+        key: Option<hmac::Key>,
+        checkpoint_every: u64,
+    ) -> Writer {
+        Writer {
+            path,
+            file,
+            good_len,
+            seq,
+            prev,
+            key,
+            checkpoint_every,
+            since_checkpoint: 0,
+            backlog: std::collections::VecDeque::new(),
+            lost: 0,
+            max_backlog: MAX_BACKLOG,
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Record(event) => self.append(event),
+            Msg::Reopen => self.reopen(),
+            Msg::Flush(done) => {
+                self.drain();
+                let _ = done.send(());
             }
         }
     }
 
-    fn write_record(&mut self, event: &Event) {
+    /// Queues a record behind any that are waiting, then writes what it
+    /// can, in order.
+    fn append(&mut self, event: Event) {
+        if self.backlog.len() >= self.max_backlog {
+            self.backlog.pop_front();
+            self.lost += 1;
+        }
+        self.backlog.push_back(event);
+        self.drain();
+    }
+
+    /// Writes waiting records until one fails (it stays first in line).
+    fn drain(&mut self) {
+        if self.lost > 0 {
+            let gap = Event::RecordsLost {
+                count: self.lost,
+                reason: "the audit log could not be written and its backlog was full".into(),
+            };
+            if !self.write_one(&gap) {
+                return;
+            }
+            tracing::error!(file = %self.path.display(), count = self.lost, "audit records were lost while the log could not be written; a gap marker records it");
+            self.lost = 0;
+        }
+        while let Some(event) = self.backlog.front().cloned() {
+            if !self.write_one(&event) {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    /// One record, then a checkpoint when one is due; false when the file
+    /// failed (nothing of the record stays in it).
+    fn write_one(&mut self, event: &Event) -> bool {
+        if !self.write_record(event) {
+            return false;
+        }
+        if let Some(key) = &self.key {
+            self.since_checkpoint += 1;
+            if self.since_checkpoint >= self.checkpoint_every {
+                let mac = mac_hex(key, &format!("{}:{}", self.seq + 1, self.prev));
+                // A checkpoint that fails is tried again with the next
+                // record (it is due still).
+                if self.write_record(&Event::Checkpoint { mac }) {
+                    self.since_checkpoint = 0;
+                }
+            }
+        }
+        true
+    }
+
+    /// Appends one record and syncs it. On failure (a full disk) the file
+    /// is cut back to its last whole record and the chain does not move,
+    /// so the record can be written again later with the same `seq`.
+    fn write_record(&mut self, event: &Event) -> bool {
         let seq = self.seq + 1;
         let time = super::clock::rfc3339_ms(SystemTime::now());
         let (mut line, hash) = encode(seq, &time, event, &self.prev);
         line.push('\n');
-        let result = self
-            .file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data());
+        let result = self.file.write_all(line.as_bytes()).and_then(|()| self.file.sync());
         if let Err(e) = result {
-            tracing::error!(file = %self.path.display(), error = %e, "cannot write the audit log; record lost");
-            return;
+            let cut = self.file.truncate(self.good_len);
+            if self.backlog.len() <= 1 {
+                // Said once per outage, not once per record.
+                tracing::error!(file = %self.path.display(), error = %e, truncated = cut.is_ok(), "cannot write the audit log; keeping records in memory until it can be written");
+            }
+            return false;
         }
+        self.good_len += line.len() as u64;
         self.seq = seq;
         self.prev = hash;
         self.write_head();
+        true
     }
 
     /// Replaces `<file>.head` atomically (write a temporary file, rename).
@@ -322,8 +465,17 @@ impl Writer {
     }
 
     fn reopen(&mut self) {
-        match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
-            Ok(file) => self.file = file,
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|file| Ok((Sink::len(&file)?, file)));
+        match opened {
+            Ok((len, file)) => {
+                self.file = Box::new(file);
+                self.good_len = len;
+                self.drain();
+            }
             Err(e) => {
                 tracing::error!(file = %self.path.display(), error = %e, "cannot reopen the audit log; still writing the old file")
             }
@@ -592,6 +744,121 @@ pub enum VerifyError {
 
 #[cfg(test)]
 mod tests {
+    /// A file on a disk that fills up: writes past `room` bytes write
+    /// what fits, then fail with "no space left".
+    struct FullDisk {
+        file: std::fs::File,
+        room: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl std::io::Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            use std::sync::atomic::Ordering;
+            let room = self.room.load(Ordering::SeqCst);
+            if room == 0 {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            let n = buf.len().min(room as usize);
+            let written = self.file.write(&buf[..n])?;
+            self.room.fetch_sub(written as u64, Ordering::SeqCst);
+            Ok(written)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink for FullDisk {
+        fn sync(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+
+        fn len(&self) -> std::io::Result<u64> {
+            Sink::len(&self.file)
+        }
+    }
+
+    fn full_disk_writer(path: &Path, room: &std::sync::Arc<std::sync::atomic::AtomicU64>) -> Writer {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open");
+        let sink = FullDisk {
+            file,
+            room: room.clone(),
+        };
+        Writer::new(path.to_owned(), Box::new(sink), 0, 0, ZERO_HASH.to_owned(), None, 100)
+    }
+
+    fn stop(i: u32) -> Event {
+        Event::ProcessStop {
+            pid: i,
+            reason: "test".into(),
+        }
+    }
+
+    /// Regression (issue 13): a failed write left a partial line and the
+    /// next record repeated its sequence number, so an honest log later
+    /// verified as tampered.
+    #[test]
+    fn the_audit_log_recovers_from_a_full_disk() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.jsonl");
+        let room = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let mut writer = full_disk_writer(&path, &room);
+        for i in 0..3 {
+            writer.append(stop(i));
+        }
+        // The disk fills in the middle of the next record.
+        room.store(40, Ordering::SeqCst);
+        writer.append(stop(3));
+        writer.append(stop(4));
+        assert_eq!(writer.backlog.len(), 2, "kept in memory, in order");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.ends_with('\n'), "no partial line stays in the file");
+        assert_eq!(text.lines().count(), 3);
+        // Room again: the waiting records go out first, then the new one.
+        room.store(u64::MAX, Ordering::SeqCst);
+        writer.append(stop(5));
+        assert!(writer.backlog.is_empty());
+        let intact = verify(std::slice::from_ref(&path), None, None).expect("the chain verifies");
+        assert_eq!((intact.records, intact.last_seq), (6, 6));
+        let pids: Vec<u64> = std::fs::read_to_string(&path)
+            .expect("read")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("pid")?.as_u64())
+            .collect();
+        assert_eq!(pids, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_backlog_that_overflows_leaves_a_gap_marker_not_a_broken_chain() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.jsonl");
+        let room = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut writer = full_disk_writer(&path, &room);
+        writer.max_backlog = 100;
+        for i in 0..110 {
+            writer.append(stop(i));
+        }
+        assert_eq!(writer.backlog.len(), 100);
+        room.store(u64::MAX, Ordering::SeqCst);
+        writer.drain();
+        let intact = verify(std::slice::from_ref(&path), None, None).expect("the chain verifies");
+        assert_eq!(intact.records, 101);
+        let first = std::fs::read_to_string(&path).expect("read");
+        let first: serde_json::Value = serde_json::from_str(first.lines().next().expect("a line")).expect("json");
+        assert_eq!(first["event"], "audit.records_lost");
+        assert_eq!(first["count"], 10);
+    }
     use super::*;
 
     fn write_chain(dir: &Path, n: u64, key: Option<&hmac::Key>) -> PathBuf {

@@ -62,16 +62,29 @@ pub struct Bans {
     /// Bans in force (possibly expired, until housekeeping): lets the
     /// common case, no bans at all, skip every lock.
     banned: AtomicUsize,
+    /// IPv6 prefix length of a banned unit.
+    v6_bits: u8,
 }
 
-/// The unit a ban applies to: an IPv4 address, an IPv6 /64 (one host
-/// usually holds a whole /64).
-fn ban_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(prefix.into())
+impl Bans {
+    /// The unit a ban applies to: an IPv4 address, an IPv6 network of
+    /// `protect.ipv6_prefix` bits (a /64 by default: one host usually
+    /// holds a whole /64).
+    fn ban_key(&self, ip: IpAddr) -> IpAddr {
+        super::network(ip, self.v6_bits)
+    }
+
+    /// Bans by IPv6 networks of `bits` instead of /64.
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Bans {
+        self.v6_bits = bits.clamp(1, 128);
+        self
+    }
+
+    /// The banned unit of `ip`, as logged.
+    pub fn shown(&self, ip: IpAddr) -> String {
+        match self.ban_key(ip) {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("{v6}/{}", self.v6_bits),
         }
     }
 }
@@ -84,6 +97,7 @@ impl Bans {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             tracked: AtomicUsize::new(0),
             banned: AtomicUsize::new(0),
+            v6_bits: 64,
         }
     }
 
@@ -114,7 +128,7 @@ impl Bans {
         if self.exempt(ip) {
             return false;
         }
-        let key = ban_key(ip);
+        let key = self.ban_key(ip);
         let Ok(shard) = self.shard(key).lock() else {
             return false;
         };
@@ -127,7 +141,7 @@ impl Bans {
         if self.exempt(ip) {
             return Strike::Ignored;
         }
-        let key = ban_key(ip);
+        let key = self.ban_key(ip);
         let window = self.config.window.as_millis() as u64;
         let Ok(mut shard) = self.shard(key).lock() else {
             return Strike::Ignored;
@@ -185,7 +199,7 @@ impl Bans {
 
     /// Bans `ip` until `until` (admin API).
     pub fn ban(&self, ip: IpAddr, until: u64) {
-        let key = ban_key(ip);
+        let key = self.ban_key(ip);
         if let Ok(mut shard) = self.shard(key).lock() {
             match shard.insert(key, Entry::Banned { until }) {
                 None => {
@@ -202,7 +216,7 @@ impl Bans {
 
     /// Lifts the ban on `ip`; true if there was one (admin API).
     pub fn unban(&self, ip: IpAddr) -> bool {
-        let key = ban_key(ip);
+        let key = self.ban_key(ip);
         let Ok(mut shard) = self.shard(key).lock() else {
             return false;
         };
@@ -287,14 +301,6 @@ impl Bans {
     }
 }
 
-/// The banned unit of `ip`, as logged.
-pub fn shown(ip: IpAddr) -> String {
-    match ban_key(ip) {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("{v6}/64"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -364,7 +370,7 @@ mod tests {
         assert_eq!(b.strike(ip("2001:db8:1:2::ffff"), 0), Strike::Banned);
         assert!(b.is_banned(ip("2001:db8:1:2:abcd::9"), 1));
         assert!(!b.is_banned(ip("2001:db8:1:3::1"), 1));
-        assert_eq!(shown(ip("2001:db8:1:2::1")), "2001:db8:1:2::/64");
+        assert_eq!(b.shown(ip("2001:db8:1:2::1")), "2001:db8:1:2::/64");
         let mapped = ip("::ffff:192.0.2.7");
         b.strike(mapped, 0);
         b.strike(ip("192.0.2.7"), 0);

@@ -103,6 +103,8 @@ pub struct ConnTable {
     clock: Instant,
     /// Sampling state (xorshift), under the registry lock.
     seed: AtomicU64,
+    /// IPv6 clients are counted by this prefix (`protect.ipv6_prefix`).
+    v6_bits: u8,
 }
 
 impl std::fmt::Debug for ConnTable {
@@ -124,6 +126,7 @@ impl ConnTable {
             registry: Mutex::new(Vec::new()),
             clock: Instant::now(),
             seed: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+            v6_bits: config.ipv6_prefix,
         })
     }
 
@@ -198,6 +201,8 @@ impl ConnTable {
         if !self.filter.permits(ip) {
             return Err(Refusal::IpDenied);
         }
+        // Counted per client network from here on (an IPv6 /64 by default).
+        let ip = super::network(ip, self.v6_bits);
         if let Some(limiter) = &self.new_connections {
             let key = match ip {
                 IpAddr::V4(v4) => key_hash(&[&v4.octets()]),

@@ -94,8 +94,9 @@ pub fn check_request(
         return Err(ProxyError::Forbidden);
     }
     let mut challenge = route.challenge == ChallengeWhen::Always;
+    let client_net = network(client, config.protect.ipv6_prefix);
     if let Some(adaptive) = adaptive {
-        let client_key = adaptive::client_hash(client);
+        let client_key = adaptive::client_hash(client_net);
         adaptive.observe(Sample {
             client: client_key,
             signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
@@ -126,7 +127,7 @@ pub fn check_request(
         }
     }
     if let Some(limit) = limiter {
-        if let Err(wait) = limit.limiter.check(limit.key(client, req.headers())) {
+        if let Err(wait) = limit.limiter.check(limit.key(client, client_net, req.headers())) {
             *protection = Some("rate_limited");
             // Only a limit of the address itself is the address's doing;
             // a shared prefix, API key or cookie could strike neighbours.
@@ -183,10 +184,12 @@ pub fn check_load(
     // Without a way to tell clients apart, everyone may use the whole limit.
     let can_tell = snapshot.adaptive.is_some() || route.challenge != ChallengeWhen::Never;
     let trusted = !can_tell
-        || snapshot
-            .adaptive
-            .as_ref()
-            .is_some_and(|a| a.is_returning(adaptive::client_hash(client)))
+        || snapshot.adaptive.as_ref().is_some_and(|a| {
+            a.is_returning(adaptive::client_hash(network(
+                client,
+                snapshot.config.protect.ipv6_prefix,
+            )))
+        })
         || has_valid_cookie(headers, snapshot, client);
     if trusted {
         if let Some(waiting) = shedder.try_wait(true) {
@@ -203,6 +206,12 @@ pub fn check_load(
         *protection = Some("shadow_shed");
     }
     Ok(Some(shedder.wait()))
+}
+
+/// The unit protection counts a client by: an IPv4 address, or the IPv6
+/// network of `v6_bits` (`protect.ipv6_prefix`, /64 by default) holding it.
+pub fn network(ip: std::net::IpAddr, v6_bits: u8) -> std::net::IpAddr {
+    rate::prefix(ip, 32, v6_bits)
 }
 
 /// The client as protection sees it: the peer, or the address a trusted
@@ -240,12 +249,12 @@ fn strike(snapshot: &Snapshot, client: std::net::IpAddr, now_ms: u64) {
             bans.config.strikes,
             bans.config.window.as_secs()
         );
-        tracing::warn!(client = %bans::shown(client), %mode, seconds, %reason, "client banned");
+        tracing::warn!(client = %bans.shown(client), %mode, seconds, %reason, "client banned");
         if let Some(m) = &snapshot.observe.metrics {
             m.bans_total.inc();
         }
         snapshot.observe.audit(crate::observe::Event::Ban {
-            client: bans::shown(client),
+            client: bans.shown(client),
             mode: mode.into(),
             reason,
             seconds,
@@ -257,7 +266,14 @@ fn strike(snapshot: &Snapshot, client: std::net::IpAddr, now_ms: u64) {
 /// on the next request, that the client keeps cookies (browsers do, most
 /// flood tools do not). 307 keeps the method and body.
 fn challenge_response(req: &Request<Incoming>, name: &str, value: &str, lifetime: u64) -> Response<ProxyBody> {
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    // The path is normalised (no `//`), but a `Location` starting with
+    // `//` would name another host: never send one.
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .filter(|t| t.starts_with('/') && !t.starts_with("//"))
+        .unwrap_or("/");
     let mut response = Response::new(ProxyBody::empty());
     *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
     let headers = response.headers_mut();

@@ -118,24 +118,25 @@ impl RouteLimiter {
         &self.key
     }
 
-    /// The key of a request. A request without the configured header or
-    /// cookie is counted by its client IP, so leaving it out is no way
-    /// around the limit.
-    pub fn key(&self, client: IpAddr, headers: &HeaderMap) -> u64 {
+    /// The key of a request. `client_net` is the client's network as
+    /// protection counts it (`super::network`: an IPv6 client by its
+    /// /64). A request without the configured header or cookie is counted
+    /// by its client network, so leaving it out is no way around the limit.
+    pub fn key(&self, client: IpAddr, client_net: IpAddr, headers: &HeaderMap) -> u64 {
         let by_ip = |ip: IpAddr| match ip.to_canonical() {
             IpAddr::V4(v4) => key_hash(&[b"ip", &v4.octets()]),
             IpAddr::V6(v6) => key_hash(&[b"ip", &v6.octets()]),
         };
         match &self.key {
-            RateKey::ClientIp => by_ip(client),
+            RateKey::ClientIp => by_ip(client_net),
             RateKey::IpPrefix { v4, v6 } => by_ip(prefix(client, *v4, *v6)),
             RateKey::Header(name) => match headers.get(name) {
                 Some(v) => key_hash(&[b"header", v.as_bytes()]),
-                None => by_ip(client),
+                None => by_ip(client_net),
             },
             RateKey::Cookie(name) => match crate::upstream::balance::cookie(headers, name) {
                 Some(v) => key_hash(&[b"cookie", v.as_bytes()]),
-                None => by_ip(client),
+                None => by_ip(client_net),
             },
         }
     }
@@ -217,12 +218,12 @@ mod tests {
         let mut with_key = HeaderMap::new();
         with_key.insert("x-api-key", http::HeaderValue::from_static("k1"));
         let none = HeaderMap::new();
-        assert_ne!(limit.key(ip, &with_key), limit.key(ip, &none));
-        assert_eq!(limit.key(ip, &none), limit.key(ip, &HeaderMap::new()));
+        assert_ne!(limit.key(ip, ip, &with_key), limit.key(ip, ip, &none));
+        assert_eq!(limit.key(ip, ip, &none), limit.key(ip, ip, &HeaderMap::new()));
         let other_ip = "192.0.2.2".parse().expect("ip");
         assert_eq!(
-            limit.key(ip, &with_key),
-            limit.key(other_ip, &with_key),
+            limit.key(ip, ip, &with_key),
+            limit.key(other_ip, other_ip, &with_key),
             "the key, not the IP"
         );
     }

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::ListenerRuntime;
-use crate::config::ListenerProtocol;
+use crate::config::{ListenerProtocol, Timeouts};
 use crate::state::SharedSnapshot;
 
 const NONE: u64 = u64::MAX;
@@ -71,11 +71,24 @@ pub struct ConnState {
     abort: tokio::sync::Notify,
     /// What the connection table's eviction sees, when it is on.
     activity: Option<Arc<crate::protect::connections::Activity>>,
+    /// HTTP/1.x: milliseconds since `start` when the request in flight
+    /// passes `timeouts.request`, or `NONE`. The connection is closed
+    /// then, whether or not the client reads (HTTP/2 streams are bounded
+    /// on the upstream side instead, see `upstream::pool`).
+    request_deadline: AtomicU64,
+    /// `timeouts.request` in milliseconds.
+    request_ms: u64,
+    /// Milliseconds since `start` since which a write to the client has
+    /// been waiting (the client is not reading), or `NONE`.
+    write_stalled: AtomicU64,
 }
 
 impl ConnState {
-    fn new(activity: Option<Arc<crate::protect::connections::Activity>>) -> Arc<Self> {
+    fn new(activity: Option<Arc<crate::protect::connections::Activity>>, request_ms: u64) -> Arc<Self> {
         Arc::new(ConnState {
+            request_deadline: AtomicU64::new(NONE),
+            request_ms,
+            write_stalled: AtomicU64::new(NONE),
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
@@ -131,16 +144,46 @@ impl ConnState {
         }
     }
 
-    /// Waits until a timer of the connection expires.
-    async fn expired(&self, header_read: Duration, idle: Duration) -> Expiry {
-        let header_ms = header_read.as_millis() as u64;
-        let idle_ms = idle.as_millis() as u64;
-        // Never sleep longer than this: see the module doc.
-        let period_ms = header_ms.min(idle_ms);
+    /// A write to the client is waiting for it to read.
+    fn on_write_pending(&self) {
+        if self.write_stalled.load(Ordering::Relaxed) == NONE {
+            self.write_stalled.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A write to the client made progress.
+    fn on_write_progress(&self) {
+        if self.write_stalled.load(Ordering::Relaxed) != NONE {
+            self.write_stalled.store(NONE, Ordering::Relaxed);
+        }
+    }
+
+    /// When the stalled write (if any) passes the send timeout.
+    fn send_deadline(&self, send_ms: u64) -> Option<(u64, Expiry)> {
+        let stalled = self.write_stalled.load(Ordering::Relaxed);
+        (stalled != NONE).then(|| (stalled + send_ms, Expiry::SendTimeout))
+    }
+
+    /// Waits until a timer of the connection expires: the header read
+    /// and idle timers when nothing is in flight; the request deadline
+    /// (HTTP/1.x) and the send timeout while something is.
+    async fn expired(&self, timeouts: &Timeouts) -> Expiry {
+        let header_ms = timeouts.header_read.as_millis() as u64;
+        let idle_ms = timeouts.keepalive_idle.as_millis() as u64;
+        let send_ms = timeouts.send.as_millis() as u64;
+        // Never sleep longer than this: see the module doc. (At least a
+        // millisecond: the config refuses shorter timeouts, and a zero
+        // period would spin.)
+        let period_ms = header_ms.min(idle_ms).min(send_ms).min(self.request_ms).max(1);
         loop {
             let now = self.now_ms();
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
-                None
+                let request = self.request_deadline.load(Ordering::Relaxed);
+                let request = (request != NONE).then_some((request, Expiry::RequestTimeout));
+                match (request, self.send_deadline(send_ms)) {
+                    (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                    (a, b) => a.or(b),
+                }
             } else {
                 let head = self.head_started.load(Ordering::Relaxed);
                 if head != NONE && !self.is_h2.load(Ordering::Relaxed) {
@@ -153,6 +196,22 @@ impl ConnState {
                 Some((at, kind)) if now >= at => return kind,
                 Some((at, _)) => at.min(now + period_ms),
                 None => now + period_ms,
+            };
+            tokio::time::sleep_until(self.start + Duration::from_millis(wake_at)).await;
+        }
+    }
+
+    /// Waits until a write has made no progress for `send`: while a
+    /// connection drains (its other timers no longer apply), a client that
+    /// stopped reading must not keep it until the drain deadline.
+    async fn stalled(&self, send: Duration) {
+        let send_ms = (send.as_millis() as u64).max(1);
+        loop {
+            let now = self.now_ms();
+            let wake_at = match self.send_deadline(send_ms) {
+                Some((at, _)) if now >= at => return,
+                Some((at, _)) => at.min(now + send_ms),
+                None => now + send_ms,
             };
             tokio::time::sleep_until(self.start + Duration::from_millis(wake_at)).await;
         }
@@ -170,6 +229,10 @@ enum Control {
     ResetFlood,
     /// The connection table needs the room (the connection was quiet).
     Evicted,
+    /// The HTTP/1.x request in flight passed `timeouts.request`.
+    RequestTimeout,
+    /// A write to the client made no progress for `timeouts.send`.
+    SendTimeout,
 }
 
 /// Lives in an HTTP/2 request's service future: dropped before it is
@@ -253,11 +316,16 @@ impl<F: Future> Future for Gated<F> {
 enum Expiry {
     Idle,
     HeaderTimeout,
+    RequestTimeout,
+    SendTimeout,
 }
 
 /// Marks one request in flight until dropped (it lives in the response body).
 pub struct InFlight {
     state: Arc<ConnState>,
+    /// When the request arrived (ms since the connection's start).
+    started_ms: u64,
+    h2: bool,
 }
 
 impl InFlight {
@@ -272,13 +340,29 @@ impl InFlight {
                 a.busy();
             }
         }
-        InFlight { state: state.clone() }
+        InFlight {
+            state: state.clone(),
+            started_ms: state.now_ms(),
+            h2,
+        }
+    }
+
+    /// The response head is ready: from now on (HTTP/1.x) the connection
+    /// is closed at the request's deadline if the exchange is still going
+    /// on, read by the client or not. Before the head, the pipeline's own
+    /// timeouts answer (504); this one must not race them.
+    fn arm_deadline(&self) {
+        if !self.h2 {
+            let deadline = self.started_ms.saturating_add(self.state.request_ms);
+            self.state.request_deadline.store(deadline, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.request_deadline.store(NONE, Ordering::Relaxed);
             self.state.idle_since.store(self.state.now_ms(), Ordering::Relaxed);
             self.state.awaiting_head.store(true, Ordering::Relaxed);
             if let Some(a) = &self.state.activity {
@@ -315,9 +399,21 @@ impl<S: AsyncRead> AsyncRead for WatchedIo<S> {
     }
 }
 
+/// Stamps a write that waits (the client is not reading) and clears the
+/// stamp when a write makes progress, for the send timeout.
+fn watch_write(state: &ConnState, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    match &result {
+        Poll::Pending => state.on_write_pending(),
+        Poll::Ready(Ok(n)) if *n > 0 => state.on_write_progress(),
+        Poll::Ready(_) => {}
+    }
+    result
+}
+
 impl<S: AsyncWrite> AsyncWrite for WatchedIo<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.project().stream.poll_write(cx, buf)
+        let this = self.project();
+        watch_write(this.state, this.stream.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -325,11 +421,96 @@ impl<S: AsyncWrite> AsyncWrite for WatchedIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().stream.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        watch_write(this.state, this.stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().stream.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().stream.poll_shutdown(cx)
+    }
+}
+
+/// When a tunnel last carried a byte (milliseconds since `start`).
+pub struct Traffic {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Traffic {
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        if self.last.load(Ordering::Relaxed) != now {
+            self.last.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once no byte has passed for `idle`; wakes at most once per
+    /// `idle` while bytes flow.
+    pub async fn idle_for(&self, idle: Duration) {
+        let idle_ms = (idle.as_millis() as u64).max(1);
+        loop {
+            let due = self.last.load(Ordering::Relaxed) + idle_ms;
+            if self.start.elapsed().as_millis() as u64 >= due {
+                return;
+            }
+            tokio::time::sleep_until(self.start + Duration::from_millis(due)).await;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that notes in a [`Traffic`] every read and write that
+    /// moved bytes.
+    pub struct Counted<S> {
+        #[pin]
+        stream: S,
+        traffic: Arc<Traffic>,
+    }
+}
+
+impl<S> Counted<S> {
+    pub fn new(stream: S, traffic: Arc<Traffic>) -> Self {
+        Counted { stream, traffic }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Counted<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.stream.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.traffic.touch();
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Counted<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let result = this.stream.poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.traffic.touch();
+        }
+        result
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -369,6 +550,19 @@ pub struct ConnInfo {
     /// Asks the connection to close after what is in flight (a banned
     /// client: `Connection: close` does not exist in HTTP/2, GOAWAY does).
     pub close: tokio::sync::Notify,
+    /// The connection's place in the connection table and its count in
+    /// the open-connections gauge: given back when the last holder of this
+    /// `ConnInfo` goes, which for an upgraded connection is its tunnel.
+    pub(crate) _hold: ConnHold,
+    /// `timeouts.tunnel_idle` when the connection was accepted.
+    pub tunnel_idle: Duration,
+}
+
+/// What an open connection holds until it (or its tunnel) closes.
+#[derive(Default)]
+pub(crate) struct ConnHold {
+    pub _slot: Option<crate::protect::ConnSlot>,
+    pub _open: Option<super::OpenGuard>,
 }
 
 /// Serves one accepted connection until it closes, drains or is cut.
@@ -382,11 +576,11 @@ pub(super) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let state = ConnState::new(info.activity.clone());
     let (timeouts, max_resets) = {
         let current = snapshot.load();
         (current.config.timeouts, current.config.protect.h2_max_resets_per_second)
     };
+    let state = ConnState::new(info.activity.clone(), timeouts.request.as_millis() as u64);
     let io = TokioIo::new(WatchedIo {
         stream,
         state: state.clone(),
@@ -421,6 +615,7 @@ pub(super) async fn serve<S>(
                     .headers_mut()
                     .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             }
+            guard.arm_deadline();
             response.body_mut().set_in_flight(guard);
             Ok::<_, std::convert::Infallible>(response)
         }
@@ -435,15 +630,27 @@ pub(super) async fn serve<S>(
             _ = state.abort.notified() => Control::ResetFlood,
             _ = state.evicted() => Control::Evicted,
             _ = info.hard_stop.cancelled() => Control::Cut,
-            expiry = state.expired(timeouts.header_read, timeouts.keepalive_idle) => match expiry {
+            expiry = state.expired(&timeouts) => match expiry {
                 Expiry::Idle => Control::Drain,
                 Expiry::HeaderTimeout => Control::HeaderTimeout,
+                Expiry::RequestTimeout => Control::RequestTimeout,
+                Expiry::SendTimeout => Control::SendTimeout,
             },
         }
     });
     tokio::pin!(control);
-    // After a drain starts, only the drain deadline still matters.
-    let cut = Gated::new(info.hard_stop.cancelled());
+    // After a drain starts, only the drain deadline and a client that
+    // stopped reading still matter.
+    let cut = Gated::new(async {
+        tokio::select! {
+            _ = info.hard_stop.cancelled() => {}
+            _ = state.stalled(timeouts.send) => {
+                if let Some(m) = &listener.metrics {
+                    m.rejected("send_timeout");
+                }
+            }
+        }
+    });
     tokio::pin!(cut);
 
     // The same drive loop for each connection type hyper offers.
@@ -491,6 +698,20 @@ pub(super) async fn serve<S>(
                             tracing::debug!(peer = %info.peer, "request header read timed out; closing");
                             if let Some(m) = &listener.metrics {
                                 m.rejected("header_timeout");
+                            }
+                            return;
+                        }
+                        Control::RequestTimeout => {
+                            tracing::debug!(peer = %info.peer, "request passed timeouts.request; closing");
+                            if let Some(m) = &listener.metrics {
+                                m.rejected("request_timeout");
+                            }
+                            return;
+                        }
+                        Control::SendTimeout => {
+                            tracing::debug!(peer = %info.peer, "client stopped reading (timeouts.send); closing");
+                            if let Some(m) = &listener.metrics {
+                                m.rejected("send_timeout");
                             }
                             return;
                         }

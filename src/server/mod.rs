@@ -324,7 +324,15 @@ impl Proxy {
             }
             _ => None,
         };
-        let connections = ConnTable::new(&config.protect);
+        let connections = if config.protect.max_connections.is_some() {
+            ConnTable::new(&config.protect)
+        } else {
+            let (max, limit) = default_max_connections();
+            tracing::info!(max_connections = max, open_file_limit = ?limit, "protect.max_connections not set; derived from the open file limit");
+            let mut protect = config.protect.clone();
+            protect.max_connections = Some(max);
+            ConnTable::new(&protect)
+        };
         let summary = config_summary(&config, &stores, "start");
         let snapshot = Snapshot::build(config, &observe).await?;
         observe.audit(Event::ProcessStart {
@@ -727,6 +735,11 @@ impl Accepted {
             tls: None,
             activity: slot.activity(),
             close: tokio::sync::Notify::new(),
+            _hold: conn::ConnHold {
+                _slot: Some(slot),
+                _open: open_guard,
+            },
+            tunnel_idle: self.snapshot.load().config.timeouts.tunnel_idle,
         };
         let Accepted {
             runtime,
@@ -745,17 +758,13 @@ impl Accepted {
                     snapshot,
                     stop,
                 );
-                tasks.spawn(async move {
-                    serve.await;
-                    drop((open_guard, slot));
-                });
+                tasks.spawn(serve);
             }
             Some((acceptor, handshake_timeout)) => {
                 let acceptor = acceptor.clone();
                 let handshake_timeout = *handshake_timeout;
                 let mut info = info;
                 tasks.spawn(async move {
-                    let _open = (open_guard, slot);
                     let evicted = async {
                         match &info.activity {
                             Some(a) => a.evicted().await,
@@ -815,8 +824,28 @@ impl Accepted {
     }
 }
 
+/// `protect.max_connections` when the config does not set it: half the
+/// process's open-file limit (each client connection may need an upstream
+/// connection too) less 64 for listeners, logs and health checks, as
+/// HAProxy derives its `maxconn`; 10,000 when the limit cannot be read.
+/// Past it, accept would fail anyway, and with a cap the table can evict
+/// quiet connections instead.
+fn default_max_connections() -> (usize, Option<u64>) {
+    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|text| {
+        text.lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|soft| soft.parse::<u64>().ok())
+    });
+    let max = match limit {
+        Some(n) => (n.saturating_sub(64) / 2).clamp(64, 10_000_000) as usize,
+        None => 10_000,
+    };
+    (max, limit)
+}
+
 /// Counts a connection open until dropped.
-struct OpenGuard(prometheus_client::metrics::gauge::Gauge);
+pub(crate) struct OpenGuard(prometheus_client::metrics::gauge::Gauge);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {

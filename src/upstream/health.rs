@@ -14,10 +14,17 @@ pub fn now_ms() -> u64 {
     EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
 }
 
+/// The statuses that count as a server failing for passive health: the
+/// gateway errors (502, 503, 504), which say the server or what is behind
+/// it is not working. Not 500, which a request can provoke.
+pub fn is_gateway_failure(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
+
 /// Outlier detection settings (`[upstreams.NAME.outlier]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutlierSettings {
-    /// Consecutive connect failures or 5xx answers that eject a server; 0
+    /// Consecutive connect failures or gateway errors (502, 503, 504) that eject a server; 0
     /// turns passive health off.
     pub consecutive_failures: u32,
     pub base_ejection: Duration,

@@ -270,14 +270,19 @@ impl Upstream {
     }
 
     /// Feeds the outcome of one try back: latency of a response head, and
-    /// passive health (a connect failure or a 5xx counts against the server).
+    /// passive health (a connect failure, a reset, a timeout or a gateway
+    /// error counts against the server). A `500` does not: it is the
+    /// application's answer to a request, and a client that can make the
+    /// application fail must not be able to take healthy servers out of
+    /// rotation. A failure of the proxy's own (out of file descriptors)
+    /// is no one's but the proxy's, and is not recorded at all.
     pub fn record(&self, server: usize, outcome: Outcome) {
         let Some(s) = self.servers.get(server) else { return };
         let now = now_ms();
         match outcome {
             Outcome::Response { status, latency } => {
                 s.health.observe_latency(latency.as_secs_f64() * 1e6, now);
-                if matches!(status, 500 | 502 | 503 | 504) {
+                if health::is_gateway_failure(status) {
                     self.failure(server, now);
                 } else {
                     s.health.record_success();

@@ -6,12 +6,19 @@
 //! has been read to its end; a connection whose response was abandoned is
 //! closed instead, since its state is unknown. The idle list is bounded
 //! (`pool_size`) and entries older than `idle_timeout` are discarded.
+//! The task driving an HTTP/1.1 connection closes it at the deadline of
+//! the request it carries ([`Watched`]), whether or not the response body
+//! is read; a connection whose request went out without its declared body
+//! is never reused.
 //!
 //! Invariant: no lock here is held across an `.await`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -122,6 +129,7 @@ pub struct ServerPool {
 
 struct Idle {
     sender: http1::SendRequest<RequestBody>,
+    watch: Arc<ConnWatch>,
     since: Instant,
 }
 
@@ -129,26 +137,137 @@ struct Idle {
 pub struct Lease {
     pool: Arc<ServerPool>,
     sender: http1::SendRequest<RequestBody>,
+    watch: Arc<ConnWatch>,
+    /// False when the request was sent without the body its head
+    /// declared: the server may read the next request as that body, so
+    /// the connection is never reused.
+    reusable: bool,
 }
 
 impl Lease {
     /// Gives the connection back once it can take another request.
     pub fn release(mut self) {
-        if self.sender.is_closed() {
+        if !self.reusable || self.sender.is_closed() {
             return;
         }
         if self.sender.is_ready() {
-            self.pool.put(self.sender);
+            self.pool.put(self.sender, self.watch);
             return;
         }
         // The connection is finishing the exchange (the request body may
-        // still be draining): wait for it off the request path.
+        // still be draining): wait for it off the request path; the
+        // request's deadline still applies.
         tokio::spawn(async move {
             if self.sender.ready().await.is_ok() {
-                self.pool.put(self.sender);
+                self.pool.put(self.sender, self.watch);
             }
         });
     }
+}
+
+const NO_DEADLINE: u64 = u64::MAX;
+
+/// The deadline of the request an HTTP/1.1 connection carries, read by the
+/// task that drives the connection ([`Watched`]): past it the connection
+/// is closed whether or not anyone polls the response body, so a client
+/// that stops reading cannot hold an upstream connection beyond the
+/// request timeout.
+struct ConnWatch {
+    base: Instant,
+    /// Milliseconds after `base`, or `NO_DEADLINE` while idle.
+    deadline_ms: AtomicU64,
+}
+
+impl ConnWatch {
+    fn new() -> Arc<ConnWatch> {
+        Arc::new(ConnWatch {
+            base: Instant::now(),
+            deadline_ms: AtomicU64::new(NO_DEADLINE),
+        })
+    }
+
+    fn set(&self, deadline: Option<Instant>) {
+        // Rounded up: the connection is never cut before the deadline the
+        // pipeline's own timeouts use (they must win the race).
+        let ms = deadline.map_or(NO_DEADLINE, |d| {
+            (d.saturating_duration_since(self.base).as_millis() + 1).min(u128::from(NO_DEADLINE - 1)) as u64
+        });
+        self.deadline_ms.store(ms, Ordering::Release);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Drives an upstream connection until it ends, or until the deadline
+    /// of the request it carries passes. The timer is armed when a
+    /// request sets a deadline and left armed when later ones set later
+    /// deadlines (it is moved forward only when it fires), so a busy
+    /// connection costs one timer per request timeout, not one per request.
+    struct Watched<F> {
+        #[pin]
+        conn: F,
+        watch: Arc<ConnWatch>,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        armed_ms: u64,
+    }
+}
+
+/// How a watched connection ended.
+enum Ended {
+    Closed(Result<(), hyper::Error>),
+    /// The request deadline passed: the connection is dropped (closed).
+    Deadline,
+}
+
+impl<F: Future<Output = Result<(), hyper::Error>>> Future for Watched<F> {
+    type Output = Ended;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Ended> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.conn.poll(cx) {
+            return Poll::Ready(Ended::Closed(result));
+        }
+        loop {
+            let deadline = this.watch.deadline_ms.load(Ordering::Acquire);
+            if deadline == NO_DEADLINE {
+                return Poll::Pending;
+            }
+            if this.sleep.is_none() || deadline < *this.armed_ms {
+                let at = this.watch.base + Duration::from_millis(deadline);
+                match this.sleep {
+                    Some(sleep) => sleep.as_mut().reset(at),
+                    None => *this.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+                *this.armed_ms = deadline;
+            }
+            let Some(sleep) = this.sleep.as_mut() else {
+                return Poll::Pending;
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The timer fired: at the deadline it was armed for, or at an
+            // earlier one while a later request set a later deadline.
+            let now = this.watch.deadline_ms.load(Ordering::Acquire);
+            if now == NO_DEADLINE {
+                *this.sleep = None;
+                return Poll::Pending;
+            }
+            if now <= *this.armed_ms {
+                return Poll::Ready(Ended::Deadline);
+            }
+            let at = this.watch.base + Duration::from_millis(now);
+            sleep.as_mut().reset(at);
+            *this.armed_ms = now;
+        }
+    }
+}
+
+/// The length a request head declares, if any.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 impl ServerPool {
@@ -163,23 +282,25 @@ impl ServerPool {
         }
     }
 
-    fn put(&self, sender: http1::SendRequest<RequestBody>) {
+    fn put(&self, sender: http1::SendRequest<RequestBody>, watch: Arc<ConnWatch>) {
+        watch.set(None);
         let Ok(mut idle) = self.idle.lock() else { return };
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {
                 sender,
+                watch,
                 since: Instant::now(),
             });
         }
     }
 
     /// Takes the most recently used live idle connection, if any.
-    fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn take_idle(&self) -> Option<(http1::SendRequest<RequestBody>, Arc<ConnWatch>)> {
         let mut idle = self.idle.lock().ok()?;
         let now = Instant::now();
         while let Some(entry) = idle.pop() {
             if entry.sender.is_ready() && now.duration_since(entry.since) < self.settings.idle_timeout {
-                return Some(entry.sender);
+                return Some((entry.sender, entry.watch));
             }
         }
         None
@@ -199,13 +320,17 @@ impl ServerPool {
 
     /// Sends `req` to this server, reusing a pooled connection when one is
     /// idle. Returns the response and, for HTTP/1.1, the lease to release.
+    /// An HTTP/1.1 connection is closed at `deadline` if the exchange is
+    /// still going on then (HTTP/2 connections are shared: their streams
+    /// are bounded by flow control instead).
     pub async fn send(
         self: &Arc<Self>,
         req: Request<RequestBody>,
         addrs: &[SocketAddr],
+        deadline: Option<Instant>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
         match self.settings.protocol {
-            UpstreamProtocol::Http1 => self.send_h1(req, addrs).await,
+            UpstreamProtocol::Http1 => self.send_h1(req, addrs, deadline).await,
             UpstreamProtocol::H2 => self.send_h2(req, addrs).await.map(|r| (r, None)),
         }
     }
@@ -214,10 +339,14 @@ impl ServerPool {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         addrs: &[SocketAddr],
+        deadline: Option<Instant>,
     ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        let reusable =
+            !(http_body::Body::is_end_stream(req.body()) && declared_length(req.headers()).is_some_and(|n| n > 0));
         // A pooled connection may have been closed by the server a moment
         // ago; if the request was not written, try once more on a new one.
-        if let Some(mut sender) = self.take_idle() {
+        if let Some((mut sender, watch)) = self.take_idle() {
+            watch.set(deadline);
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     return Ok((
@@ -225,6 +354,8 @@ impl ServerPool {
                         Some(Lease {
                             pool: self.clone(),
                             sender,
+                            watch,
+                            reusable,
                         }),
                     ));
                 }
@@ -246,9 +377,19 @@ impl ServerPool {
             Ok(pair) => pair,
             Err(_) => return Err(SendError::Connect(ProxyError::UpstreamProtocol, Box::new(req))),
         };
+        let watch = ConnWatch::new();
+        watch.set(deadline);
+        let watched = Watched {
+            conn: conn.with_upgrades(),
+            watch: watch.clone(),
+            sleep: None,
+            armed_ms: NO_DEADLINE,
+        };
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection closed with an error");
+            match watched.await {
+                Ended::Closed(Ok(())) => {}
+                Ended::Closed(Err(e)) => tracing::debug!(error = %e, "upstream connection closed with an error"),
+                Ended::Deadline => tracing::debug!("upstream connection closed at the request deadline"),
             }
         });
         match sender.send_request(req).await {
@@ -257,6 +398,8 @@ impl ServerPool {
                 Some(Lease {
                     pool: self.clone(),
                     sender,
+                    watch,
+                    reusable,
                 }),
             )),
             Err(e) => Err(SendError::Exchange(e)),
@@ -342,12 +485,13 @@ impl ServerPool {
                     return Ok(stream);
                 }
                 Ok(Err(e)) => {
+                    last = connect_error(&e);
+                    if last == ProxyError::LocalResources {
+                        // Trying the next address would fail the same way.
+                        tracing::warn!(%addr, error = %e, "cannot open an upstream connection: out of local resources");
+                        return Err(last);
+                    }
                     tracing::debug!(%addr, error = %e, "upstream connect failed");
-                    last = match e.kind() {
-                        std::io::ErrorKind::ConnectionRefused => ProxyError::ConnectionRefused,
-                        std::io::ErrorKind::TimedOut => ProxyError::ConnectionTimeout,
-                        _ => ProxyError::DestinationUnavailable,
-                    };
                 }
                 Err(_) => {
                     tracing::debug!(%addr, "upstream connect timed out");
@@ -359,10 +503,43 @@ impl ServerPool {
     }
 }
 
+/// What a failed `connect` means. Running out of file descriptors,
+/// buffers or local ports is the proxy's condition, not the server's
+/// ([`ProxyError::LocalResources`]: never counted against the server).
+pub fn connect_error(e: &std::io::Error) -> ProxyError {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL, EADDRINUSE (Linux).
+    const LOCAL: [i32; 6] = [24, 23, 105, 12, 99, 98];
+    if e.raw_os_error().is_some_and(|code| LOCAL.contains(&code)) {
+        return ProxyError::LocalResources;
+    }
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ProxyError::ConnectionRefused,
+        std::io::ErrorKind::TimedOut => ProxyError::ConnectionTimeout,
+        _ => ProxyError::DestinationUnavailable,
+    }
+}
+
 /// Why a send failed: before a connection existed, or during the exchange.
 pub enum SendError {
     /// No byte of the request was sent: the request comes back, and may be
     /// tried on another server whatever its method.
     Connect(ProxyError, Box<Request<RequestBody>>),
     Exchange(hyper::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_resource_failures_are_the_proxys_own() {
+        for code in [24, 23, 105, 12, 99, 98] {
+            let e = std::io::Error::from_raw_os_error(code);
+            assert_eq!(connect_error(&e), ProxyError::LocalResources, "{e}");
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(connect_error(&refused), ProxyError::ConnectionRefused);
+        let unreachable = std::io::Error::from_raw_os_error(113);
+        assert_eq!(connect_error(&unreachable), ProxyError::DestinationUnavailable);
+    }
 }

@@ -368,9 +368,23 @@ fn acceptable_table() {
     ];
     for (age, life, request, response, expected) in cases {
         assert_eq!(
-            acceptable(*age, *life, &cc(request), &cc(response)),
+            acceptable(*age, *life, true, &cc(request), &cc(response)),
             *expected,
             "age {age} lifetime {life} request {request:?} response {response:?}"
+        );
+    }
+    // A lifetime the cache guessed (heuristic) or none is never stretched
+    // by max-stale; fresh is fresh either way.
+    for (age, life, request, expected) in [
+        (70, 60, "max-stale", false),
+        (70, 60, "max-stale=100", false),
+        (10, 60, "max-stale", true),
+        (0, 0, "max-stale", false),
+    ] {
+        assert_eq!(
+            acceptable(age, life, false, &cc(request), &cc("")),
+            expected,
+            "heuristic: age {age} lifetime {life} request {request:?}"
         );
     }
 }

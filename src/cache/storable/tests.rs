@@ -66,9 +66,20 @@ fn storable_table_section_3() {
             on,
             Err(N::Status),
         ),
-        // Freshness: explicit, or a heuristically cacheable status, or public.
-        (Method::GET, &[], 200, &[], on, Ok(())),
-        (Method::GET, &[], 404, &[], on, Ok(())),
+        // Freshness: explicit, or a heuristically cacheable status (or
+        // public) with a validator; never nothing at all.
+        (Method::GET, &[], 200, &[], on, Err(N::NoFreshness)),
+        (Method::GET, &[], 404, &[], on, Err(N::NoFreshness)),
+        (Method::GET, &[], 200, &[("etag", "\"a\"")], on, Ok(())),
+        (
+            Method::GET,
+            &[],
+            404,
+            &[("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")],
+            on,
+            Ok(()),
+        ),
+        (Method::GET, &[], 200, &[("etag", "\"a\"")], off, Err(N::NoFreshness)),
         (Method::GET, &[], 200, &[], off, Err(N::NoFreshness)),
         (Method::GET, &[], 302, &[], on, Err(N::NoFreshness)),
         (Method::GET, &[], 500, &[], on, Err(N::NoFreshness)),
@@ -85,7 +96,22 @@ fn storable_table_section_3() {
         // An invalid Expires is still explicit (already expired, section 5.3).
         (Method::GET, &[], 302, &[("expires", "0")], off, Ok(())),
         (Method::GET, &[], 302, &[("cache-control", "max-age=abc")], off, Ok(())),
-        (Method::GET, &[], 302, &[("cache-control", "public")], on, Ok(())),
+        (
+            Method::GET,
+            &[],
+            302,
+            &[("cache-control", "public")],
+            on,
+            Err(N::NoFreshness),
+        ),
+        (
+            Method::GET,
+            &[],
+            302,
+            &[("cache-control", "public"), ("etag", "\"a\"")],
+            on,
+            Ok(()),
+        ),
         (
             Method::GET,
             &[],
