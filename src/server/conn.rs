@@ -16,6 +16,15 @@
 //! wake-up, a deadline is never missed, and the request path pays for no
 //! wake-ups or timer resets, only for two clock reads per request.
 //!
+//! While a request is in flight the same watchdog enforces two more:
+//! - `request` (HTTP/1.x, armed once the response head is ready): the
+//!   connection is closed at the request's deadline whether or not the
+//!   client reads the body, so a client that stops reading cannot hold
+//!   the exchange (and its upstream connection) beyond it;
+//! - `send`: a write to the client that has waited this long (the client
+//!   stopped reading) closes the connection; draining connections keep
+//!   this one ([`ConnState::stalled`]).
+//!
 //! The watchdog and the shutdown signals are polled only when one of them
 //! woke the task ([`Gated`]), not on every socket event of the connection.
 
