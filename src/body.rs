@@ -68,6 +68,8 @@ pin_project_lite::pin_project! {
         // Fields only the proxy sets, removed from the client's trailers
         // with those a trailer may not carry.
         owned: Option<Arc<[http::HeaderName]>>,
+        // Set once the whole body has been read (for the upstream: sent).
+        sent: Option<Arc<std::sync::atomic::AtomicBool>>,
     }
 }
 
@@ -82,6 +84,7 @@ impl RequestBody {
             started: Instant::now(),
             slow: None,
             owned: None,
+            sent: None,
         }
     }
 
@@ -90,6 +93,16 @@ impl RequestBody {
     pub fn min_rate(mut self, rate: Option<(u64, Duration)>) -> Self {
         self.min_rate = rate;
         self
+    }
+
+    /// A flag set once the whole body has been read, so a caller that
+    /// handed the body on can tell whether it was all sent (a timeout
+    /// before that is the client's slowness, not the server's).
+    pub fn sent_flag(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
+        let ended = self.is_end_stream();
+        self.sent
+            .get_or_insert_with(|| Arc::new(std::sync::atomic::AtomicBool::new(ended)))
+            .clone()
     }
 
     /// Cleans the client's trailers (`owned` are the proxy's own fields).
@@ -114,6 +127,7 @@ impl RequestBody {
             started: Instant::now(),
             slow: None,
             owned: None,
+            sent: None,
         }
     }
 }
@@ -124,10 +138,10 @@ impl Body for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        let Some(inner) = this.inner.as_pin_mut() else {
+        let Some(mut inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(None);
         };
-        let polled = match inner.poll_frame(cx) {
+        let polled = match inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 let Some((rate, grace)) = *this.min_rate else {
@@ -146,6 +160,12 @@ impl Body for RequestBody {
                 };
             }
         };
+        if let Some(sent) = this.sent {
+            let ended = polled.is_none() || inner.is_end_stream();
+            if ended {
+                sent.store(true, Ordering::Relaxed);
+            }
+        }
         match polled {
             Some(Ok(frame)) if frame.is_trailers() => {
                 let mut trailers = frame.into_trailers().unwrap_or_default();

@@ -127,14 +127,22 @@ pub fn strip_hop_by_hop_keeping(headers: &mut HeaderMap, upgrade: bool, keep: &[
 /// about the request (its client, host, port, target or method) that no
 /// cache key holds: on caching routes they never reach the origin unless
 /// the route keys on them, so one client cannot poison what others get.
-pub static UNKEYED_ON_CACHING_ROUTES: [HeaderName; 7] = [
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("true-client-ip"),
+pub const UNKEYED_ON_CACHING_ROUTES: [&str; 15] = [
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-host",
+    "x-original-host",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-real-ip",
+    "true-client-ip",
 ];
 
 /// Removes from a request's trailer section every field a trailer must
@@ -197,6 +205,7 @@ pub fn append_via(headers: &mut HeaderMap, via: &HeaderValue) {
 }
 
 /// The client side of a hop, computed once per connection.
+#[derive(Clone)]
 pub struct Peer {
     pub ip: IpAddr,
     /// The peer address as an `X-Forwarded-For` value.
@@ -265,8 +274,20 @@ pub fn set_forwarding(headers: &mut HeaderMap, hop: &Hop<'_>) {
         }
     }
 
-    // Forwarded (RFC 7239): for=node;host="...";proto=...
     let earlier = if hop.trusted { joined(headers, &FORWARDED) } else { None };
+    set_forwarded(headers, hop, earlier);
+}
+
+/// Replaces `Forwarded` with this hop's element alone, dropping what a
+/// trusted proxy wrote before it (on caching routes its `host=` would be
+/// an input no cache key holds).
+pub fn set_forwarded_this_hop(headers: &mut HeaderMap, hop: &Hop<'_>) {
+    set_forwarded(headers, hop, None);
+}
+
+/// `Forwarded` (RFC 7239): `earlier` elements, then `for=node;host="...";proto=...`.
+fn set_forwarded(headers: &mut HeaderMap, hop: &Hop<'_>, earlier: Option<String>) {
+    let peer = hop.peer;
     let host = hop.host.and_then(|h| h.to_str().ok());
     let mut value = String::with_capacity(
         earlier.as_ref().map_or(0, |e| e.len() + 2) + peer.forwarded_for.len() + host.map_or(0, str::len) + 24,

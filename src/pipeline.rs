@@ -266,7 +266,7 @@ async fn forward(
                 Lookup::AnswerAndRefresh(response, refresh) => {
                     trace.cache = Some(outcome::STALE);
                     let (parts, _) = req.into_parts();
-                    spawn_refresh(*refresh, parts, conn.clone(), snapshot.clone(), route_index, host);
+                    spawn_refresh(*refresh, parts, conn.detached(), snapshot.clone(), route_index, host);
                     return Ok(finish_stored(response, snapshot, route, version));
                 }
                 Lookup::Forward(p) => pending = Some(p),
@@ -414,16 +414,27 @@ fn rewrite_fields(
     );
     if let Some(options) = &route.cache {
         // What the cache key does not hold must not change the answer.
-        for name in &forwarding::UNKEYED_ON_CACHING_ROUTES {
-            if !options.key_headers.contains(name) {
-                headers.remove(name);
-            }
+        for name in &options.unkeyed {
+            headers.remove(name);
         }
-        if !options.key_headers.contains(&forwarding::X_FORWARDED_HOST) {
-            match host {
-                Some(h) => headers.insert(forwarding::X_FORWARDED_HOST.clone(), h.clone()),
-                None => headers.remove(&forwarding::X_FORWARDED_HOST),
-            };
+        if conn.trusted {
+            if !options.keyed_forwarded_host {
+                match host {
+                    Some(h) => headers.insert(forwarding::X_FORWARDED_HOST.clone(), h.clone()),
+                    None => headers.remove(&forwarding::X_FORWARDED_HOST),
+                };
+            }
+            if !options.keyed_forwarded {
+                forwarding::set_forwarded_this_hop(
+                    headers,
+                    &Hop {
+                        peer: &conn.forwarded,
+                        trusted: true,
+                        proto: conn.scheme,
+                        host,
+                    },
+                );
+            }
         }
     }
     if let Some(via) = &snapshot.via {
@@ -519,6 +530,10 @@ async fn exchange(
         .sticky_cookie
         .as_deref()
         .and_then(|name| balance::cookie(&parts.headers, name).map(str::to_owned));
+    let mut body = body;
+    // Whether the client's whole body went out: a timeout before that is
+    // the client's slowness, not held against the server.
+    let body_sent = body.sent_flag();
     let mut pending = Some(Request::from_parts(parts, body));
 
     // select + send, retrying on another server when that is safe
@@ -587,12 +602,14 @@ async fn exchange(
             }
             Err(_) => {
                 // The origin may be working on it: never retried.
-                upstream.record(index, Outcome::Failed);
-                if let Some(Some(shedder)) = snapshot.shedders.get(route.upstream) {
-                    shedder.timed_out();
-                }
-                if let Some((servers, _)) = server_metrics {
-                    servers[index].failures.inc();
+                if body_sent.load(std::sync::atomic::Ordering::Relaxed) {
+                    upstream.record(index, Outcome::Failed);
+                    if let Some(Some(shedder)) = snapshot.shedders.get(route.upstream) {
+                        shedder.timed_out();
+                    }
+                    if let Some((servers, _)) = server_metrics {
+                        servers[index].failures.inc();
+                    }
                 }
                 trace.server = Some((route.upstream, index));
                 return Err(ProxyError::ResponseTimeout);
@@ -621,13 +638,6 @@ async fn exchange(
                 }
                 pending = Some(*returned);
             }
-            Ok(Err(SendError::Exchange(_))) if Instant::now() >= deadline => {
-                // The pool closed the connection at the request deadline
-                // (it races the timeout above): a timeout all the same.
-                upstream.record(index, Outcome::Failed);
-                trace.server = Some((route.upstream, index));
-                return Err(ProxyError::ResponseTimeout);
-            }
             Ok(Err(SendError::Exchange(err))) => {
                 let e = classify(&err);
                 if matches!(
@@ -636,6 +646,15 @@ async fn exchange(
                 ) {
                     // The client's fault, not the server's.
                     return Err(e);
+                }
+                if Instant::now() >= deadline {
+                    // The pool closed the connection at the request
+                    // deadline (it races the timeout above): a timeout.
+                    if body_sent.load(std::sync::atomic::Ordering::Relaxed) {
+                        upstream.record(index, Outcome::Failed);
+                    }
+                    trace.server = Some((route.upstream, index));
+                    return Err(ProxyError::ResponseTimeout);
                 }
                 upstream.record(index, Outcome::Failed);
                 if let Some((servers, _)) = server_metrics {
@@ -887,7 +906,10 @@ fn normalize_target(
     encoded_slash: crate::target::EncodedSlash,
 ) -> Result<Option<PathAndQuery>, ProxyError> {
     let uri = req.uri();
+    // An absolute-form target without a path (`GET http://host?x`) names `/`.
+    let empty = uri.path().is_empty() && uri.authority().is_some() && req.method() != Method::CONNECT;
     let normal = match crate::target::normalize_path(uri.path(), encoded_slash) {
+        Ok(std::borrow::Cow::Borrowed(_)) if empty => "/".to_owned(),
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(None),
         Ok(std::borrow::Cow::Owned(normal)) => normal,
         Err(why) => {
@@ -1147,9 +1169,7 @@ async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, conn: Arc<ConnInfo>)
             return;
         }
     };
-    if let Some(activity) = &conn.activity {
-        activity.busy();
-    }
+    let _busy = conn.activity.as_ref().map(|a| a.tunnel());
     let idle = conn.tunnel_idle;
     let traffic = Arc::new(crate::server::conn::Traffic::default());
     let mut client = crate::server::conn::Counted::new(TokioIo::new(client), traffic.clone());

@@ -71,14 +71,31 @@ pub struct Router {
     /// `(".example.com", table)`, longest suffix first.
     wildcard_hosts: Vec<(Box<str>, PathTable)>,
     any_host: PathTable,
+    /// Paths compared without ASCII case (`server.path_case`), for origins
+    /// that serve `/ADMIN/x` as `/admin/x` (Express, ASP.NET, IIS).
+    case_insensitive: bool,
 }
 
 impl Router {
     pub fn new(routes: &[RouteConfig]) -> Router {
-        let mut router = Router::default();
+        Self::with_case(routes, false)
+    }
+
+    /// A router that compares paths without ASCII case when
+    /// `case_insensitive`.
+    pub fn with_case(routes: &[RouteConfig], case_insensitive: bool) -> Router {
+        let mut router = Router {
+            case_insensitive,
+            ..Router::default()
+        };
         for (index, route) in routes.iter().enumerate() {
+            let path = if case_insensitive {
+                std::borrow::Cow::Owned(route.path.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(route.path.as_str())
+            };
             if route.hosts.is_empty() {
-                router.any_host.insert(&route.path, route.path_match, index);
+                router.any_host.insert(&path, route.path_match, index);
             }
             for host in &route.hosts {
                 let table = match host {
@@ -96,7 +113,7 @@ impl Router {
                         }
                     }
                 };
-                table.insert(&route.path, route.path_match, index);
+                table.insert(&path, route.path_match, index);
             }
         }
         router.exact_hosts.values_mut().for_each(PathTable::finish);
@@ -109,6 +126,13 @@ impl Router {
     /// Finds the route index for a request. `host` is the raw `Host` /
     /// `:authority` value (port and case are normalized here).
     pub fn route(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let lowered;
+        let path = if self.case_insensitive && path.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = path.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            path
+        };
         if let Some(host) = host.and_then(normalize_host) {
             let host = host.as_ref();
             if !self.exact_hosts.is_empty() {
@@ -235,6 +259,27 @@ mod tests {
         assert_eq!(router.route(Some("example.com"), "/other"), None);
         assert_eq!(router.route(Some("other.com"), "/app"), None);
         assert_eq!(router.route(Some("example.com"), "/app/1"), Some(0));
+    }
+
+    #[test]
+    fn paths_can_be_compared_without_case() {
+        let routes = vec![
+            route(&[], "/", PathMatch::Prefix),
+            route(&[], "/Admin/", PathMatch::Prefix),
+            route(&[], "/login", PathMatch::Exact),
+        ];
+        let sensitive = Router::new(&routes);
+        assert_eq!(sensitive.route(None, "/ADMIN/x"), Some(0));
+        let insensitive = Router::with_case(&routes, true);
+        for (path, want) in [
+            ("/ADMIN/x", 1),
+            ("/admin/x", 1),
+            ("/Admin/x", 1),
+            ("/LOGIN", 2),
+            ("/other", 0),
+        ] {
+            assert_eq!(insensitive.route(None, path), Some(want), "{path}");
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Snapshot {
             return Err(ConfigErrors(errors));
         }
         let challenge = Challenge::new(settings.lifetime.as_secs(), key.as_deref(), unix_now());
-        let router = Router::new(&config.routes);
+        let router = Router::with_case(&config.routes, config.server.path_case_insensitive);
         let via = config.server.via.as_ref().map(|pseudonym| {
             let make = |version: &str| {
                 HeaderValue::from_str(&format!("{version} {}", pseudonym.to_str().unwrap_or("portcullis")))

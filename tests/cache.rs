@@ -748,6 +748,37 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     assert_eq!(origin.requests(), 2);
 }
 
+/// Regression (issue 13 review): a background refresh started by a request
+/// with a cookie must follow the credentials rule, or the origin's answer
+/// to that cookie (a logged-in page) replaces the shared entry.
+#[tokio::test]
+async fn a_refresh_for_a_cookie_holder_does_not_store_its_page_for_everyone() {
+    let origin = origin(|req| async move {
+        match req.headers().get("cookie") {
+            None => reply(
+                200,
+                &[
+                    ("cache-control", "public, max-age=1, stale-while-revalidate=600"),
+                    ("age", "5"),
+                ],
+                "public page",
+            ),
+            Some(_) => reply(200, &[("cache-control", "max-age=600")], "alice's page"),
+        }
+    })
+    .await;
+    let proxy = caching_proxy(origin.addr).await;
+    let cache = cache_of(&proxy);
+    get(proxy.addr, "/p").await;
+    landed(&cache, 1).await;
+    // Alice gets the stale public page and starts the refresh.
+    let alice = get_with(proxy.addr, "/p", &[("cookie", "session=alice")]).await;
+    assert_eq!(alice.text(), "public page");
+    landed(&cache, 2).await;
+    let anonymous = get(proxy.addr, "/p").await;
+    assert_ne!(anonymous.text(), "alice's page", "{}", status_of(&anonymous));
+}
+
 /// RFC 5861 section 4: `stale-if-error` answers from the store when the
 /// origin fails (5xx) or is down; without it the error stands.
 #[tokio::test]

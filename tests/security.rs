@@ -149,6 +149,65 @@ async fn raw_path_forwards_the_target_as_sent_but_routes_on_the_normalised_one()
 }
 
 #[tokio::test]
+async fn case_insensitive_origins_can_have_case_insensitive_routes() {
+    let origin = echo_origin().await;
+    let sensitive = start_proxy(&admin_config(origin.addr, "")).await;
+    let answer = exchange(sensitive.addr, &get_request("/ADMIN/x", "a.test")).await;
+    assert_eq!(
+        status_of(&answer),
+        200,
+        "by default paths are case-sensitive (RFC 3986)"
+    );
+    let insensitive = start_proxy(&format!(
+        "[server]\npath_case = \"insensitive\"\n{}",
+        admin_config(origin.addr, "")
+    ))
+    .await;
+    for target in ["/ADMIN/x", "/Admin/x", "/./aDmIn/x"] {
+        let answer = exchange(insensitive.addr, &get_request(target, "a.test")).await;
+        assert_eq!(status_of(&answer), 403, "{target}: {answer}");
+    }
+}
+
+#[tokio::test]
+async fn an_absolute_target_without_a_path_is_sent_as_slash() {
+    let origin = echo_origin().await;
+    let proxy = proxy_to(origin.addr).await;
+    let answer = exchange(
+        proxy.addr,
+        "GET http://a.test?x=1 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(echoed_line(&answer), "GET /?x=1 HTTP/1.1", "{answer}");
+}
+
+#[test]
+fn route_paths_must_be_in_normal_form_and_raw_path_cannot_cache() {
+    let config = |route: &str| {
+        format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n{route}\n[upstreams.app]\nservers = [\"127.0.0.1:1\"]\n"
+        )
+    };
+    for (route, message) in [
+        (
+            "path = \"/a//b/\"",
+            "routes[0].path: \"/a//b/\" is not in normal form (requests are matched normalised): write \"/a/b/\"",
+        ),
+        ("path = \"/%7euser/\"", "write \"/~user/\""),
+        ("path = \"/a/%zz\"", "can never match"),
+        (
+            "raw_path = true\ncache = true",
+            "routes[0].raw_path: cannot be combined with cache",
+        ),
+    ] {
+        let errors = portcullis::Config::from_toml(&config(route), "t")
+            .expect_err(route)
+            .to_string();
+        assert!(errors.contains(message), "{route}: {errors}");
+    }
+}
+
+#[tokio::test]
 async fn http2_paths_are_normalised_too() {
     let origin = echo_origin().await;
     let proxy = start_proxy(&admin_config(origin.addr, "")).await;
@@ -366,6 +425,10 @@ async fn unkeyed_fields_do_not_reach_the_origin_of_a_caching_route() {
         &[
             ("x-forwarded-host", "evil.example"),
             ("x-forwarded-port", "1"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-forwarded-scheme", "http"),
+            ("x-original-host", "evil.example"),
+            ("x-method-override", "DELETE"),
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
             ("x-http-method-override", "DELETE"),
@@ -377,6 +440,10 @@ async fn unkeyed_fields_do_not_reach_the_origin_of_a_caching_route() {
     let seen = got.echoed();
     for name in [
         "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-scheme",
+        "x-original-host",
+        "x-method-override",
         "x-original-url",
         "x-rewrite-url",
         "x-http-method-override",
@@ -393,8 +460,18 @@ async fn unkeyed_fields_do_not_reach_the_origin_of_a_caching_route() {
         cache_config(origin.addr, "true")
     ))
     .await;
-    let got = get_fields(trusted.addr, "/page", &[("x-forwarded-host", "evil.example")]).await;
+    let got = get_fields(
+        trusted.addr,
+        "/page",
+        &[
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=10.0.0.1;host=evil.example"),
+        ],
+    )
+    .await;
     assert_eq!(got.echoed().get("x-forwarded-host"), Some("test.local"));
+    let forwarded = got.echoed().get("forwarded").unwrap_or("").to_owned();
+    assert!(!forwarded.contains("evil"), "{forwarded}");
     // Unless the route keys on it.
     let keyed = start_proxy(&format!(
         "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
@@ -636,8 +713,12 @@ async fn http2_authority_is_validated() {
 /// and reports on `dropped` when the response body is dropped (the proxy
 /// gave the upstream connection up), with how many bytes it produced.
 async fn big_origin(total: usize) -> (Origin, mpsc::UnboundedReceiver<usize>) {
+    big_origin_with(Proto::Http1, total).await
+}
+
+async fn big_origin_with(proto: Proto, total: usize) -> (Origin, mpsc::UnboundedReceiver<usize>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let origin = origin(move |_| {
+    let origin = origin_with(proto, move |_| {
         let tx = tx.clone();
         async move {
             struct Report(mpsc::UnboundedSender<usize>, Arc<AtomicUsize>);
@@ -766,7 +847,43 @@ async fn http2_streams_that_stop_reading_release_their_upstream_connections() {
             .expect("report");
     }
     assert_eq!(origin.connections(), 8);
+    // The client connection itself is closed at the deadline: its held
+    // bodies end with an error instead of waiting for ever.
+    let body = held.pop().expect("a response").into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(20), body.collect()).await;
+    assert!(matches!(ended, Ok(Err(_))), "the stream was cut");
     drop(held);
+}
+
+// Review: with an HTTP/2 upstream (no connection to close per request),
+// streams whose client withholds flow control held their upstream stream
+// and their circuit-breaker count for ever.
+#[tokio::test]
+async fn http2_streams_that_stop_reading_release_http2_upstream_streams() {
+    let (origin, mut dropped) = big_origin_with(Proto::H2, 64 << 20).await;
+    let proxy = start_proxy(
+        &slow_read_config(origin.addr, "request = \"1500ms\"")
+            .replace("servers = [", "protocol = \"h2c\"\nmax_requests = 8\nservers = ["),
+    )
+    .await;
+    let mut c = h2(proxy.addr).await;
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let req = Request::get(format!("http://a.test/big/{i}"))
+            .body(empty())
+            .expect("request");
+        held.push(c.send_ready(req).await.expect("response head"));
+    }
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(20), dropped.recv())
+            .await
+            .expect("each upstream stream was reset in time")
+            .expect("report");
+    }
+    drop(held);
+    // The circuit breaker's slots came back: a new client is served.
+    let got = get(proxy.addr, "/small").await;
+    assert_ne!(got.status, 503, "max_requests still full of abandoned streams");
 }
 
 // Confirmed: tunnels left the connection table and had no idle timeout.
@@ -1007,6 +1124,37 @@ async fn errors_a_client_causes_do_not_eject_servers() {
             server.health.ejections(),
             0,
             "{} was ejected for the client's 500s",
+            server.label
+        );
+    }
+}
+
+// Review: a slow upload made the per-try timeout blame the server.
+#[tokio::test]
+async fn a_slow_upload_does_not_eject_servers() {
+    let a = echo_origin().await;
+    let b = echo_origin().await;
+    let proxy = start_proxy(&format!(
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{}\", \"{}\"]\nalgorithm = \"round_robin\"\nresponse_header_timeout = \"200ms\"\n",
+        a.addr, b.addr
+    ))
+    .await;
+    for _ in 0..12 {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        stream
+            .write_all(b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 10\r\n\r\nx")
+            .await
+            .expect("write");
+        let mut out = vec![0u8; 12];
+        stream.read_exact(&mut out).await.expect("an answer");
+        assert_eq!(&out, b"HTTP/1.1 504");
+    }
+    let snapshot = proxy.snapshot.load();
+    for server in &snapshot.upstreams[0].servers {
+        assert_eq!(
+            server.health.ejections(),
+            0,
+            "{} was ejected for a client's slow body",
             server.label
         );
     }

@@ -319,6 +319,7 @@ impl Cache {
                             }
                             let mut pending = self.pending(&Method::GET, headers, key, options, Fwd::Stale, false);
                             pending.may_store = true;
+                            pending.credentials = credentials;
                             pending.stale = Some(v);
                             pending.flight = Some(flight);
                             pending.prepare_revalidation(headers);

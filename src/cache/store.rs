@@ -79,6 +79,13 @@ impl Stored {
     }
 }
 
+/// What a key costs besides its variants: its bytes, twice for a key with
+/// extra parts (the URL index holds a copy).
+fn key_cost(key: &str) -> u64 {
+    let copies = if key.contains(EXTRA_SEPARATOR) { 2 } else { 1 };
+    key.len() as u64 * copies
+}
+
 /// Most variants kept per key: beyond it the least recently stored goes.
 /// Each lookup compares the request with every variant, so their number
 /// must not be the client's to choose.
@@ -119,7 +126,7 @@ struct Entry {
 struct Inner {
     entries: HashMap<String, Entry>,
     /// URL part -> the keys with extra parts made of it.
-    extras: HashMap<String, Vec<String>>,
+    extras: HashMap<String, std::collections::HashSet<String>>,
     /// Recency order: use tick -> key; the smallest tick is the least
     /// recently used.
     order: BTreeMap<u64, String>,
@@ -158,7 +165,7 @@ impl Inner {
         self.bytes = self.bytes.saturating_sub(entry.bytes);
         if let Some((url, _)) = key.split_once(EXTRA_SEPARATOR) {
             if let Some(keys) = self.extras.get_mut(url) {
-                keys.retain(|k| k != key);
+                keys.remove(key);
                 if keys.is_empty() {
                     self.extras.remove(url);
                 }
@@ -170,7 +177,7 @@ impl Inner {
     /// Records a new key in the URL index (keys with extra parts only).
     fn index(&mut self, key: &str) {
         if let Some((url, _)) = key.split_once(EXTRA_SEPARATOR) {
-            self.extras.entry(url.to_owned()).or_default().push(key.to_owned());
+            self.extras.entry(url.to_owned()).or_default().insert(key.to_owned());
         }
     }
 
@@ -233,7 +240,7 @@ impl Storage for MemoryStore {
     }
 
     fn put(&self, key: &str, stored: Stored) -> bool {
-        let size = stored.size() + key.len() as u64;
+        let size = stored.size() + key_cost(key);
         if size > self.max_object {
             return false;
         }
@@ -244,7 +251,7 @@ impl Storage for MemoryStore {
                 .variants
                 .iter()
                 .position(|v| v.secondary == stored.secondary)
-                .map(|i| (i, entry.variants[i].size() + key.len() as u64))
+                .map(|i| (i, entry.variants[i].size() + key_cost(key)))
         });
         if let Some((index, old_size)) = replaced {
             if let Some(entry) = inner.entries.get_mut(key) {
@@ -271,7 +278,7 @@ impl Storage for MemoryStore {
                 let mut freed = 0;
                 while entry.variants.len() > MAX_VARIANTS {
                     if let Some(oldest) = entry.variants.pop() {
-                        let n = oldest.size() + key.len() as u64;
+                        let n = oldest.size() + key_cost(key);
                         entry.bytes = entry.bytes.saturating_sub(n);
                         freed += n;
                     }
@@ -333,7 +340,7 @@ impl Storage for MemoryStore {
             let mut kept = Vec::with_capacity(before);
             for variant in entry.variants.drain(..) {
                 if variant.tags.iter().any(|t| t == tag) {
-                    let size = variant.size() + key.len() as u64;
+                    let size = variant.size() + key_cost(key);
                     entry.bytes = entry.bytes.saturating_sub(size);
                     freed += size;
                 } else {

@@ -71,6 +71,12 @@ pub struct RouteCache {
     pub store_set_cookie: bool,
     /// How requests with `Cookie` or `Authorization` share the store.
     pub credentials: CredentialsPolicy,
+    /// Worked out from `key_headers` at load: the forwarding fields no key
+    /// holds, removed from requests to the origin, and whether the trusted
+    /// `X-Forwarded-Host` / `Forwarded` are kept (keyed) or replaced.
+    pub unkeyed: Vec<HeaderName>,
+    pub keyed_forwarded_host: bool,
+    pub keyed_forwarded: bool,
 }
 
 /// A route's rule for requests that carry credentials (`Cookie`,
@@ -101,6 +107,12 @@ impl Default for RouteCache {
             expose_tags: false,
             store_set_cookie: false,
             credentials: CredentialsPolicy::PublicOnly,
+            unkeyed: crate::forwarding::UNKEYED_ON_CACHING_ROUTES
+                .iter()
+                .map(|name| HeaderName::from_static(name))
+                .collect(),
+            keyed_forwarded_host: false,
+            keyed_forwarded: false,
         }
     }
 }
@@ -222,5 +234,8 @@ pub fn read_route_cache(t: &Table<'_>) -> Option<RouteCache> {
         out.credentials = policy;
     }
     c.finish();
+    out.unkeyed.retain(|name| !out.key_headers.contains(name));
+    out.keyed_forwarded_host = out.key_headers.contains(&crate::forwarding::X_FORWARDED_HOST);
+    out.keyed_forwarded = out.key_headers.contains(&crate::forwarding::FORWARDED);
     Some(out)
 }

@@ -70,6 +70,8 @@ pub struct ServerSettings {
     pub allowed_methods: Vec<http::Method>,
     /// `%2F` / `%5C` in a path: refused (400) or kept opaque.
     pub encoded_slash: crate::target::EncodedSlash,
+    /// Routes match paths without ASCII case (`path_case = "insensitive"`).
+    pub path_case_insensitive: bool,
     /// `Upgrade` protocols passed to upstreams (lower case); a request
     /// asking for another is forwarded as a plain request.
     pub upgrade_protocols: Vec<String>,

@@ -115,6 +115,7 @@ fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
             .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
             .collect(),
         encoded_slash: crate::target::EncodedSlash::Refuse,
+        path_case_insensitive: false,
         upgrade_protocols: defaults::UPGRADE_PROTOCOLS.iter().map(|p| (*p).to_owned()).collect(),
     };
     let Some(t) = table else { return server };
@@ -151,6 +152,9 @@ fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
         ],
     ) {
         server.encoded_slash = choice;
+    }
+    if let Some(insensitive) = t.choice("path_case", &[("sensitive", false), ("insensitive", true)]) {
+        server.path_case_insensitive = insensitive;
     }
     if let Some(list) = t.str_or_strs("upgrade_protocols") {
         let mut protocols = Vec::new();
@@ -943,7 +947,22 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
                 );
                 "/".to_owned()
             }
-            Some(p) => p.to_owned(),
+            Some(p) => match crate::target::normalize_path(p, crate::target::EncodedSlash::Keep) {
+                // Requests are matched on their normal form: a route path
+                // in another form could never match.
+                Ok(normal) if normal == p => p.to_owned(),
+                Ok(normal) => {
+                    t.error(
+                        "path",
+                        format!("\"{p}\" is not in normal form (requests are matched normalised): write \"{normal}\""),
+                    );
+                    "/".to_owned()
+                }
+                Err(why) => {
+                    t.error("path", format!("\"{p}\" can never match: it holds {why}"));
+                    "/".to_owned()
+                }
+            },
             None => "/".to_owned(),
         };
         let path_match = t
@@ -1003,6 +1022,12 @@ fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -
             t.error(
                 "raw_path",
                 "cannot be combined with rewrite_prefix, which rewrites the normalised path",
+            );
+        }
+        if raw_path && t.get("cache").is_some_and(|c| c.as_bool() != Some(false)) {
+            t.error(
+                "raw_path",
+                "cannot be combined with cache: the origin would see what the cache key leaves out",
             );
         }
         let request_headers = read_header_edits(t.table("request_headers"));

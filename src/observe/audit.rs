@@ -209,8 +209,15 @@ struct Writer {
     key: Option<hmac::Key>,
     checkpoint_every: u64,
     since_checkpoint: u64,
-    /// Records not written yet (the file failed), oldest first.
-    backlog: std::collections::VecDeque<Event>,
+    /// Records not written yet (the file failed), oldest first, each with
+    /// the time it happened.
+    backlog: std::collections::VecDeque<(String, Event)>,
+    /// The last failed write could not be cut back: nothing is written
+    /// until it can be (a write after it would follow a partial line).
+    needs_truncate: bool,
+    /// The head file lags the log (its write failed): retried until it
+    /// holds the last record, so an honest log verifies.
+    head_dirty: bool,
     /// Records dropped from a full backlog since the last gap marker.
     lost: u64,
     /// [`MAX_BACKLOG`] (smaller in tests).
@@ -243,22 +250,25 @@ impl AuditLog {
                 loop {
                     // With records waiting for a failed file, try again
                     // every second even when nothing new comes.
-                    let msg = if writer.backlog.is_empty() {
-                        match rx.recv() {
-                            Ok(msg) => msg,
-                            Err(_) => return,
-                        }
+                    let msg = if writer.is_caught_up() {
+                        rx.recv().ok()
                     } else {
                         match rx.recv_timeout(std::time::Duration::from_secs(1)) {
-                            Ok(msg) => msg,
+                            Ok(msg) => Some(msg),
                             Err(mpsc::RecvTimeoutError::Timeout) => {
                                 writer.drain();
                                 continue;
                             }
-                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => None,
                         }
                     };
-                    writer.handle(msg);
+                    match msg {
+                        Some(msg) => writer.handle(msg),
+                        None => {
+                            writer.finish();
+                            return;
+                        }
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the audit log writer: {e}"))?;
@@ -355,6 +365,8 @@ impl Writer {
             checkpoint_every,
             since_checkpoint: 0,
             backlog: std::collections::VecDeque::new(),
+            needs_truncate: false,
+            head_dirty: false,
             lost: 0,
             max_backlog: MAX_BACKLOG,
         }
@@ -371,42 +383,62 @@ impl Writer {
         }
     }
 
-    /// Queues a record behind any that are waiting, then writes what it
-    /// can, in order.
+    /// Nothing waits to be written.
+    fn is_caught_up(&self) -> bool {
+        self.backlog.is_empty() && !self.head_dirty && !self.needs_truncate
+    }
+
+    /// Queues a record (stamped now) behind any that are waiting, then
+    /// writes what it can, in order.
     fn append(&mut self, event: Event) {
         if self.backlog.len() >= self.max_backlog {
             self.backlog.pop_front();
             self.lost += 1;
         }
-        self.backlog.push_back(event);
+        self.backlog
+            .push_back((super::clock::rfc3339_ms(SystemTime::now()), event));
         self.drain();
     }
 
-    /// Writes waiting records until one fails (it stays first in line).
+    /// Writes waiting records until one fails (it stays first in line),
+    /// and brings the head file up to date.
     fn drain(&mut self) {
         if self.lost > 0 {
             let gap = Event::RecordsLost {
                 count: self.lost,
                 reason: "the audit log could not be written and its backlog was full".into(),
             };
-            if !self.write_one(&gap) {
+            let now = super::clock::rfc3339_ms(SystemTime::now());
+            if !self.write_one(&now, &gap) {
                 return;
             }
             tracing::error!(file = %self.path.display(), count = self.lost, "audit records were lost while the log could not be written; a gap marker records it");
             self.lost = 0;
         }
-        while let Some(event) = self.backlog.front().cloned() {
-            if !self.write_one(&event) {
+        while let Some((time, event)) = self.backlog.front().cloned() {
+            if !self.write_one(&time, &event) {
                 return;
             }
             self.backlog.pop_front();
+        }
+        if self.head_dirty {
+            self.head_dirty = !self.write_head();
+        }
+    }
+
+    /// The writer is stopping (the proxy is exiting): a last try, and an
+    /// error naming what could not be written.
+    fn finish(&mut self) {
+        self.drain();
+        if !self.backlog.is_empty() {
+            tracing::error!(file = %self.path.display(), records = self.backlog.len(), "the audit log could not be written before exit; records lost");
         }
     }
 
     /// One record, then a checkpoint when one is due; false when the file
     /// failed (nothing of the record stays in it).
-    fn write_one(&mut self, event: &Event) -> bool {
-        if !self.write_record(event) {
+    fn write_one(&mut self, time: &str, event: &Event) -> bool {
+        if !self.write_record(time, event) {
             return false;
         }
         if let Some(key) = &self.key {
@@ -415,7 +447,8 @@ impl Writer {
                 let mac = mac_hex(key, &format!("{}:{}", self.seq + 1, self.prev));
                 // A checkpoint that fails is tried again with the next
                 // record (it is due still).
-                if self.write_record(&Event::Checkpoint { mac }) {
+                let now = super::clock::rfc3339_ms(SystemTime::now());
+                if self.write_record(&now, &Event::Checkpoint { mac }) {
                     self.since_checkpoint = 0;
                 }
             }
@@ -426,29 +459,35 @@ impl Writer {
     /// Appends one record and syncs it. On failure (a full disk) the file
     /// is cut back to its last whole record and the chain does not move,
     /// so the record can be written again later with the same `seq`.
-    fn write_record(&mut self, event: &Event) -> bool {
+    fn write_record(&mut self, time: &str, event: &Event) -> bool {
+        if self.needs_truncate {
+            if self.file.truncate(self.good_len).is_err() {
+                return false;
+            }
+            self.needs_truncate = false;
+        }
         let seq = self.seq + 1;
-        let time = super::clock::rfc3339_ms(SystemTime::now());
-        let (mut line, hash) = encode(seq, &time, event, &self.prev);
+        let (mut line, hash) = encode(seq, time, event, &self.prev);
         line.push('\n');
         let result = self.file.write_all(line.as_bytes()).and_then(|()| self.file.sync());
         if let Err(e) = result {
-            let cut = self.file.truncate(self.good_len);
+            self.needs_truncate = self.file.truncate(self.good_len).is_err();
             if self.backlog.len() <= 1 {
                 // Said once per outage, not once per record.
-                tracing::error!(file = %self.path.display(), error = %e, truncated = cut.is_ok(), "cannot write the audit log; keeping records in memory until it can be written");
+                tracing::error!(file = %self.path.display(), error = %e, truncated = !self.needs_truncate, "cannot write the audit log; keeping records in memory until it can be written");
             }
             return false;
         }
         self.good_len += line.len() as u64;
         self.seq = seq;
         self.prev = hash;
-        self.write_head();
+        self.head_dirty = !self.write_head();
         true
     }
 
-    /// Replaces `<file>.head` atomically (write a temporary file, rename).
-    fn write_head(&self) {
+    /// Replaces `<file>.head` atomically (write a temporary file, rename);
+    /// false when that failed.
+    fn write_head(&self) -> bool {
         let mut head = format!("{{\"seq\":{},\"hash\":\"{}\"", self.seq, self.prev);
         if let Some(key) = &self.key {
             let mac = mac_hex(key, &format!("head:{}:{}", self.seq, self.prev));
@@ -460,8 +499,12 @@ impl Writer {
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
         if let Err(e) = std::fs::write(&tmp, head).and_then(|()| std::fs::rename(&tmp, &target)) {
-            tracing::error!(file = %target.display(), error = %e, "cannot write the audit head file");
+            if !self.head_dirty {
+                tracing::error!(file = %target.display(), error = %e, "cannot write the audit head file; retrying every second");
+            }
+            return false;
         }
+        true
     }
 
     fn reopen(&mut self) {
@@ -836,6 +879,26 @@ mod tests {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("pid")?.as_u64())
             .collect();
         assert_eq!(pids, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_head_file_that_cannot_be_written_is_retried() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("audit.jsonl");
+        let room = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let mut writer = full_disk_writer(&path, &room);
+        writer.append(stop(0));
+        // The head's rename target is a directory now: its write fails.
+        let head = head_path(&path);
+        std::fs::remove_file(&head).expect("head written once");
+        std::fs::create_dir(&head).expect("block the head");
+        writer.append(stop(1));
+        assert!(writer.head_dirty && !writer.is_caught_up());
+        std::fs::remove_dir(&head).expect("unblock");
+        writer.drain();
+        assert!(writer.is_caught_up());
+        let intact = verify(std::slice::from_ref(&path), None, Some(&head)).expect("log and head agree");
+        assert_eq!(intact.last_seq, 2);
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Bans {
     /// `protect.ipv6_prefix` bits (a /64 by default: one host usually
     /// holds a whole /64).
     fn ban_key(&self, ip: IpAddr) -> IpAddr {
-        super::network(ip, self.v6_bits)
+        super::rate::network(ip, self.v6_bits)
     }
 
     /// Bans by IPv6 networks of `bits` instead of /64.

@@ -58,6 +58,8 @@ pub struct Activity {
     /// Position in the registry, kept by the registry's lock.
     index: AtomicUsize,
     clock: Instant,
+    /// Tunnels open on the connection: while any is, it is never quiet.
+    tunnels: AtomicUsize,
 }
 
 const BUSY: u64 = u64::MAX;
@@ -74,11 +76,34 @@ impl Activity {
         self.quiet_since.store(BUSY, Ordering::Relaxed);
     }
 
-    /// The last request in flight finished.
+    /// The last request in flight finished (a connection with an open
+    /// tunnel stays busy).
     pub fn quiet(&self) {
-        self.quiet_since.store(self.now_ms(), Ordering::Relaxed);
+        if self.tunnels.load(Ordering::Acquire) == 0 {
+            self.quiet_since.store(self.now_ms(), Ordering::Relaxed);
+        }
     }
 
+    /// A tunnel opened on the connection: busy until the guard is dropped.
+    pub fn tunnel(self: &Arc<Self>) -> TunnelGuard {
+        self.tunnels.fetch_add(1, Ordering::AcqRel);
+        self.busy();
+        TunnelGuard(self.clone())
+    }
+}
+
+/// Keeps a connection busy while one of its tunnels is open.
+pub struct TunnelGuard(Arc<Activity>);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        // Quiet again only when the next request on it ends (an HTTP/1.1
+        // connection is gone with its tunnel anyway).
+        self.0.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Activity {
     /// Resolves when the table evicts this connection.
     pub async fn evicted(&self) {
         self.evict.notified().await;
@@ -179,6 +204,7 @@ impl ConnTable {
             evict: tokio::sync::Notify::new(),
             index: AtomicUsize::new(registry.len()),
             clock: self.clock,
+            tunnels: AtomicUsize::new(0),
         });
         registry.push(activity.clone());
         Some(activity)
@@ -202,7 +228,7 @@ impl ConnTable {
             return Err(Refusal::IpDenied);
         }
         // Counted per client network from here on (an IPv6 /64 by default).
-        let ip = super::network(ip, self.v6_bits);
+        let ip = super::rate::network(ip, self.v6_bits);
         if let Some(limiter) = &self.new_connections {
             let key = match ip {
                 IpAddr::V4(v4) => key_hash(&[&v4.octets()]),

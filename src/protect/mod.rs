@@ -47,7 +47,7 @@ pub use adaptive::{Adaptive, AdaptiveState};
 pub use bans::{BanInfo, Bans, Strike};
 pub use challenge::{Challenge, CookieError};
 pub use connections::{ConnSlot, ConnTable, Refusal};
-pub use rate::{Limiter, RouteLimiter};
+pub use rate::{Limiter, RouteLimiter, network};
 pub use shedding::Shedder;
 
 /// The `protect` phase of a routed request: bans (403), the route's IP
@@ -206,12 +206,6 @@ pub fn check_load(
         *protection = Some("shadow_shed");
     }
     Ok(Some(shedder.wait()))
-}
-
-/// The unit protection counts a client by: an IPv4 address, or the IPv6
-/// network of `v6_bits` (`protect.ipv6_prefix`, /64 by default) holding it.
-pub fn network(ip: std::net::IpAddr, v6_bits: u8) -> std::net::IpAddr {
-    rate::prefix(ip, 32, v6_bits)
 }
 
 /// The client as protection sees it: the peer, or the address a trusted

@@ -85,6 +85,12 @@ pub fn key_hash(parts: &[&[u8]]) -> u64 {
     hasher.finish()
 }
 
+/// The unit protection counts a client by: an IPv4 address, or the IPv6
+/// network of `v6_bits` (`protect.ipv6_prefix`, /64 by default) holding it.
+pub fn network(ip: IpAddr, v6_bits: u8) -> IpAddr {
+    prefix(ip, 32, v6_bits)
+}
+
 /// The network of `ip`: the address with its host bits cleared.
 pub fn prefix(ip: IpAddr, v4_bits: u8, v6_bits: u8) -> IpAddr {
     match ip.to_canonical() {

@@ -82,21 +82,32 @@ pub struct ConnState {
     activity: Option<Arc<crate::protect::connections::Activity>>,
     /// HTTP/1.x: milliseconds since `start` when the request in flight
     /// passes `timeouts.request`, or `NONE`. The connection is closed
-    /// then, whether or not the client reads (HTTP/2 streams are bounded
-    /// on the upstream side instead, see `upstream::pool`).
+    /// then, whether or not the client reads.
     request_deadline: AtomicU64,
-    /// `timeouts.request` in milliseconds.
+    /// HTTP/2: the deadline of each stream whose response head is out
+    /// (token, ms since `start`). hyper does not poll the body of a stream
+    /// whose client withholds flow control, so no timer inside the body
+    /// can fire: the watchdog closes the connection at the earliest of
+    /// these instead. Touched once per stream, never contended but by the
+    /// watchdog's scan.
+    h2_deadlines: std::sync::Mutex<Vec<(u64, u64)>>,
+    next_token: AtomicU64,
+    /// `timeouts.request` and `timeouts.send` in milliseconds.
     request_ms: u64,
+    send_ms: u64,
     /// Milliseconds since `start` since which a write to the client has
     /// been waiting (the client is not reading), or `NONE`.
     write_stalled: AtomicU64,
 }
 
 impl ConnState {
-    fn new(activity: Option<Arc<crate::protect::connections::Activity>>, request_ms: u64) -> Arc<Self> {
+    fn new(activity: Option<Arc<crate::protect::connections::Activity>>, timeouts: &Timeouts) -> Arc<Self> {
         Arc::new(ConnState {
             request_deadline: AtomicU64::new(NONE),
-            request_ms,
+            h2_deadlines: std::sync::Mutex::new(Vec::new()),
+            next_token: AtomicU64::new(0),
+            request_ms: timeouts.request.as_millis() as u64,
+            send_ms: timeouts.send.as_millis() as u64,
             write_stalled: AtomicU64::new(NONE),
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
@@ -153,6 +164,12 @@ impl ConnState {
         }
     }
 
+    /// The earliest deadline of the HTTP/2 streams in flight, if any.
+    fn earliest_h2_deadline(&self) -> Option<u64> {
+        let deadlines = self.h2_deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        deadlines.iter().map(|&(_, at)| at).min()
+    }
+
     /// A write to the client is waiting for it to read.
     fn on_write_pending(&self) {
         if self.write_stalled.load(Ordering::Relaxed) == NONE {
@@ -187,8 +204,11 @@ impl ConnState {
         loop {
             let now = self.now_ms();
             let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
-                let request = self.request_deadline.load(Ordering::Relaxed);
-                let request = (request != NONE).then_some((request, Expiry::RequestTimeout));
+                let request = match self.request_deadline.load(Ordering::Relaxed) {
+                    NONE => self.earliest_h2_deadline(),
+                    at => Some(at),
+                };
+                let request = request.map(|at| (at, Expiry::RequestTimeout));
                 match (request, self.send_deadline(send_ms)) {
                     (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
                     (a, b) => a.or(b),
@@ -335,6 +355,8 @@ pub struct InFlight {
     /// When the request arrived (ms since the connection's start).
     started_ms: u64,
     h2: bool,
+    /// The stream's entry in `h2_deadlines`, once armed.
+    token: Option<u64>,
 }
 
 impl InFlight {
@@ -353,23 +375,46 @@ impl InFlight {
             state: state.clone(),
             started_ms: state.now_ms(),
             h2,
+            token: None,
         }
     }
 
-    /// The response head is ready: from now on (HTTP/1.x) the connection
-    /// is closed at the request's deadline if the exchange is still going
-    /// on, read by the client or not. Before the head, the pipeline's own
-    /// timeouts answer (504); this one must not race them.
-    fn arm_deadline(&self) {
-        if !self.h2 {
-            let deadline = self.started_ms.saturating_add(self.state.request_ms);
-            self.state.request_deadline.store(deadline, Ordering::Relaxed);
+    /// The response head is ready: from now on the connection is closed
+    /// at the request's deadline if the exchange is still going on, read
+    /// by the client or not (HTTP/2: the whole connection, since one
+    /// stream cannot be reset from outside hyper). Before the head, the
+    /// pipeline's own timeouts answer (504); this one must not race them.
+    /// A response ready only at (or past) the deadline, such as a stale
+    /// answer to a timed-out exchange, still gets `timeouts.send` to go out.
+    fn arm_deadline(&mut self) {
+        let state = &self.state;
+        let now = state.now_ms();
+        let deadline = match self.started_ms.saturating_add(state.request_ms) {
+            passed if passed <= now => now.saturating_add(state.send_ms),
+            deadline => deadline,
+        };
+        if self.h2 {
+            let token = state.next_token.fetch_add(1, Ordering::Relaxed);
+            state
+                .h2_deadlines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((token, deadline));
+            self.token = Some(token);
+        } else {
+            state.request_deadline.store(deadline, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if let Some(token) = self.token {
+            let mut deadlines = self.state.h2_deadlines.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = deadlines.iter().position(|&(t, _)| t == token) {
+                deadlines.swap_remove(i);
+            }
+        }
         if self.state.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.state.request_deadline.store(NONE, Ordering::Relaxed);
             self.state.idle_since.store(self.state.now_ms(), Ordering::Relaxed);
@@ -439,11 +484,13 @@ impl<S: AsyncWrite> AsyncWrite for WatchedIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().stream.poll_flush(cx)
+        let this = self.project();
+        watch_flush(this.state, this.stream.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().stream.poll_shutdown(cx)
+        let this = self.project();
+        watch_flush(this.state, this.stream.poll_shutdown(cx))
     }
 }
 
@@ -531,6 +578,18 @@ impl<S: AsyncWrite> AsyncWrite for Counted<S> {
     }
 }
 
+/// [`watch_write`] for a flush or shutdown (over TLS the last bytes of a
+/// response can wait there, in rustls' buffer, for a client that stopped
+/// reading).
+fn watch_flush(state: &ConnState, result: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+    match &result {
+        Poll::Pending => state.on_write_pending(),
+        Poll::Ready(Ok(())) => state.on_write_progress(),
+        Poll::Ready(Err(_)) => {}
+    }
+    result
+}
+
 /// What a request knows about the connection it came on.
 pub struct ConnInfo {
     pub peer: SocketAddr,
@@ -567,6 +626,32 @@ pub struct ConnInfo {
     pub tunnel_idle: Duration,
 }
 
+impl ConnInfo {
+    /// The same facts without the connection's place in the table: for
+    /// work that outlives the request (a background cache refresh), which
+    /// must not keep a closed connection counted.
+    pub fn detached(&self) -> Arc<ConnInfo> {
+        Arc::new(ConnInfo {
+            peer: self.peer,
+            scheme: self.scheme,
+            hsts: self.hsts.clone(),
+            redirect_https_port: self.redirect_https_port,
+            client_cert_headers: self.client_cert_headers.clone(),
+            client_cert: self.client_cert.clone(),
+            forwarded: self.forwarded.clone(),
+            local: self.local,
+            trusted: self.trusted,
+            tasks: self.tasks.clone(),
+            hard_stop: self.hard_stop.clone(),
+            tls: self.tls,
+            activity: None,
+            close: tokio::sync::Notify::new(),
+            _hold: ConnHold::default(),
+            tunnel_idle: self.tunnel_idle,
+        })
+    }
+}
+
 /// What an open connection holds until it (or its tunnel) closes.
 #[derive(Default)]
 pub(crate) struct ConnHold {
@@ -589,7 +674,7 @@ pub(super) async fn serve<S>(
         let current = snapshot.load();
         (current.config.timeouts, current.config.protect.h2_max_resets_per_second)
     };
-    let state = ConnState::new(info.activity.clone(), timeouts.request.as_millis() as u64);
+    let state = ConnState::new(info.activity.clone(), &timeouts);
     let io = TokioIo::new(WatchedIo {
         stream,
         state: state.clone(),
@@ -624,6 +709,7 @@ pub(super) async fn serve<S>(
                     .headers_mut()
                     .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
             }
+            let mut guard = guard;
             guard.arm_deadline();
             response.body_mut().set_in_flight(guard);
             Ok::<_, std::convert::Infallible>(response)
