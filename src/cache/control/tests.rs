@@ -1,3 +1,5 @@
+//! Tests of the Cache-Control and targeted-field parsers (RFC 9111 section 5.2, RFC 9213), case by case.
+
 use http::HeaderName;
 use http::header::CACHE_CONTROL;
 

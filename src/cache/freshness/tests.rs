@@ -1,3 +1,5 @@
+//! Tests of freshness lifetimes, ages and stale reuse (RFC 9111 section 4.2, RFC 5861), as tables.
+
 use std::time::Duration;
 
 use http::StatusCode;

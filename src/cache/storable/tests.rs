@@ -1,3 +1,5 @@
+//! Tests of what a shared cache may store and which fields it keeps (RFC 9111 section 3), as tables.
+
 use http::HeaderValue;
 
 use super::*;

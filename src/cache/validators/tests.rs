@@ -1,3 +1,5 @@
+//! Tests of entity-tag comparison and 304 decisions (RFC 9110 sections 8.8 and 13), as tables.
+
 use http::Method;
 
 use super::*;

@@ -1,3 +1,5 @@
+//! Tests of secondary keys from `Vary` (RFC 9111 section 4.1).
+
 use super::*;
 use crate::cache::testutil::headers;
 

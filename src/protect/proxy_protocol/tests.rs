@@ -1,3 +1,5 @@
+//! Tests of the PROXY protocol reader: v1 and v2 tables, every truncation, bytes after the header untouched.
+
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
