@@ -1,5 +1,6 @@
-//! Small helpers for keys and digests shared by the audit log and the
-//! challenge cookie: reading a key file, and lower-case hex.
+//! Small helpers for keys and digests shared by the config, the audit log,
+//! TLS and the challenge cookie: reading a key file, lower-case hex, and
+//! the SHA-256 of bytes as lower-case hex (the one `sha256_hex`).
 
 use std::path::Path;
 
@@ -27,6 +28,11 @@ pub fn hex(bytes: &[u8]) -> String {
         out.push(HEX[(b & 15) as usize] as char);
     }
     out
+}
+
+/// SHA-256 of `bytes`, as 64 lower-case hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
 }
 
 #[cfg(test)]

@@ -344,7 +344,7 @@ pub fn parse_byte_rate(text: &str) -> Result<u64, String> {
 fn cidrs(t: &Table<'_>, key: &'static str) -> Vec<IpNet> {
     let mut out = Vec::new();
     for (path, text) in t.str_or_strs(key).unwrap_or_default() {
-        match super::parse::parse_cidr(text) {
+        match super::units::parse_cidr(text) {
             Some(net) => out.push(net),
             None => t.errors().push(path, format!("invalid IP address or CIDR \"{text}\"")),
         }

@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
+use std::time::Duration;
 
 use toml::Value;
 
@@ -321,6 +322,40 @@ fn edit_distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// Reads an optional timeout of at least a millisecond: zero would fail
+/// every request, and timers work in whole milliseconds (a shorter one
+/// would make the connection watchdog spin).
+pub fn positive_duration(t: &Table<'_>, key: &'static str, default: Duration) -> Duration {
+    match t.duration(key) {
+        Some(d) if d < Duration::from_millis(1) => {
+            t.error(key, "must be at least 1ms");
+            default
+        }
+        Some(d) => d,
+        None => default,
+    }
+}
+
+/// Reads an optional bounded size.
+pub fn bounded(t: &Table<'_>, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
+    match t.size(key) {
+        Some(v) if v < min || v > max => {
+            t.error(
+                key,
+                format!(
+                    "must be between {} and {}, found {}",
+                    super::units::format_size(min),
+                    super::units::format_size(max),
+                    super::units::format_size(v)
+                ),
+            );
+            default
+        }
+        Some(v) => v,
+        None => default,
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 //! They are pure and return a message naming what was wrong, so the config
 //! reader can prefix it with the field's path.
 
+use std::net::IpAddr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 /// Parses a duration such as `"250ms"`, `"5s"`, `"1.5s"`, `"2m"`, `"1h"`.
 ///
@@ -88,6 +91,13 @@ pub fn format_size(bytes: u64) -> String {
         }
     }
     bytes.to_string()
+}
+
+/// An IP network (`10.0.0.0/8`) or a single address (a /32 or /128).
+pub fn parse_cidr(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::SystemTime;
 
-use aws_lc_rs::{digest, hmac};
+use aws_lc_rs::hmac;
 use serde::Serialize;
 
 use crate::config::AuditLogConfig;
@@ -116,9 +116,7 @@ pub struct CertificateSummary {
     pub fingerprints: Vec<String>,
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(digest::digest(&digest::SHA256, bytes).as_ref())
-}
+pub use crate::secret::sha256_hex;
 
 fn mac_hex(key: &hmac::Key, message: &str) -> String {
     hex(hmac::sign(key, message.as_bytes()).as_ref())

@@ -270,11 +270,13 @@ pub fn load_cert(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String
     Ok(LoadedCert {
         key: Arc::new(certified),
         names,
-        fingerprint: sha256_hex(&chain[0]),
+        fingerprint: fingerprint(&chain[0]),
     })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// A certificate's SHA-256 fingerprint as it is usually shown: hex pairs
+/// joined by colons (`ab:cd:...`).
+fn fingerprint(bytes: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     digest
         .as_ref()
@@ -342,7 +344,7 @@ pub fn client_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<(http::He
     let leaf = certs?.first()?;
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
     let subject = http::HeaderValue::from_str(&parsed.subject().to_string()).ok()?;
-    let fingerprint = http::HeaderValue::from_str(&sha256_hex(leaf)).ok()?;
+    let fingerprint = http::HeaderValue::from_str(&fingerprint(leaf)).ok()?;
     Some((subject, fingerprint))
 }
 

@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use crate::config::{CheckKind, CheckSettings, OutlierSettings, RetrySettings};
+
 /// Milliseconds on a process-wide monotonic clock.
 pub fn now_ms() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -19,18 +21,6 @@ pub fn now_ms() -> u64 {
 /// it is not working. Not 500, which a request can provoke.
 pub fn is_gateway_failure(status: u16) -> bool {
     matches!(status, 502..=504)
-}
-
-/// Outlier detection settings (`[upstreams.NAME.outlier]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutlierSettings {
-    /// Consecutive connect failures or gateway errors (502, 503, 504) that eject a server; 0
-    /// turns passive health off.
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejection: Duration,
-    /// At most this share of a group is ejected at once.
-    pub max_ejected_percent: u32,
 }
 
 /// Slow start and the latency estimator's decay.
@@ -201,16 +191,6 @@ pub fn may_eject(total: usize, ejected: usize, max_percent: u32) -> bool {
     (ejected + 1) * 100 <= total * max_percent as usize
 }
 
-/// Retry settings (`[upstreams.NAME.retry]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetrySettings {
-    pub max_retries: u32,
-    /// Retries may add at most this percentage of requests ...
-    pub budget_percent: u32,
-    /// ... but at least this many per second are always allowed.
-    pub min_per_second: u32,
-}
-
 /// A sliding window of requests and retries, one-second buckets over ten
 /// seconds: retries stay under `budget_percent` of requests, with a floor.
 #[derive(Debug)]
@@ -274,29 +254,6 @@ impl RetryBudget {
         self.bucket(now_ms).retries.fetch_add(1, Ordering::Relaxed);
         true
     }
-}
-
-/// Active health check settings (`[upstreams.NAME.health_check]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckSettings {
-    pub kind: CheckKind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy_threshold: u32,
-    pub unhealthy_threshold: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckKind {
-    Tcp,
-    Http {
-        method: http::Method,
-        path: String,
-        host: Option<String>,
-        /// Inclusive status range counted as healthy.
-        status: (u16, u16),
-        body_contains: Option<String>,
-    },
 }
 
 /// Consecutive results of one server's checks and the state they decide.
