@@ -20,6 +20,8 @@
 //! - [`secret`]: key files and hex, for the audit log and challenge cookie;
 //! - [`state`]: the runtime snapshot behind one `ArcSwap`;
 //! - [`target`]: the normalised path and the host rules (pure);
+//! - [`tls`]: certificates, the SNI store, rustls configs for listeners and
+//!   upstreams;
 //! - [`demo`]: built-in origins for `portcullis demo` and tests.
 
 pub mod body;
@@ -36,6 +38,7 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod target;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -70,7 +70,6 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("observe", "server/conn"),
     ("pipeline", "server/conn"),
     ("protect", "server/conn"),
-    ("upstream", "server/tls"),
 ];
 
 /// Circles tolerated today, by their members, the same way.

@@ -9,7 +9,9 @@
 //! 3. after `server.drain_timeout`, whatever is left is cut.
 
 pub mod conn;
-pub mod tls;
+/// TLS material (certificates, stores, rustls configs) lives in `crate::tls`;
+/// re-exported here where the listeners use it.
+pub use crate::tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -358,7 +358,7 @@ fn tls_connector(
 ) -> Result<tokio_rustls::TlsConnector, (&'static str, String)> {
     use rustls::pki_types::pem::PemObject;
     let roots = match &tls.ca {
-        Some(path) => crate::server::tls::load_roots(path).map_err(|e| ("ca", e))?,
+        Some(path) => crate::tls::load_roots(path).map_err(|e| ("ca", e))?,
         None => {
             let found = rustls_native_certs::load_native_certs();
             let mut roots = rustls::RootCertStore::empty();
@@ -372,14 +372,14 @@ fn tls_connector(
             roots
         }
     };
-    let builder = rustls::ClientConfig::builder_with_provider(crate::server::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ("ca", e.to_string()))?
         .with_root_certificates(roots);
     let mut config = match &tls.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let loaded = crate::server::tls::load_cert(cert, key).map_err(|e| ("client_cert", e))?;
+            let loaded = crate::tls::load_cert(cert, key).map_err(|e| ("client_cert", e))?;
             let chain = loaded.key.cert.clone();
             let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
                 .map_err(|e| ("client_key", format!("{}: {e}", key.display())))?;

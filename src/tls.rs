@@ -1,5 +1,8 @@
-//! TLS termination with rustls (aws-lc-rs provider): certificate loading and
-//! checks, SNI selection, hot reload, and the per-listener `ServerConfig`.
+//! TLS material with rustls (aws-lc-rs provider): certificate loading and
+//! checks, SNI selection, hot reload, the per-listener `ServerConfig`, and
+//! the roots and client certificates the upstream connector uses. The
+//! listeners (`server/`) terminate TLS with it; upstream groups connect
+//! with it.
 //!
 //! Each TLS listener owns a [`CertStore`]: the certificate files it was
 //! configured with and the current [`CertTable`] behind an `ArcSwap`. The
