@@ -4,9 +4,14 @@
 //!   `limits.max_request_body_bytes` so an oversized chunked upload fails with
 //!   413 instead of being forwarded.
 //! - [`ProxyBody`]: what the client receives: a short local body, or the
-//!   upstream's body streamed frame by frame (never buffered whole). It holds
-//!   the connection's in-flight guard and the upstream connection lease, so
-//!   both are released exactly when the body is done or dropped.
+//!   upstream's body streamed frame by frame (never buffered whole).
+//!
+//! A body knows none of the modules that ride in it: it carries guards
+//! ([`Guard`], dropped with it: the connection's in-flight mark, the
+//! server's request count), a [`Record`] told of bytes and of the end, a
+//! [`Tap`] that copies it (the cache) and the [`Reuse`] of its upstream
+//! connection, all filled in by the pipeline. So everything that must end
+//! with the body ends exactly when it is done or dropped.
 
 use std::error::Error as StdError;
 use std::pin::Pin;
@@ -19,12 +24,6 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
-
-use crate::cache::serve::{Held, Tee};
-use crate::observe::Observation;
-use crate::server::conn::InFlight;
-use crate::upstream::ServerGuard;
-use crate::upstream::pool::Lease;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -202,33 +201,59 @@ impl Body for RequestBody {
     }
 }
 
+/// What a body carries to tell the request's record how it went: bytes as
+/// they go out, and once, when the body is done or dropped, whether it was
+/// read to its end. (The pipeline's access log and metrics record.)
+pub trait Record: Send {
+    fn on_data(&mut self, bytes: usize);
+    fn finish(self: Box<Self>, complete: bool);
+}
+
+/// What copies a body while it streams (the cache's tee). `data` returns
+/// false when the copy is given up (the body is too big); `finish` is
+/// called when the body ended whole, `pass` when the copy was given up;
+/// dropped otherwise (the body did not end well).
+pub trait Tap: Send {
+    fn data(&mut self, chunk: &Bytes) -> bool;
+    fn finish(self: Box<Self>);
+    fn pass(self: Box<Self>);
+}
+
+/// A connection that can be reused once its response was read whole (the
+/// pool's lease); dropped without `release`, it is closed.
+pub trait Reuse: Send {
+    fn release(self: Box<Self>);
+}
+
+/// A guard held until the body is done or dropped (the connection's
+/// in-flight mark, the server's request count). The body knows nothing of
+/// them but that they end with it.
+pub type Guard = Box<dyn Send>;
+
 /// What the client receives.
 pub struct ProxyBody {
     kind: Kind,
-    /// Released when the body is dropped: marks the request done for the
-    /// connection's idle / header timers.
-    in_flight: Option<InFlight>,
-    /// Counts the request against its upstream server until the body ends.
-    server: Option<ServerGuard>,
+    /// Released when the body is dropped (in-flight marks, server counts).
+    guards: Vec<Guard>,
     /// The request's log and metrics record, finished on drop.
-    exchange: Option<Box<Observation>>,
+    record: Option<Box<dyn Record>>,
     /// Keeps a copy of the body for the cache while it streams.
-    tee: Option<Box<Tee>>,
+    tap: Option<Box<dyn Tap>>,
 }
 
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
     /// Fed by a task that reads the upstream body at the origin's pace
-    /// (the cache's [`Tee::feed`]), until it hands the rest over.
+    /// (the cache's `Tee::feed`), until it hands the rest over.
     Fed(Box<Fed>),
 }
 
 /// What the feeding task sends.
 pub enum Feed {
-    /// A frame, with the cache's count of its bytes (released when the
+    /// A frame, with a guard for the bytes it holds (released when the
     /// frame is taken), and whether it is the last one.
-    Frame(Result<Frame<Bytes>, BoxError>, Option<Held>, bool),
+    Frame(Result<Frame<Bytes>, BoxError>, Option<Guard>, bool),
     /// The rest of the body, to read directly (at the client's pace).
     Rest(ProxyBody),
     /// The body ended cleanly.
@@ -242,15 +267,15 @@ struct Fed {
     failed: bool,
 }
 
-/// An upstream response body with its connection lease and deadline.
+/// An upstream response body with its connection and deadline.
 struct UpstreamBody {
     inner: Incoming,
     done: bool,
     /// Ended by an error (upstream failure or deadline).
     failed: bool,
-    /// The pooled HTTP/1.1 connection, returned to the pool on drop if the
-    /// body was read to its end (otherwise it is closed).
-    lease: Option<Lease>,
+    /// The pooled HTTP/1.1 connection, given back on drop if the body was
+    /// read to its end (otherwise it is closed).
+    reuse: Option<Box<dyn Reuse>>,
     deadline: Option<Instant>,
     /// Armed lazily, only when the body stalls, so a small response that is
     /// ready at once never touches the timer wheel.
@@ -258,80 +283,62 @@ struct UpstreamBody {
 }
 
 impl ProxyBody {
-    pub fn full(bytes: impl Into<Bytes>) -> Self {
+    fn with_kind(kind: Kind) -> Self {
         ProxyBody {
-            kind: Kind::Full(Some(bytes.into())),
-            in_flight: None,
-            server: None,
-            exchange: None,
-            tee: None,
+            kind,
+            guards: Vec::new(),
+            record: None,
+            tap: None,
         }
     }
 
-    /// The frames `read` so far, then `error` if the body failed, else the
-    /// rest of `rest`.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::with_kind(Kind::Full(Some(bytes.into())))
+    }
+
     /// A body fed through `rx` (see [`Feed`]).
     pub fn fed(rx: tokio::sync::mpsc::UnboundedReceiver<Feed>) -> Self {
-        ProxyBody {
-            kind: Kind::Fed(Box::new(Fed {
-                rx,
-                rest: None,
-                ended: false,
-                failed: false,
-            })),
-            in_flight: None,
-            server: None,
-            exchange: None,
-            tee: None,
-        }
+        Self::with_kind(Kind::Fed(Box::new(Fed {
+            rx,
+            rest: None,
+            ended: false,
+            failed: false,
+        })))
     }
 
     pub fn empty() -> Self {
-        ProxyBody {
-            kind: Kind::Full(None),
-            in_flight: None,
-            server: None,
-            exchange: None,
-            tee: None,
-        }
+        Self::with_kind(Kind::Full(None))
     }
 
-    pub fn upstream(inner: Incoming, lease: Option<Lease>, deadline: Option<Instant>) -> Self {
-        ProxyBody {
-            kind: Kind::Upstream(UpstreamBody {
-                inner,
-                done: false,
-                failed: false,
-                lease,
-                deadline,
-                sleep: None,
-            }),
-            in_flight: None,
-            server: None,
-            exchange: None,
-            tee: None,
-        }
+    /// An upstream body; `reuse` gives its connection back when the body
+    /// was read whole.
+    pub fn upstream(inner: Incoming, reuse: Option<Box<dyn Reuse>>, deadline: Option<Instant>) -> Self {
+        Self::with_kind(Kind::Upstream(UpstreamBody {
+            inner,
+            done: false,
+            failed: false,
+            reuse,
+            deadline,
+            sleep: None,
+        }))
     }
 
-    pub fn set_in_flight(&mut self, guard: InFlight) {
-        self.in_flight = Some(guard);
+    /// Holds `guard` until the body is done or dropped.
+    pub fn hold(&mut self, guard: Guard) {
+        self.guards.push(guard);
     }
 
-    pub fn set_server_guard(&mut self, guard: ServerGuard) {
-        self.server = Some(guard);
+    pub fn set_record(&mut self, record: Box<dyn Record>) {
+        self.record = Some(record);
     }
 
-    pub fn set_exchange(&mut self, exchange: Box<Observation>) {
-        self.exchange = Some(exchange);
-    }
-
-    pub fn set_tee(&mut self, tee: Tee) {
-        self.tee = Some(Box::new(tee));
+    pub fn set_tap(&mut self, tap: Box<dyn Tap>) {
+        self.tap = Some(tap);
     }
 
     /// Still copying for the cache.
-    pub fn has_tee(&self) -> bool {
-        self.tee.is_some()
+    pub fn has_tap(&self) -> bool {
+        self.tap.is_some()
     }
 
     /// Read to its end without an error.
@@ -350,15 +357,15 @@ impl ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         let complete = self.complete();
-        if let Some(exchange) = self.exchange.take() {
-            exchange.finish(complete);
+        if let Some(record) = self.record.take() {
+            record.finish(complete);
         }
-        if let Some(tee) = self.tee.take() {
+        if let Some(tap) = self.tap.take() {
             // A body the server never polled to `None` (it stops at
             // `is_end_stream`) is still whole; an unfinished one is not
-            // stored (dropping the tee abandons its flight).
+            // stored (dropping the tap abandons its flight).
             if complete {
-                tee.finish();
+                tap.finish();
             }
         }
     }
@@ -376,35 +383,35 @@ impl Body for ProxyBody {
             Kind::Upstream(up) => up.poll_frame(cx),
             Kind::Fed(f) => f.poll_frame(cx),
         };
-        if let (Some(exchange), Poll::Ready(Some(Ok(frame)))) = (&mut this.exchange, &polled) {
+        if let (Some(record), Poll::Ready(Some(Ok(frame)))) = (&mut this.record, &polled) {
             if let Some(data) = frame.data_ref() {
-                exchange.add_bytes_out(data.len());
+                record.on_data(data.len());
             }
         }
-        if this.tee.is_some() {
+        if this.tap.is_some() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
-                        if this.tee.as_mut().is_some_and(|tee| !tee.data(data)) {
+                        if this.tap.as_mut().is_some_and(|tap| !tap.data(data)) {
                             // Too big to keep: the waiters go on their own.
-                            if let Some(tee) = this.tee.take() {
-                                tee.pass();
+                            if let Some(tap) = this.tap.take() {
+                                tap.pass();
                             }
                         }
                     }
                     // The last frame: the server may not poll again.
                     if this.is_end_stream() {
-                        if let Some(tee) = this.tee.take() {
-                            tee.finish();
+                        if let Some(tap) = this.tap.take() {
+                            tap.finish();
                         }
                     }
                 }
                 Poll::Ready(None) => {
-                    if let Some(tee) = this.tee.take() {
-                        tee.finish();
+                    if let Some(tap) = this.tap.take() {
+                        tap.finish();
                     }
                 }
-                Poll::Ready(Some(Err(_))) => this.tee = None,
+                Poll::Ready(Some(Err(_))) => this.tap = None,
                 Poll::Pending => {}
             }
         }
@@ -477,7 +484,7 @@ impl UpstreamBody {
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
                 self.failed = true;
-                self.lease = None;
+                self.reuse = None;
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Pending => {
@@ -491,7 +498,7 @@ impl UpstreamBody {
                     Poll::Ready(()) => {
                         self.done = true;
                         self.failed = true;
-                        self.lease = None;
+                        self.reuse = None;
                         Poll::Ready(Some(Err(Box::new(BodyDeadline))))
                     }
                     Poll::Pending => Poll::Pending,
@@ -503,11 +510,11 @@ impl UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
+        if let Some(reuse) = self.reuse.take() {
             // Only a connection whose response was read to the end can carry
             // another request; anything else is closed by dropping it.
             if self.done || self.inner.is_end_stream() {
-                lease.release();
+                reuse.release();
             }
         }
     }

@@ -1,12 +1,13 @@
-//! The proxy's error type: which side failed and why, mapped to a status code
-//! and an RFC 9209 `Proxy-Status` error type in one place ([`ProxyError::status`]).
+//! The proxy's error type: what failed ([`ProxyError`]), which side
+//! ([`ProxyError::side`]), mapped to a status code and an RFC 9209
+//! `Proxy-Status` error type in one place ([`ProxyError::status`]). The
+//! response itself is built by the pipeline's respond phase; this module
+//! knows nothing of bodies.
 //!
 //! Error responses are short plain text and never carry internal details
 //! (addresses, OS error strings): those go to the log.
 
-use http::{HeaderValue, Response, StatusCode, header};
-
-use crate::body::ProxyBody;
+use http::{HeaderValue, StatusCode};
 
 /// Why the proxy answered instead of the origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -118,52 +119,63 @@ impl ProxyError {
         }
     }
 
-    /// True when the failure is on the upstream side.
-    pub fn is_upstream(self) -> bool {
-        self.status().0.is_server_error()
-            && !matches!(
-                self,
-                ProxyError::Internal | ProxyError::OnlyIfCached | ProxyError::LocalResources
-            )
+    /// Which side failed: the client's request, the upstream (or the path
+    /// to it), or the proxy itself. Decided per kind, never from the
+    /// status (a 504 can be the origin's slowness or a client's
+    /// `only-if-cached`).
+    pub fn side(self) -> Side {
+        use ProxyError::*;
+        match self {
+            BadRequest
+            | HeadersTooLarge
+            | UriTooLong
+            | BodyTooLarge
+            | RequestTimeout
+            | MethodNotAllowed
+            | MethodNotImplemented
+            | TransferCodingNotImplemented
+            | NoRoute
+            | Forbidden
+            | Banned
+            | OnlyIfCached
+            | RateLimited { .. } => Side::Downstream,
+            ConnectionRefused
+            | ConnectionTimeout
+            | ConnectionTerminated
+            | DnsError
+            | DestinationUnavailable
+            | ResponseTimeout
+            | UpstreamProtocol
+            | UpgradeFailed
+            | TlsCertificate
+            | TlsProtocol
+            | NoHealthyServer
+            | ConnectionLimit
+            | Overloaded { .. } => Side::Upstream,
+            Internal | LocalResources => Side::Proxy,
+        }
     }
 
-    /// The response the client sees.
-    pub fn response(self) -> Response<ProxyBody> {
-        let (status, kind) = self.status();
-        let text = format!("{} {}\n", status.as_u16(), status.canonical_reason().unwrap_or("Error"));
-        let mut response = Response::new(ProxyBody::full(text));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(kind) = kind {
-            headers.insert(PROXY_STATUS.clone(), proxy_status_value(kind));
-        }
-        if matches!(self, ProxyError::RequestTimeout | ProxyError::Banned) {
-            // The rest of the body is still on its way: the connection
-            // cannot carry another request. A banned client's next
-            // connection is closed at accept, the cheapest refusal.
-            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if let ProxyError::RateLimited { retry_after } | ProxyError::Overloaded { retry_after } = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-        }
-        if matches!(self, ProxyError::MethodNotAllowed) {
-            headers.insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
-            );
-        }
-        response
+    /// True when the failure is on the upstream side.
+    pub fn is_upstream(self) -> bool {
+        self.side() == Side::Upstream
     }
+}
+
+/// Which side of the proxy an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request was refused or broken.
+    Downstream,
+    /// The upstream, or the path to it, failed.
+    Upstream,
+    /// The proxy itself (out of resources, a bug).
+    Proxy,
 }
 
 pub static PROXY_STATUS: http::HeaderName = http::HeaderName::from_static("proxy-status");
 
-fn proxy_status_value(kind: &'static str) -> HeaderValue {
+pub fn proxy_status_value(kind: &'static str) -> HeaderValue {
     // Built from static parts only: no allocation-time failure is possible,
     // but fall back to the bare name rather than panic.
     HeaderValue::from_str(&format!("portcullis; error={kind}")).unwrap_or(HeaderValue::from_static("portcullis"))
@@ -174,7 +186,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_upstream_error_has_a_proxy_status() {
+    fn every_upstream_error_is_upstream_and_has_a_proxy_status_type() {
         use ProxyError::*;
         for e in [
             ConnectionRefused,
@@ -184,12 +196,12 @@ mod tests {
             ResponseTimeout,
             UpstreamProtocol,
         ] {
-            let r = e.response();
-            assert!(r.status().is_server_error());
-            let ps = r.headers()[&PROXY_STATUS].to_str().expect("ascii");
-            assert!(ps.starts_with("portcullis; error="), "{ps}");
+            assert!(e.status().0.is_server_error());
+            assert!(e.status().1.is_some());
             assert!(e.is_upstream());
         }
         assert!(!BadRequest.is_upstream());
+        assert_eq!(OnlyIfCached.side(), Side::Downstream, "a 504 the client asked for");
+        assert_eq!(LocalResources.side(), Side::Proxy, "a 503 of the proxy's own");
     }
 }

@@ -99,10 +99,7 @@ impl Snapshot {
             };
             [make("1.0"), make("1.1"), make("2")]
         });
-        let observed = observe
-            .metrics
-            .as_ref()
-            .map(|m| Observed::build(m, &config, &upstreams));
+        let observed = observe.metrics.as_ref().map(|m| Observed::build(m, &config));
         let log_samples = observe
             .access
             .as_ref()

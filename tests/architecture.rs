@@ -64,39 +64,17 @@ const LAYERS: &[(&str, u8)] = &[
 /// Imports that break the layering today, each to be removed by the
 /// change that fixes it. The test fails if one of these is gone (take it
 /// off the list), so the list only shrinks.
-const KNOWN_UPWARD: &[(&str, &str)] = &[
-    ("body", "server/conn"),
-    ("error", "body"),
-    ("observe", "server/conn"),
-    ("pipeline", "server/conn"),
-    ("protect", "server/conn"),
-];
+const KNOWN_UPWARD: &[(&str, &str)] = &[];
 
 /// Circles tolerated today, by their members, the same way.
-const KNOWN_CIRCLES: &[&[&str]] = &[&[
-    "body",
-    "cache/serve",
-    "error",
-    "observe",
-    "observe/metrics",
-    "pipeline",
-    "protect",
-    "protect/connections",
-    "protect/rate",
-    "server",
-    "server/conn",
-    "state",
-    "upstream",
-    "upstream/pool",
-]];
+const KNOWN_CIRCLES: &[&[&str]] = &[];
 
 /// Files over the length limit today, the same way.
 const KNOWN_LONG: &[&str] = &[
     "src/cache/serve.rs",
     "src/observe/audit.rs",
-    "src/pipeline.rs",
+    "src/pipeline/mod.rs",
     "src/server/mod.rs",
-    "src/server/conn.rs",
 ];
 
 const MAX_LINES: usize = 800;

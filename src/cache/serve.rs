@@ -110,7 +110,13 @@ pub enum Lookup {
     AnswerAndRefresh(Response<ProxyBody>, Box<Pending>),
     /// Go to the origin.
     Forward(Box<Pending>),
+    /// `only-if-cached` and nothing suitable is stored: 504 (the status
+    /// text to send is [`ONLY_IF_CACHED_STATUS`]).
+    OnlyIfCached,
 }
+
+/// `Cache-Status` of an `only-if-cached` request answered 504.
+pub const ONLY_IF_CACHED_STATUS: &str = "portcullis; detail=only-if-cached";
 
 /// A request that goes to the origin, and what to do with the answer.
 pub struct Pending {
@@ -339,13 +345,8 @@ impl Cache {
                 }
             }
             if rc.only_if_cached {
-                // RFC 9111 section 5.2.1.7.
-                let mut response = ProxyError::OnlyIfCached.response();
-                response.headers_mut().insert(
-                    CACHE_STATUS.clone(),
-                    HeaderValue::from_static("portcullis; detail=only-if-cached"),
-                );
-                return Lookup::Answer(response, outcome::BYPASS);
+                // RFC 9111 section 5.2.1.7: the pipeline answers 504.
+                return Lookup::OnlyIfCached;
             }
             // Only requests whose answer can be shared wait for each other.
             let shareable = method == Method::GET
@@ -988,7 +989,7 @@ impl Tee {
     /// Copies a chunk; false, copying nothing, when it does not fit (the
     /// object would pass `max_object_size`, or all copies together the
     /// buffering limit). The caller then gives the copy up.
-    pub fn data(&mut self, chunk: &Bytes) -> bool {
+    pub fn copy(&mut self, chunk: &Bytes) -> bool {
         if self.stored.is_none() {
             return false;
         }
@@ -1008,7 +1009,7 @@ impl Tee {
 
     /// The response cannot be shared after all (too big): the waiters go
     /// to the origin on their own.
-    pub fn pass(mut self) {
+    pub fn give_up(mut self) {
         self.clear();
         if let Some(flight) = self.flight.take() {
             flight.land(Landing::Pass);
@@ -1024,7 +1025,7 @@ impl Tee {
 
     /// The body ended cleanly: store it, unless its URL was invalidated
     /// since the request was looked up. Returns the whole body.
-    pub fn finish(mut self) -> Option<Bytes> {
+    pub fn store(mut self) -> Option<Bytes> {
         let mut stored = self.stored.take()?;
         let body = std::mem::take(&mut self.buffer).freeze();
         self.clear();
@@ -1053,7 +1054,7 @@ impl Tee {
         use http_body_util::BodyExt;
         if http_body::Body::is_end_stream(&body) {
             // Nothing to read (an empty body): stored at once.
-            self.finish();
+            self.store();
             return body;
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1064,7 +1065,7 @@ impl Tee {
                 match body.frame().await {
                     None => {
                         if let Some(tee) = tee.take() {
-                            tee.finish();
+                            tee.store();
                         }
                         let _ = tx.send(Feed::End);
                         return;
@@ -1076,27 +1077,27 @@ impl Tee {
                         let kept = counted.is_some()
                             && tee
                                 .as_mut()
-                                .is_some_and(|t| frame.data_ref().is_some_and(|d| t.data(d)));
+                                .is_some_and(|t| frame.data_ref().is_some_and(|d| t.copy(d)));
                         // The client's server may not poll again after the
                         // last frame: it is marked so.
                         let last = http_body::Body::is_end_stream(&body);
                         match (kept, last) {
                             (true, false) => {
                                 // The copy goes on even if the client left.
-                                let _ = tx.send(Feed::Frame(Ok(frame), counted, false));
+                                let _ = tx.send(Feed::Frame(Ok(frame), counted.map(guard), false));
                             }
                             (true, true) => {
                                 if let Some(tee) = tee.take() {
-                                    tee.finish();
+                                    tee.store();
                                 }
-                                let _ = tx.send(Feed::Frame(Ok(frame), counted, true));
+                                let _ = tx.send(Feed::Frame(Ok(frame), counted.map(guard), true));
                                 return;
                             }
                             (false, _) => {
                                 if let Some(tee) = tee.take() {
-                                    tee.pass();
+                                    tee.give_up();
                                 }
-                                let _ = tx.send(Feed::Frame(Ok(frame), counted, last));
+                                let _ = tx.send(Feed::Frame(Ok(frame), counted.map(guard), last));
                                 if !last {
                                     // Nobody waits any more: the client's pace.
                                     let _ = tx.send(Feed::Rest(body));
@@ -1117,6 +1118,27 @@ impl Tee {
         });
         ProxyBody::fed(rx)
     }
+}
+
+/// The body's side of a tee: it copies what streams by and stores it when
+/// the body ends whole.
+impl crate::body::Tap for Tee {
+    fn data(&mut self, chunk: &Bytes) -> bool {
+        self.copy(chunk)
+    }
+
+    fn finish(self: Box<Self>) {
+        (*self).store();
+    }
+
+    fn pass(self: Box<Self>) {
+        (*self).give_up();
+    }
+}
+
+/// Boxes bytes counted against the buffering limit as a body guard.
+fn guard(held: Held) -> crate::body::Guard {
+    Box::new(held)
 }
 
 impl Drop for Tee {

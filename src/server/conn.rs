@@ -29,7 +29,6 @@
 //! woke the task ([`Gated`]), not on every socket event of the connection.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -48,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ListenerRuntime;
 use crate::config::{ListenerProtocol, Timeouts};
+use crate::pipeline::ConnInfo;
 use crate::state::SharedSnapshot;
 
 const NONE: u64 = u64::MAX;
@@ -494,90 +494,6 @@ impl<S: AsyncWrite> AsyncWrite for WatchedIo<S> {
     }
 }
 
-/// When a tunnel last carried a byte (milliseconds since `start`).
-pub struct Traffic {
-    start: Instant,
-    last: AtomicU64,
-}
-
-impl Default for Traffic {
-    fn default() -> Self {
-        Traffic {
-            start: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Traffic {
-    fn touch(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
-        if self.last.load(Ordering::Relaxed) != now {
-            self.last.store(now, Ordering::Relaxed);
-        }
-    }
-
-    /// Resolves once no byte has passed for `idle`; wakes at most once per
-    /// `idle` while bytes flow.
-    pub async fn idle_for(&self, idle: Duration) {
-        let idle_ms = (idle.as_millis() as u64).max(1);
-        loop {
-            let due = self.last.load(Ordering::Relaxed) + idle_ms;
-            if self.start.elapsed().as_millis() as u64 >= due {
-                return;
-            }
-            tokio::time::sleep_until(self.start + Duration::from_millis(due)).await;
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A stream that notes in a [`Traffic`] every read and write that
-    /// moved bytes.
-    pub struct Counted<S> {
-        #[pin]
-        stream: S,
-        traffic: Arc<Traffic>,
-    }
-}
-
-impl<S> Counted<S> {
-    pub fn new(stream: S, traffic: Arc<Traffic>) -> Self {
-        Counted { stream, traffic }
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Counted<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let result = this.stream.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.traffic.touch();
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Counted<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let result = this.stream.poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            this.traffic.touch();
-        }
-        result
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().stream.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().stream.poll_shutdown(cx)
-    }
-}
-
 /// [`watch_write`] for a flush or shutdown (over TLS the last bytes of a
 /// response can wait there, in rustls' buffer, for a client that stopped
 /// reading).
@@ -588,75 +504,6 @@ fn watch_flush(state: &ConnState, result: Poll<io::Result<()>>) -> Poll<io::Resu
         Poll::Ready(Err(_)) => {}
     }
     result
-}
-
-/// What a request knows about the connection it came on.
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// `http` or `https`: what the client used, told to upstreams.
-    pub scheme: &'static str,
-    /// `Strict-Transport-Security` for every response (TLS listeners).
-    pub hsts: Option<http::HeaderValue>,
-    /// Cleartext listener redirecting everything to HTTPS on this port.
-    pub redirect_https_port: Option<u16>,
-    /// mTLS listeners: the headers that carry the client's certificate to
-    /// the upstream (always stripped from the client's own request), and
-    /// the verified subject and fingerprint, if the client sent one.
-    pub client_cert_headers: Option<(http::HeaderName, http::HeaderName)>,
-    pub client_cert: Option<(http::HeaderValue, http::HeaderValue)>,
-    /// The peer as the forwarding headers write it, formatted once.
-    pub forwarded: crate::forwarding::Peer,
-    pub local: SocketAddr,
-    /// The peer is in `server.trusted_proxies` (decided once at accept).
-    pub trusted: bool,
-    pub tasks: tokio_util::task::TaskTracker,
-    pub hard_stop: CancellationToken,
-    /// TLS protocol version and cipher suite (TLS listeners).
-    pub tls: Option<(&'static str, &'static str)>,
-    /// Reported to the connection table for eviction (when it is on).
-    pub activity: Option<Arc<crate::protect::connections::Activity>>,
-    /// Asks the connection to close after what is in flight (a banned
-    /// client: `Connection: close` does not exist in HTTP/2, GOAWAY does).
-    pub close: tokio::sync::Notify,
-    /// The connection's place in the connection table and its count in
-    /// the open-connections gauge: given back when the last holder of this
-    /// `ConnInfo` goes, which for an upgraded connection is its tunnel.
-    pub(crate) _hold: ConnHold,
-    /// `timeouts.tunnel_idle` when the connection was accepted.
-    pub tunnel_idle: Duration,
-}
-
-impl ConnInfo {
-    /// The same facts without the connection's place in the table: for
-    /// work that outlives the request (a background cache refresh), which
-    /// must not keep a closed connection counted.
-    pub fn detached(&self) -> Arc<ConnInfo> {
-        Arc::new(ConnInfo {
-            peer: self.peer,
-            scheme: self.scheme,
-            hsts: self.hsts.clone(),
-            redirect_https_port: self.redirect_https_port,
-            client_cert_headers: self.client_cert_headers.clone(),
-            client_cert: self.client_cert.clone(),
-            forwarded: self.forwarded.clone(),
-            local: self.local,
-            trusted: self.trusted,
-            tasks: self.tasks.clone(),
-            hard_stop: self.hard_stop.clone(),
-            tls: self.tls,
-            activity: None,
-            close: tokio::sync::Notify::new(),
-            _hold: ConnHold::default(),
-            tunnel_idle: self.tunnel_idle,
-        })
-    }
-}
-
-/// What an open connection holds until it (or its tunnel) closes.
-#[derive(Default)]
-pub(crate) struct ConnHold {
-    pub _slot: Option<crate::protect::ConnSlot>,
-    pub _open: Option<super::OpenGuard>,
 }
 
 /// Serves one accepted connection until it closes, drains or is cut.
@@ -711,7 +558,7 @@ pub(super) async fn serve<S>(
             }
             let mut guard = guard;
             guard.arm_deadline();
-            response.body_mut().set_in_flight(guard);
+            response.body_mut().hold(Box::new(guard));
             Ok::<_, std::convert::Infallible>(response)
         }
     });

@@ -722,7 +722,7 @@ impl Accepted {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on client connection");
         }
-        let info = conn::ConnInfo {
+        let info = crate::pipeline::ConnInfo {
             peer,
             client_cert_headers: runtime.client_cert_headers.clone(),
             client_cert: None,
@@ -737,9 +737,9 @@ impl Accepted {
             tls: None,
             activity: slot.activity(),
             close: tokio::sync::Notify::new(),
-            _hold: conn::ConnHold {
+            _hold: crate::pipeline::ConnHold {
                 _slot: Some(slot),
-                _open: open_guard,
+                _open: open_guard.map(|g| Box::new(g) as Box<dyn Send + Sync>),
             },
             tunnel_idle: self.snapshot.load().config.timeouts.tunnel_idle,
         };

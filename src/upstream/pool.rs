@@ -144,6 +144,12 @@ pub struct Lease {
     reusable: bool,
 }
 
+impl crate::body::Reuse for Lease {
+    fn release(self: Box<Self>) {
+        Lease::release(*self);
+    }
+}
+
 impl Lease {
     /// Gives the connection back once it can take another request.
     pub fn release(mut self) {

@@ -33,8 +33,15 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+
+mod conn;
+mod protect;
+mod record;
+mod respond;
+mod tunnel;
+
+pub use conn::{ConnHold, ConnInfo};
 
 use crate::body::{BodyTooLarge, BodyTooSlow, ProxyBody, RequestBody, find_cause};
 use crate::cache;
@@ -42,11 +49,11 @@ use crate::cache::serve::{CACHE_STATUS, Lookup, outcome};
 use crate::config::{Limits, RouteConfig, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::forwarding::{self, Hop};
-use crate::observe::{Observation, Trace, request_id};
-use crate::server::conn::ConnInfo;
+use crate::observe::request_id;
 use crate::state::Snapshot;
 use crate::upstream::pool::SendError;
 use crate::upstream::{Outcome, PickContext, balance};
+use record::{Observation, Trace};
 
 /// Serves one request: the upstream's response, or the proxy's error.
 pub async fn handle(mut req: Request<Incoming>, conn: &Arc<ConnInfo>, snapshot: &Arc<Snapshot>) -> Response<ProxyBody> {
@@ -85,7 +92,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: &Arc<ConnInfo>, snapshot: 
         exchange.request_id = request_id;
         exchange.traceparent = traceparent;
         exchange.error = error;
-        response.body_mut().set_exchange(exchange);
+        response.body_mut().set_record(exchange);
     }
     response
 }
@@ -142,7 +149,7 @@ async fn handle_inner(
             } else {
                 tracing::debug!(peer = %conn.peer, %method, %error, "request refused");
             }
-            let mut response = error.response();
+            let mut response = respond::error_response(error);
             if method == Method::CONNECT {
                 // The client may already be sending tunnel bytes: they must
                 // not be read as the next request.
@@ -197,7 +204,7 @@ async fn forward(
     }
 
     // protect: the route's IP lists, attack mode, rate limit, challenge
-    if let Some(answer) = crate::protect::check_request(&req, conn, snapshot, route_index, &mut trace.protection)? {
+    if let Some(answer) = protect::check_request(&req, conn, snapshot, route_index, &mut trace.protection)? {
         return Ok(answer);
     }
 
@@ -270,6 +277,15 @@ async fn forward(
                     return Ok(finish_stored(response, snapshot, route, version));
                 }
                 Lookup::Forward(p) => pending = Some(p),
+                Lookup::OnlyIfCached => {
+                    trace.cache = Some(outcome::BYPASS);
+                    let mut response = respond::error_response(ProxyError::OnlyIfCached);
+                    response.headers_mut().insert(
+                        CACHE_STATUS.clone(),
+                        HeaderValue::from_static(cache::serve::ONLY_IF_CACHED_STATUS),
+                    );
+                    return Ok(response);
+                }
             }
         } else {
             trace.cache = Some(outcome::BYPASS);
@@ -283,7 +299,7 @@ async fn forward(
     }
 
     // Held until the response head arrives (or the exchange fails).
-    let shed_wait = crate::protect::check_load(
+    let shed_wait = protect::check_load(
         as_sent.as_ref().unwrap_or(req.headers()),
         conn,
         snapshot,
@@ -344,7 +360,7 @@ async fn forward(
             if let Some(tee) = handled.tee {
                 // The client is answered from the stored copy; the body
                 // still has to arrive to be stored.
-                body.set_tee(tee);
+                body.set_tap(Box::new(tee));
                 tokio::spawn(drain_body(body));
             }
             return Ok(finish_stored(*response, snapshot, route, downstream_version));
@@ -352,7 +368,7 @@ async fn forward(
         match handled.tee {
             // Others may wait for this body: read at the origin's pace.
             Some(tee) if tee.leads() => body = tee.feed(body),
-            Some(tee) => body.set_tee(tee),
+            Some(tee) => body.set_tap(Box::new(tee)),
             None => {}
         }
     } else if let Some((_, cache)) = caching {
@@ -684,7 +700,7 @@ async fn exchange(
     };
     if let (true, Some(client_side)) = (tunnel, client_upgrade) {
         let upstream_side = hyper::upgrade::on(&mut response);
-        conn.tasks.spawn(run_tunnel(client_side, upstream_side, conn.clone()));
+        conn.tasks.spawn(tunnel::run(client_side, upstream_side, conn.clone()));
     }
     let (mut parts, body) = response.into_parts();
     forwarding::strip_hop_by_hop(&mut parts.headers, tunnel && kind == Exchange::Upgrade);
@@ -697,8 +713,9 @@ async fn exchange(
     let body = if tunnel {
         ProxyBody::empty()
     } else {
-        let mut body = ProxyBody::upstream(body, lease, Some(deadline));
-        body.set_server_guard(server_guard);
+        let reuse = lease.map(|l| Box::new(l) as Box<dyn crate::body::Reuse>);
+        let mut body = ProxyBody::upstream(body, reuse, Some(deadline));
+        body.hold(Box::new(server_guard));
         body
     };
     Ok((Response::from_parts(parts, body), Some((chosen, pinned))))
@@ -723,7 +740,7 @@ fn finish_stored(
 /// Stops as soon as the copy is given up (the body grew too big).
 async fn drain_body(mut body: ProxyBody) {
     use http_body_util::BodyExt;
-    while body.has_tee() {
+    while body.has_tap() {
         match body.frame().await {
             Some(Ok(_)) => {}
             Some(Err(_)) | None => return,
@@ -769,7 +786,7 @@ fn spawn_refresh(
                 let (mut parts, mut body) = response.into_parts();
                 // The client was answered: only the store is refreshed.
                 if let Some(tee) = refresh.on_response(&mut parts).tee {
-                    body.set_tee(tee);
+                    body.set_tap(Box::new(tee));
                     drain_body(body).await;
                 }
             }
@@ -782,14 +799,14 @@ fn spawn_refresh(
 /// (308 keeps the method and body, unlike 301).
 fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> {
     let Ok(Some(host)) = request_host(req) else {
-        return ProxyError::BadRequest.response();
+        return respond::error_response(ProxyError::BadRequest);
     };
     let host = host.to_str().ok().map(|h| match h.rfind(':') {
         Some(i) if !h.ends_with(']') => &h[..i],
         _ => h,
     });
     let Some(host) = host.filter(|h| !h.is_empty()) else {
-        return ProxyError::BadRequest.response();
+        return respond::error_response(ProxyError::BadRequest);
     };
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     let location = if port == 443 {
@@ -803,7 +820,7 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<ProxyBody> 
         Ok(v) => {
             response.headers_mut().insert(header::LOCATION, v);
         }
-        Err(_) => return ProxyError::BadRequest.response(),
+        Err(_) => return respond::error_response(ProxyError::BadRequest),
     }
     response
         .headers_mut()
@@ -1150,41 +1167,6 @@ fn classify(error: &hyper::Error) -> ProxyError {
         return ProxyError::ResponseTimeout;
     }
     ProxyError::ConnectionTerminated
-}
-
-/// Copies bytes both ways between an upgraded client and upstream until
-/// either side closes, no byte passed for `timeouts.tunnel_idle`, or the
-/// drain deadline cuts it. The tunnel holds the client connection's
-/// `ConnInfo`, and with it the connection's place in the connection table
-/// (caps count open tunnels); it is never evicted as idle.
-async fn run_tunnel(client: OnUpgrade, upstream: OnUpgrade, conn: Arc<ConnInfo>) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (c, u) => {
-            tracing::debug!(
-                client_ok = c.is_ok(),
-                upstream_ok = u.is_ok(),
-                "upgrade did not complete"
-            );
-            return;
-        }
-    };
-    let _busy = conn.activity.as_ref().map(|a| a.tunnel());
-    let idle = conn.tunnel_idle;
-    let traffic = Arc::new(crate::server::conn::Traffic::default());
-    let mut client = crate::server::conn::Counted::new(TokioIo::new(client), traffic.clone());
-    let mut upstream = TokioIo::new(upstream);
-    tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "tunnel closed with an error");
-            }
-        }
-        () = traffic.idle_for(idle) => {
-            tracing::debug!(peer = %conn.peer, "tunnel idle (timeouts.tunnel_idle); closing");
-        }
-        _ = conn.hard_stop.cancelled() => {}
-    }
 }
 
 #[cfg(test)]
