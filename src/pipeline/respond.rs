@@ -1,12 +1,43 @@
-//! respond: what the client gets when the proxy answers itself (an error
-//! of any phase), built in one place from the error's kind and status
-//! ([`ProxyError::status`]).
+//! respond: the fields the proxy adds to every response it sends (`Via`,
+//! the route's edits, the sticky-session cookie: [`decorate`], [`sticky`]),
+//! and what the client gets when the proxy answers itself, an error of any
+//! phase, built in one place from the error's kind ([`error_response`]).
 
-use http::Response;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, Version};
 
+use super::exchange::Picked;
+use super::rewrite::via_index;
 use crate::body::ProxyBody;
+use crate::config::RouteConfig;
 use crate::error::{PROXY_STATUS, ProxyError, proxy_status_value};
+use crate::forwarding;
+use crate::state::Snapshot;
+use crate::upstream::Upstream;
+
+/// `Via` and the route's response edits, on the origin's response and on
+/// one the cache made alike.
+pub(super) fn decorate(headers: &mut HeaderMap, snapshot: &Snapshot, route: &RouteConfig, version: Version) {
+    if let Some(via) = &snapshot.via {
+        forwarding::append_via(headers, &via[via_index(version)]);
+    }
+    route.response_headers.apply(headers);
+}
+
+/// The sticky-session cookie, when the group pins clients and this one
+/// was not pinned to the server that answered.
+pub(super) fn sticky(headers: &mut HeaderMap, upstream: &Upstream, picked: &Picked) {
+    let Some(cookie) = &upstream.config.sticky_cookie else {
+        return;
+    };
+    let id = &upstream.servers[picked.server].sticky_id;
+    if picked.pinned.as_deref() == Some(id.as_str()) {
+        return;
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{cookie}={id}; Path=/; HttpOnly; SameSite=Lax")) {
+        headers.append(header::SET_COOKIE, v);
+    }
+}
 
 /// The response the client sees for `error`: a short plain-text body
 /// that leaks nothing, `Proxy-Status` with the RFC 9209 error type, and the
