@@ -16,6 +16,14 @@
 //! (`ATTACK_SHEDDING=off` turns load shedding off, for comparison;
 //! `ATTACK_ORIGIN_MS=0` makes the origin answer at once, without a limit)
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "a benchmark harness fails loudly"
+)]
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};

@@ -60,47 +60,14 @@ pub fn strip_hop_by_hop_keeping(headers: &mut HeaderMap, upgrade: bool, keep: &[
         };
     }
     if present & CONN != 0 {
-        // Fields named by Connection may be anything. The usual tokens
-        // (close, keep-alive, upgrade) name nothing else to remove.
-        let mut named: Vec<HeaderName> = Vec::new();
-        for value in headers.get_all(CONNECTION) {
-            let Ok(text) = value.to_str() else { continue };
-            for token in text.split(',').map(str::trim) {
-                if token.is_empty()
-                    || token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                    || token.eq_ignore_ascii_case("upgrade")
-                {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                    // Never let Connection strip what the proxy relies on.
-                    if name != header::HOST && name != header::CONTENT_LENGTH && !keep.contains(&&name) {
-                        named.push(name);
-                    }
-                }
-            }
-        }
-        for name in named {
+        for name in named_by_connection(headers, keep) {
             headers.remove(&name);
         }
         headers.remove(CONNECTION);
     }
     let mut trailers = false;
     if present & TE_ != 0 {
-        trailers = headers.get_all(TE).iter().any(|v| {
-            v.to_str()
-                .map(|s| {
-                    s.split(',').any(|t| {
-                        t.split(';')
-                            .next()
-                            .unwrap_or("")
-                            .trim()
-                            .eq_ignore_ascii_case("trailers")
-                    })
-                })
-                .unwrap_or(false)
-        });
+        trailers = accepts_trailers(headers);
         headers.remove(TE);
         if trailers {
             headers.insert(TE, HeaderValue::from_static("trailers"));
@@ -121,6 +88,47 @@ pub fn strip_hop_by_hop_keeping(headers: &mut HeaderMap, upgrade: bool, keep: &[
         headers.remove(UPGRADE);
     }
     trailers
+}
+
+/// The fields `Connection` names, which are hop-by-hop too. The usual
+/// tokens (close, keep-alive, upgrade) name nothing else to remove, and
+/// `Connection` may never strip what the proxy relies on (`Host`,
+/// `Content-Length`, the fields in `keep`).
+fn named_by_connection(headers: &HeaderMap, keep: &[&HeaderName]) -> Vec<HeaderName> {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        let Ok(text) = value.to_str() else { continue };
+        for token in text.split(',').map(str::trim) {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("upgrade")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if name != header::HOST && name != header::CONTENT_LENGTH && !keep.contains(&&name) {
+                    named.push(name);
+                }
+            }
+        }
+    }
+    named
+}
+
+/// True when a `TE` field accepts trailers.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
 }
 
 /// Request fields a client could use to change what an origin believes

@@ -63,6 +63,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the runtime objects; resolves upstream names (the only I/O).
+    #[allow(clippy::too_many_lines, reason = "builds the snapshot's parts one after the other")]
     pub async fn build(config: Config, observe: &Arc<Observe>) -> Result<Snapshot, ConfigErrors> {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         let mut errors = Vec::new();

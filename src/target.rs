@@ -99,52 +99,7 @@ pub fn normalize_path(path: &str, encoded_slash: EncodedSlash) -> Result<Cow<'_,
     let last = raw_segments.len() - 1;
     let mut trailing_slash = false;
     for (i, raw) in raw_segments.iter().enumerate() {
-        segment.clear();
-        let mut has_encoded_slash = false;
-        let mut k = 0;
-        while k < raw.len() {
-            let b = raw[k];
-            match b {
-                b'%' => {
-                    let (Some(hi), Some(lo)) = (
-                        raw.get(k + 1).copied().and_then(hex_value),
-                        raw.get(k + 2).copied().and_then(hex_value),
-                    ) else {
-                        return Err(PathError::BadEscape);
-                    };
-                    let value = hi << 4 | lo;
-                    if value == 0 {
-                        return Err(PathError::Nul);
-                    }
-                    if is_unreserved(value) {
-                        segment.push(value);
-                    } else {
-                        if value == b'/' || value == b'\\' {
-                            if encoded_slash == EncodedSlash::Refuse {
-                                return Err(PathError::EncodedSlash);
-                            }
-                            has_encoded_slash = true;
-                        }
-                        segment.extend_from_slice(&[
-                            b'%',
-                            HEX_UPPER[(value >> 4) as usize],
-                            HEX_UPPER[(value & 15) as usize],
-                        ]);
-                    }
-                    k += 3;
-                }
-                b'\\' => return Err(PathError::Backslash),
-                _ => {
-                    segment.push(b);
-                    k += 1;
-                }
-            }
-        }
-        if has_encoded_slash && hides_dot_segment(&segment) {
-            // `..%2F` would become a `..` segment at an origin that
-            // decodes the slash.
-            return Err(PathError::EncodedSlash);
-        }
+        decode_segment(raw, encoded_slash, &mut segment)?;
         match segment.as_slice() {
             b"." => trailing_slash = i == last,
             b".." => {
@@ -173,6 +128,57 @@ pub fn normalize_path(path: &str, encoded_slash: EncodedSlash) -> Result<Cow<'_,
         Ok(s) => Ok(Cow::Owned(s)),
         Err(_) => Err(PathError::BadEscape),
     }
+}
+
+/// Decodes one raw segment into `segment`: unreserved escapes decoded,
+/// others kept with upper-case hex, the ambiguous ones refused.
+fn decode_segment(raw: &[u8], encoded_slash: EncodedSlash, segment: &mut Vec<u8>) -> Result<(), PathError> {
+    segment.clear();
+    let mut has_encoded_slash = false;
+    let mut k = 0;
+    while k < raw.len() {
+        match raw[k] {
+            b'%' => {
+                let (Some(hi), Some(lo)) = (
+                    raw.get(k + 1).copied().and_then(hex_value),
+                    raw.get(k + 2).copied().and_then(hex_value),
+                ) else {
+                    return Err(PathError::BadEscape);
+                };
+                let value = hi << 4 | lo;
+                if value == 0 {
+                    return Err(PathError::Nul);
+                }
+                if is_unreserved(value) {
+                    segment.push(value);
+                } else {
+                    if value == b'/' || value == b'\\' {
+                        if encoded_slash == EncodedSlash::Refuse {
+                            return Err(PathError::EncodedSlash);
+                        }
+                        has_encoded_slash = true;
+                    }
+                    segment.extend_from_slice(&[
+                        b'%',
+                        HEX_UPPER[(value >> 4) as usize],
+                        HEX_UPPER[(value & 15) as usize],
+                    ]);
+                }
+                k += 3;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            b => {
+                segment.push(b);
+                k += 1;
+            }
+        }
+    }
+    if has_encoded_slash && hides_dot_segment(segment) {
+        // `..%2F` would become a `..` segment at an origin that decodes
+        // the slash.
+        return Err(PathError::EncodedSlash);
+    }
+    Ok(())
 }
 
 /// `.;x` or `..;x`: a dot segment to a servlet container.

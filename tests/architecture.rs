@@ -20,6 +20,14 @@
 //! `cargo test --test architecture -- --nocapture` prints the graph's
 //! size (files, arrows, arrows running upward, circles).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

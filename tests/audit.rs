@@ -2,6 +2,14 @@
 //! rotation, and `portcullis audit verify` naming the line of each kind of
 //! tampering.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::path::{Path, PathBuf};

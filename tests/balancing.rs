@@ -1,6 +1,14 @@
 //! Load balancing and resilience with real origins: retries, outlier
 //! ejection, health checks, slow start, sticky sessions, circuit breaking.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::net::SocketAddr;

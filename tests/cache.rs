@@ -3,6 +3,14 @@
 //! it. Staleness is made with the origin's `Age` (a response with
 //! `max-age=1` and `Age: 5` is stale on arrival), never by waiting.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::net::SocketAddr;

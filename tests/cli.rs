@@ -1,6 +1,14 @@
 //! The command line: `check` on broken configs (every error, with its path,
 //! exit code 2), on a valid one (one line, exit 0), `--version`, `--help`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

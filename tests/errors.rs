@@ -1,6 +1,14 @@
 //! Every error the proxy answers itself: its status, its `Proxy-Status`,
 //! and a short body that leaks nothing.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,14 @@
 //! What the origin and the client see through the proxy: header rules,
 //! protocols, bodies, trailers, upgrades and connection reuse.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::time::Duration;

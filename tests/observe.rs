@@ -1,5 +1,13 @@
 //! Access log, request ids and metrics, through a real proxy and origins.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::collections::HashMap;

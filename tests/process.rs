@@ -1,6 +1,14 @@
 //! The real `portcullis` binary: bodies stream with bounded memory (2 GiB up
 //! and 2 GiB down, peak RSS under 64 MiB) and SIGTERM drains, then exits 0.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,14 @@
 //! Protection over real sockets, with distinct loopback source addresses
 //! (127.0.0.2, 127.0.0.3, ...: the whole 127.0.0.0/8 is local).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::net::SocketAddr;

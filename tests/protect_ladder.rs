@@ -2,6 +2,14 @@
 //! shedding, temporary bans, per-listener IP lists, the PROXY protocol and
 //! the HTTP/2 flood limits (Rapid Reset, CONTINUATION).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::net::{IpAddr, SocketAddr};

@@ -4,6 +4,14 @@
 //! upstream connection, hosts that are not hosts, a client that stops
 //! reading, and the smaller holes found by reading the request path.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -2,6 +2,14 @@
 //! versions, ALPN, hot reload, redirect, HSTS, handshake hygiene and every
 //! certificate error.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -275,27 +275,7 @@ impl Cache {
         loop {
             round += 1;
             let now = SystemTime::now();
-            let variants = self.store.get(&key);
-            let matching = variants
-                .iter()
-                .find(|v| vary::matches(&v.vary, &v.secondary, headers))
-                .cloned();
-            let mut fwd = if variants.is_empty() {
-                Fwd::UriMiss
-            } else {
-                Fwd::VaryMiss
-            };
-            // A request with credentials is answered from the store only
-            // with a response the origin marked for sharing.
-            let found = match matching {
-                Some(v) if !credentials.may_use(&v) => {
-                    // RFC 9211: a response was there, the request's
-                    // semantics did not allow its use.
-                    fwd = Fwd::Request;
-                    None
-                }
-                other => other,
-            };
+            let (found, mut fwd) = self.variant(&key, headers, credentials);
             let mut stale = None;
             if let Some(v) = found {
                 let age = v.current_age(now);
@@ -309,31 +289,7 @@ impl Cache {
                 } else if freshness::may_serve_stale_while_revalidate(age, v.lifetime, &rc, &v.control) {
                     let status = format!("portcullis; hit; ttl={}; detail=stale-while-revalidate", ttl(&v, age));
                     let response = serve(&v, method, headers, age, status, options);
-                    return match self.flights.join(&key) {
-                        Join::Lead(flight) => {
-                            // The refresh is a plain GET with the stored
-                            // validators, whatever this client asked.
-                            for name in [
-                                RANGE,
-                                IF_RANGE,
-                                IF_NONE_MATCH,
-                                IF_MODIFIED_SINCE,
-                                IF_MATCH,
-                                IF_UNMODIFIED_SINCE,
-                            ] {
-                                headers.remove(name);
-                            }
-                            let mut pending = self.pending(&Method::GET, headers, key, options, Fwd::Stale, false);
-                            pending.may_store = true;
-                            pending.credentials = credentials;
-                            pending.stale = Some(v);
-                            pending.flight = Some(flight);
-                            pending.prepare_revalidation(headers);
-                            Lookup::AnswerAndRefresh(response, Box::new(pending))
-                        }
-                        // Another request is refreshing it already.
-                        Join::Wait(_) => Lookup::Answer(response, outcome::STALE),
-                    };
+                    return self.revalidate_in_background(response, v, headers, key, options, credentials);
                 } else {
                     // Fresh but refused by the request's directives, or stale.
                     fwd = if rc.no_cache.is_whole() || freshness::is_fresh(v.lifetime, age) {
@@ -378,23 +334,65 @@ impl Cache {
                 fwd = Fwd::Bypass;
             }
             let mut pending = self.pending(method, headers, key, options, fwd, false);
-            // Responses to ranges and origin-only preconditions (206, 412,
-            // 416...) are never stored, nor let replace a stored one.
-            pending.may_store = method == Method::GET && !ranged && !origin_only;
             pending.credentials = credentials;
             pending.flight = flight;
-            match stale {
-                Some(v) => {
-                    pending.stale = Some(v);
-                    if !origin_only && !ranged {
-                        pending.prepare_revalidation(headers);
-                    }
-                }
-                None if shareable => pending.prepare_full_fetch(headers),
-                None => {}
-            }
+            pending.prepare(headers, stale, ranged, origin_only, shareable);
             return Lookup::Forward(Box::new(pending));
         }
+    }
+
+    /// The stored variant `headers` select, and why the request would go
+    /// to the origin without it (RFC 9211 `fwd`). A request with
+    /// credentials gets only a response the origin marked for sharing.
+    fn variant(&self, key: &str, headers: &HeaderMap, credentials: Credentials) -> (Option<Arc<Stored>>, Fwd) {
+        let variants = self.store.get(key);
+        let fwd = if variants.is_empty() {
+            Fwd::UriMiss
+        } else {
+            Fwd::VaryMiss
+        };
+        match variants.iter().find(|v| vary::matches(&v.vary, &v.secondary, headers)) {
+            // RFC 9211: a response was there, the request's semantics did
+            // not allow its use.
+            Some(v) if !credentials.may_use(v) => (None, Fwd::Request),
+            Some(v) => (Some(v.clone()), fwd),
+            None => (None, fwd),
+        }
+    }
+
+    /// `stale-while-revalidate`: `response` (stale) answers at once; the
+    /// first such request also leads a background refresh, a plain GET with
+    /// the stored validators whatever this client asked.
+    fn revalidate_in_background(
+        self: &Arc<Self>,
+        response: Response<ProxyBody>,
+        v: Arc<Stored>,
+        headers: &mut HeaderMap,
+        key: String,
+        options: &Arc<RouteCache>,
+        credentials: Credentials,
+    ) -> Lookup {
+        let Join::Lead(flight) = self.flights.join(&key) else {
+            // Another request is refreshing it already.
+            return Lookup::Answer(response, outcome::STALE);
+        };
+        for name in [
+            RANGE,
+            IF_RANGE,
+            IF_NONE_MATCH,
+            IF_MODIFIED_SINCE,
+            IF_MATCH,
+            IF_UNMODIFIED_SINCE,
+        ] {
+            headers.remove(name);
+        }
+        let mut pending = self.pending(&Method::GET, headers, key, options, Fwd::Stale, false);
+        pending.may_store = true;
+        pending.credentials = credentials;
+        pending.stale = Some(v);
+        pending.flight = Some(flight);
+        pending.prepare_revalidation(headers);
+        Lookup::AnswerAndRefresh(response, Box::new(pending))
     }
 
     fn pending(
@@ -580,6 +578,31 @@ pub enum Answer {
 }
 
 impl Pending {
+    /// The upstream request of a request that goes to the origin:
+    /// revalidation of a stale stored response, or a full fetch to store.
+    /// Responses to ranges and origin-only preconditions (206, 412, 416...)
+    /// are never stored, nor let replace a stored one.
+    fn prepare(
+        &mut self,
+        headers: &mut HeaderMap,
+        stale: Option<Arc<Stored>>,
+        ranged: bool,
+        origin_only: bool,
+        shareable: bool,
+    ) {
+        self.may_store = self.method == Method::GET && !ranged && !origin_only;
+        match stale {
+            Some(v) => {
+                self.stale = Some(v);
+                if !origin_only && !ranged {
+                    self.prepare_revalidation(headers);
+                }
+            }
+            None if shareable => self.prepare_full_fetch(headers),
+            None => {}
+        }
+    }
+
     /// Revalidation (RFC 9111 section 4.3.1): the stored response's
     /// validators go upstream, unless the client sent its own conditional
     /// (which the origin then answers for both). A range request keeps its

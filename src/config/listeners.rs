@@ -76,6 +76,10 @@ pub struct CertificateFiles {
     pub path: String,
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "reads one [[listeners]] table key by key, in the order docs/config.md lists them"
+)]
 pub(super) fn read_listeners(top: &Table<'_>, errors: &Errors) -> Vec<ListenerConfig> {
     let mut listeners = Vec::new();
     let Some(items) = top.array("listeners") else {

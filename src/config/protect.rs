@@ -407,6 +407,10 @@ impl Default for ProtectConfig {
     }
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "reads the [protect] table key by key, in the order docs/protection.md lists them"
+)]
 pub fn read_protect(table: Option<Table<'_>>) -> ProtectConfig {
     let mut config = ProtectConfig::default();
     let Some(t) = table else { return config };

@@ -88,6 +88,10 @@ pub struct RouteConfig {
     pub cache: Option<std::sync::Arc<RouteCache>>,
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "reads one [[routes]] table key by key, in the order docs/config.md lists them"
+)]
 pub(super) fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors: &Errors) -> Vec<RouteConfig> {
     let mut routes: Vec<RouteConfig> = Vec::new();
     let Some(items) = top.array("routes") else {

@@ -62,6 +62,10 @@ pub struct Limits {
     pub max_uri_length: usize,
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "reads the [server] table key by key, in the order docs/config.md lists them"
+)]
 pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
     let mut server = ServerSettings {
         drain_timeout: defaults::DRAIN_TIMEOUT,

@@ -155,6 +155,10 @@ pub(super) fn read_upstream_tls(t: Table<'_>) -> UpstreamTls {
     tls
 }
 
+#[allow(
+    clippy::too_many_lines,
+    reason = "reads one [upstreams.NAME] table key by key, in the order docs/config.md lists them"
+)]
 pub(super) fn read_upstreams(top: &Table<'_>, timeouts: &Timeouts, errors: &Errors) -> Vec<UpstreamConfig> {
     let mut upstreams = Vec::new();
     let Some(table) = top.table("upstreams") else {

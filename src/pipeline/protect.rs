@@ -60,38 +60,10 @@ pub fn check_request(
         *protection = Some("ip_denied");
         return Err(ProxyError::Forbidden);
     }
-    let mut challenge = route.challenge == ChallengeWhen::Always;
     let client_net = network(client, config.protect.ipv6_prefix);
+    let mut challenge = route.challenge == ChallengeWhen::Always;
     if let Some(adaptive) = adaptive {
-        let client_key = adaptive::client_hash(client_net);
-        adaptive.observe(Sample {
-            client: client_key,
-            signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
-            has_cookie: req.headers().contains_key(header::COOKIE),
-            route: Some(route_index),
-        });
-        if adaptive.in_attack() {
-            let enforce = adaptive.config.mode == ProtectMode::Enforce;
-            if adaptive.is_suspect(client_key) {
-                if let Err(wait) = adaptive.check_suspect(client_key) {
-                    if enforce {
-                        *protection = Some("attack_source_limited");
-                        strike(snapshot, client, now_ms);
-                        return Err(ProxyError::RateLimited {
-                            retry_after: retry_after(wait),
-                        });
-                    }
-                    *protection = Some("shadow_attack_source");
-                }
-            }
-            if route.challenge == ChallengeWhen::DuringAttack {
-                if enforce {
-                    challenge = true;
-                } else if protection.is_none() {
-                    *protection = Some("shadow_challenge");
-                }
-            }
-        }
+        challenge |= attack_mode(adaptive, req, snapshot, route_index, client, client_net, protection)?;
     }
     if let Some(limit) = limiter {
         if let Err(wait) = limit.limiter.check(limit.key(client, client_net, req.headers())) {
@@ -118,6 +90,52 @@ pub fn check_request(
         )));
     }
     Ok(None)
+}
+
+/// Attack mode's part of `protect`: the request is counted by the
+/// detector; while an attack is on, a flooding source over its tightened
+/// rate is refused (429, a strike), and routes with `challenge = "attack"`
+/// challenge. Returns whether to challenge; in shadow mode only the
+/// `protection` word says what would have been done.
+fn attack_mode(
+    adaptive: &crate::protect::Adaptive,
+    req: &Request<Incoming>,
+    snapshot: &Snapshot,
+    route_index: usize,
+    client: std::net::IpAddr,
+    client_net: std::net::IpAddr,
+    protection: &mut Option<&'static str>,
+) -> Result<bool, ProxyError> {
+    let client_key = adaptive::client_hash(client_net);
+    adaptive.observe(Sample {
+        client: client_key,
+        signature: adaptive::signature(req.method(), req.uri().path(), req.headers()),
+        has_cookie: req.headers().contains_key(header::COOKIE),
+        route: Some(route_index),
+    });
+    if !adaptive.in_attack() {
+        return Ok(false);
+    }
+    let enforce = adaptive.config.mode == ProtectMode::Enforce;
+    if adaptive.is_suspect(client_key) {
+        if let Err(wait) = adaptive.check_suspect(client_key) {
+            if enforce {
+                *protection = Some("attack_source_limited");
+                strike(snapshot, client, crate::upstream::health::now_ms());
+                return Err(ProxyError::RateLimited {
+                    retry_after: retry_after(wait),
+                });
+            }
+            *protection = Some("shadow_attack_source");
+        }
+    }
+    if snapshot.config.routes[route_index].challenge != ChallengeWhen::DuringAttack {
+        return Ok(false);
+    }
+    if !enforce && protection.is_none() {
+        *protection = Some("shadow_challenge");
+    }
+    Ok(enforce)
 }
 
 /// The `admit` phase's load shedding: when the upstream group has as

@@ -264,6 +264,101 @@ enum Control {
     SendTimeout,
 }
 
+/// What the connection does about a control signal.
+enum Step {
+    /// Finish what is in flight (HTTP/2: GOAWAY), then close.
+    Drain,
+    Close,
+}
+
+/// Decides, logs and counts what a control signal does to the connection.
+fn decide(signal: Control, state: &ConnState, info: &ConnInfo, listener: &ListenerRuntime) -> Step {
+    let (reason, message) = match signal {
+        Control::Drain => return Step::Drain,
+        Control::Cut => return Step::Close,
+        Control::Evicted => {
+            if let Some(m) = &listener.metrics {
+                m.rejected("evicted_idle");
+            }
+            if state.in_flight.load(Ordering::Acquire) > 0 {
+                // A request arrived since it was chosen: let it finish.
+                return Step::Drain;
+            }
+            tracing::debug!(peer = %info.peer, "connection evicted to make room; closing");
+            return Step::Close;
+        }
+        Control::ResetFlood => ("h2_reset_flood", "HTTP/2 stream resets over the limit; closing"),
+        Control::HeaderTimeout => ("header_timeout", "request header read timed out; closing"),
+        Control::RequestTimeout => ("request_timeout", "request passed timeouts.request; closing"),
+        Control::SendTimeout => ("send_timeout", "client stopped reading (timeouts.send); closing"),
+    };
+    tracing::debug!(peer = %info.peer, reason, "{message}");
+    if let Some(m) = &listener.metrics {
+        m.rejected(reason);
+    }
+    Step::Close
+}
+
+/// The hyper service of one connection: each request is marked in flight
+/// (and counted, for `max_requests_per_connection`: the last one says
+/// `Connection: close` on HTTP/1.1 and drains HTTP/2), watched for resets
+/// (HTTP/2) and answered on the snapshot current when it arrived.
+fn request_service(
+    state: Arc<ConnState>,
+    info: Arc<ConnInfo>,
+    snapshot: SharedSnapshot,
+    max_resets: u32,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = http::Response<crate::body::ProxyBody>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible>> + Send,
+> + Clone {
+    service_fn(move |req: Request<Incoming>| {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let guard = InFlight::new(&state, h2);
+        let snapshot = snapshot.load_full();
+        let last = snapshot
+            .config
+            .protect
+            .max_requests_per_connection
+            .is_some_and(|max| state.requests.fetch_add(1, Ordering::Relaxed) + 1 >= max);
+        if last && h2 {
+            state.drain.notify_one();
+        }
+        let reset_watch = ResetWatch {
+            state: state.clone(),
+            max: max_resets,
+            armed: h2,
+        };
+        answer(req, info.clone(), snapshot, guard, reset_watch, last && !h2)
+    })
+}
+
+/// One request through the pipeline, with what the connection adds: the
+/// reset watch disarmed once the response is ready, `Connection: close`
+/// on the last response of an HTTP/1.1 connection, and the in-flight mark
+/// (with its deadline) riding in the body.
+async fn answer(
+    req: Request<Incoming>,
+    info: Arc<ConnInfo>,
+    snapshot: Arc<crate::state::Snapshot>,
+    mut guard: InFlight,
+    reset_watch: ResetWatch,
+    last_h1: bool,
+) -> Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible> {
+    let mut response = crate::pipeline::handle(req, &info, &snapshot).await;
+    reset_watch.disarm();
+    if last_h1 {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    guard.arm_deadline();
+    response.body_mut().hold(Box::new(guard));
+    Ok(response)
+}
+
 /// Lives in an HTTP/2 request's service future: dropped before it is
 /// disarmed means the client reset the stream before the response.
 struct ResetWatch {
@@ -526,42 +621,7 @@ pub(super) async fn serve<S>(
         stream,
         state: state.clone(),
     });
-    let service_state = state.clone();
-    let service_info = info.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let h2 = req.version() == http::Version::HTTP_2;
-        let guard = InFlight::new(&service_state, h2);
-        let snapshot = snapshot.load_full();
-        let info = service_info.clone();
-        // The connection's last request: HTTP/1.1 says so in the response,
-        // HTTP/2 drains (GOAWAY, open streams finish).
-        let last = snapshot
-            .config
-            .protect
-            .max_requests_per_connection
-            .is_some_and(|max| service_state.requests.fetch_add(1, Ordering::Relaxed) + 1 >= max);
-        if last && h2 {
-            service_state.drain.notify_one();
-        }
-        let reset_watch = ResetWatch {
-            state: service_state.clone(),
-            max: max_resets,
-            armed: h2,
-        };
-        async move {
-            let mut response = crate::pipeline::handle(req, &info, &snapshot).await;
-            reset_watch.disarm();
-            if last && !h2 {
-                response
-                    .headers_mut()
-                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-            }
-            let mut guard = guard;
-            guard.arm_deadline();
-            response.body_mut().hold(Box::new(guard));
-            Ok::<_, std::convert::Infallible>(response)
-        }
-    });
+    let service = request_service(state.clone(), info.clone(), snapshot, max_resets);
     // What can end or drain the connection besides the client: shutdown,
     // the drain deadline, the watchdog. Polled only when one of them fires.
     let control = Gated::new(async {
@@ -610,53 +670,12 @@ pub(super) async fn serve<S>(
                         }
                         return;
                     }
-                    signal = control.as_mut(), if !draining => match signal {
-                        Control::Drain => {
+                    signal = control.as_mut(), if !draining => match decide(signal, &state, &info, &listener) {
+                        Step::Drain => {
                             draining = true;
                             conn.as_mut().graceful_shutdown();
                         }
-                        Control::Cut => return,
-                        Control::Evicted => {
-                            if let Some(m) = &listener.metrics {
-                                m.rejected("evicted_idle");
-                            }
-                            if state.in_flight.load(Ordering::Acquire) == 0 {
-                                tracing::debug!(peer = %info.peer, "connection evicted to make room; closing");
-                                return;
-                            }
-                            // A request arrived since it was chosen: let
-                            // it finish.
-                            draining = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        Control::ResetFlood => {
-                            tracing::debug!(peer = %info.peer, "HTTP/2 stream resets over the limit; closing");
-                            if let Some(m) = &listener.metrics {
-                                m.rejected("h2_reset_flood");
-                            }
-                            return;
-                        }
-                        Control::HeaderTimeout => {
-                            tracing::debug!(peer = %info.peer, "request header read timed out; closing");
-                            if let Some(m) = &listener.metrics {
-                                m.rejected("header_timeout");
-                            }
-                            return;
-                        }
-                        Control::RequestTimeout => {
-                            tracing::debug!(peer = %info.peer, "request passed timeouts.request; closing");
-                            if let Some(m) = &listener.metrics {
-                                m.rejected("request_timeout");
-                            }
-                            return;
-                        }
-                        Control::SendTimeout => {
-                            tracing::debug!(peer = %info.peer, "client stopped reading (timeouts.send); closing");
-                            if let Some(m) = &listener.metrics {
-                                m.rejected("send_timeout");
-                            }
-                            return;
-                        }
+                        Step::Close => return,
                     },
                     _ = cut.as_mut(), if draining => return,
                 }

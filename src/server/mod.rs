@@ -381,6 +381,10 @@ impl Proxy {
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "starts and stops the process's tasks in order: listeners, watchers, drain"
+    )]
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
         let hard_stop = CancellationToken::new();
@@ -683,6 +687,22 @@ impl Accepted {
         tracing::debug!(peer = %peer, reason, "connection refused");
     }
 
+    /// A place in the connection table for `peer`, or why not: a ban (the
+    /// trusted proxies are never refused for one), or the table's limits.
+    fn admit(&self, peer: SocketAddr, trusted: bool) -> Result<crate::protect::ConnSlot, &'static str> {
+        let banned = !trusted
+            && self
+                .snapshot
+                .load()
+                .bans
+                .as_ref()
+                .is_some_and(|b| b.enforced() && b.is_banned(peer.ip(), crate::upstream::health::now_ms()));
+        if banned {
+            return Err("banned");
+        }
+        self.connections.admit(peer.ip()).map_err(|r| r.reason())
+    }
+
     /// Admits a connection from `peer` (the socket's peer, or the client a
     /// PROXY protocol header named) or refuses it; an admitted connection
     /// is served on its own task. `may_trust`: the peer's forwarding
@@ -690,23 +710,7 @@ impl Accepted {
     fn start(self, stream: tokio::net::TcpStream, peer: SocketAddr, may_trust: bool) {
         let runtime = &self.runtime;
         let trusted = may_trust && is_trusted(&self.snapshot, peer.ip());
-        let refused = if !trusted
-            && self
-                .snapshot
-                .load()
-                .bans
-                .as_ref()
-                .is_some_and(|b| b.enforced() && b.is_banned(peer.ip(), crate::upstream::health::now_ms()))
-        {
-            Some("banned")
-        } else {
-            None
-        };
-        let admitted = match refused {
-            Some(reason) => Err(reason),
-            None => self.connections.admit(peer.ip()).map_err(|r| r.reason()),
-        };
-        let slot = match admitted {
+        let slot = match self.admit(peer, trusted) {
             Ok(slot) => slot,
             Err(reason) => {
                 self.refuse(peer, reason);
@@ -765,62 +769,15 @@ impl Accepted {
             Some((acceptor, handshake_timeout)) => {
                 let acceptor = acceptor.clone();
                 let handshake_timeout = *handshake_timeout;
-                let mut info = info;
-                tasks.spawn(async move {
-                    let evicted = async {
-                        match &info.activity {
-                            Some(a) => a.evicted().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let handshake = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        // A stalled handshake is quiet: evictable too.
-                        _ = evicted => {
-                            if let Some(m) = &runtime.metrics {
-                                m.rejected("evicted_idle");
-                            }
-                            return;
-                        }
-                        result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => result,
-                    };
-                    let stream = match handshake {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
-                            if let Some(m) = &runtime.metrics {
-                                m.tls_failure("error");
-                            }
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(peer = %info.peer, "TLS handshake timed out");
-                            if let Some(m) = &runtime.metrics {
-                                m.tls_failure("timeout");
-                            }
-                            return;
-                        }
-                    };
-                    let session = stream.get_ref().1;
-                    let version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("unknown");
-                    let cipher = session
-                        .negotiated_cipher_suite()
-                        .and_then(|c| c.suite().as_str())
-                        .unwrap_or("unknown");
-                    info.tls = Some((version, cipher));
-                    if let Some(m) = &runtime.metrics {
-                        m.tls_handshake(version);
-                    }
-                    // ALPN decides the protocol; no ALPN means HTTP/1.1.
-                    let protocol = match stream.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => ListenerProtocol::H2c,
-                        _ => ListenerProtocol::Http1,
-                    };
-                    if info.client_cert_headers.is_some() {
-                        info.client_cert = tls::client_identity(stream.get_ref().1.peer_certificates());
-                    }
-                    conn::serve(stream, protocol, Arc::new(info), runtime, snapshot, stop).await;
-                });
+                tasks.spawn(serve_tls(
+                    stream,
+                    acceptor,
+                    handshake_timeout,
+                    info,
+                    runtime,
+                    snapshot,
+                    stop,
+                ));
             }
         }
     }
@@ -844,6 +801,74 @@ fn default_max_connections() -> (usize, Option<u64>) {
         None => 10_000,
     };
     (max, limit)
+}
+
+/// A TLS connection: the handshake (within its timeout, evictable while
+/// it stalls), then ALPN picks HTTP/2 or HTTP/1.1 and the connection is
+/// served like any other, knowing its TLS version, cipher and client
+/// certificate.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
+    mut info: crate::pipeline::ConnInfo,
+    runtime: Arc<ListenerRuntime>,
+    snapshot: SharedSnapshot,
+    stop: CancellationToken,
+) {
+    let evicted = async {
+        match &info.activity {
+            Some(a) => a.evicted().await,
+            None => std::future::pending().await,
+        }
+    };
+    let handshake = tokio::select! {
+        _ = stop.cancelled() => return,
+        // A stalled handshake is quiet: evictable too.
+        _ = evicted => {
+            if let Some(m) = &runtime.metrics {
+                m.rejected("evicted_idle");
+            }
+            return;
+        }
+        result = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => result,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %info.peer, error = %e, "TLS handshake failed");
+            if let Some(m) = &runtime.metrics {
+                m.tls_failure("error");
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %info.peer, "TLS handshake timed out");
+            if let Some(m) = &runtime.metrics {
+                m.tls_failure("timeout");
+            }
+            return;
+        }
+    };
+    let session = stream.get_ref().1;
+    let version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("unknown");
+    let cipher = session
+        .negotiated_cipher_suite()
+        .and_then(|c| c.suite().as_str())
+        .unwrap_or("unknown");
+    info.tls = Some((version, cipher));
+    if let Some(m) = &runtime.metrics {
+        m.tls_handshake(version);
+    }
+    // ALPN decides the protocol; no ALPN means HTTP/1.1.
+    let protocol = match session.alpn_protocol() {
+        Some(b"h2") => ListenerProtocol::H2c,
+        _ => ListenerProtocol::Http1,
+    };
+    if info.client_cert_headers.is_some() {
+        info.client_cert = tls::client_identity(session.peer_certificates());
+    }
+    conn::serve(stream, protocol, Arc::new(info), runtime, snapshot, stop).await;
 }
 
 /// Counts a connection open until dropped.

@@ -100,6 +100,7 @@ thread_local! {
 
 impl Upstream {
     /// Builds the group, resolving every server name; `path` prefixes errors.
+    #[allow(clippy::too_many_lines, reason = "builds a group's servers, then starts its tasks")]
     pub async fn build(
         config: &UpstreamConfig,
         path: &str,

@@ -4,6 +4,13 @@
 //! Readiness is never waited for by the clock: an origin or proxy is bound
 //! before its address is returned.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
 #![allow(dead_code)]
 
 use std::convert::Infallible;

@@ -1,5 +1,13 @@
 //! Tests of the Cache-Control and targeted-field parsers (RFC 9111 section 5.2, RFC 9213), case by case.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use http::HeaderName;
 use http::header::CACHE_CONTROL;
 

@@ -1,5 +1,13 @@
 //! Tests of freshness lifetimes, ages and stale reuse (RFC 9111 section 4.2, RFC 5861), as tables.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use std::time::Duration;
 
 use http::StatusCode;

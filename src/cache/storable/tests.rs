@@ -1,5 +1,13 @@
 //! Tests of what a shared cache may store and which fields it keeps (RFC 9111 section 3), as tables.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use http::HeaderValue;
 
 use super::*;

@@ -1,5 +1,13 @@
 //! Tests of entity-tag comparison and 304 decisions (RFC 9110 sections 8.8 and 13), as tables.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use http::Method;
 
 use super::*;

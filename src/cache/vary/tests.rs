@@ -1,5 +1,13 @@
 //! Tests of secondary keys from `Vary` (RFC 9111 section 4.1).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use super::*;
 use crate::cache::testutil::headers;
 

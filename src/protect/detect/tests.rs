@@ -1,5 +1,13 @@
 //! The detector's algorithms on synthetic traffic; no clock, no I/O.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use super::*;
 
 /// A well-mixed hash of `i` (splitmix64), standing in for a client or a

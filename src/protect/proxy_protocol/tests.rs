@@ -1,5 +1,13 @@
 //! Tests of the PROXY protocol reader: v1 and v2 tables, every truncation, bytes after the header untouched.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};

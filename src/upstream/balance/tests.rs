@@ -1,5 +1,13 @@
 //! Table-driven tests of the balancing algorithms, with a seeded generator.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
 use super::*;
 
 fn candidates(weights: &[u32]) -> Vec<Candidate> {
