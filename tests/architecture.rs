@@ -69,17 +69,6 @@ const LAYERS: &[(&str, u8)] = &[
     ("main", 4),
 ];
 
-/// Imports that break the layering today, each to be removed by the
-/// change that fixes it. The test fails if one of these is gone (take it
-/// off the list), so the list only shrinks.
-const KNOWN_UPWARD: &[(&str, &str)] = &[];
-
-/// Circles tolerated today, by their members, the same way.
-const KNOWN_CIRCLES: &[&[&str]] = &[];
-
-/// Files over the length limit today, the same way.
-const KNOWN_LONG: &[&str] = &["src/cache/serve.rs", "src/observe/audit.rs", "src/server/mod.rs"];
-
 const MAX_LINES: usize = 800;
 
 struct Unit {
@@ -305,39 +294,15 @@ fn the_layers_hold() {
         }
     }
     for (from, to) in &upward {
-        if !KNOWN_UPWARD.contains(&(from.as_str(), to.as_str())) {
-            problems.push(format!(
-                "src/{from} (layer {}) imports src/{to} (layer {}): a lower layer must not name a higher one; pass what it needs as a value or a small trait defined below",
-                layer_of(from).unwrap_or(0),
-                layer_of(to).unwrap_or(0)
-            ));
-        }
-    }
-    for (from, to) in KNOWN_UPWARD {
-        if !upward.contains(&((*from).to_owned(), (*to).to_owned())) {
-            problems.push(format!(
-                "KNOWN_UPWARD lists src/{from} -> src/{to}, which is gone: take it off the list"
-            ));
-        }
+        problems.push(format!(
+            "src/{from} (layer {}) imports src/{to} (layer {}): a lower layer must not name a higher one; pass what it needs as a value or a small trait defined below",
+            layer_of(from).unwrap_or(0),
+            layer_of(to).unwrap_or(0)
+        ));
     }
     let found = circles(&g.edges);
     for circle in &found {
-        if !KNOWN_CIRCLES
-            .iter()
-            .any(|known| known.iter().copied().eq(circle.iter().map(String::as_str)))
-        {
-            problems.push(format!("a circle between files: {}", circle.join(" -> ")));
-        }
-    }
-    for known in KNOWN_CIRCLES {
-        if !found
-            .iter()
-            .any(|c| known.iter().copied().eq(c.iter().map(String::as_str)))
-        {
-            problems.push(format!(
-                "KNOWN_CIRCLES lists {known:?}, which is gone: take it off the list"
-            ));
-        }
+        problems.push(format!("a circle between files: {}", circle.join(" -> ")));
     }
     let arrows: usize = g.edges.values().map(BTreeSet::len).sum();
     println!(
@@ -367,15 +332,9 @@ fn files_are_short_and_say_what_they_are() {
             .display()
             .to_string();
         let lines = unit.text.lines().count();
-        let known = KNOWN_LONG.contains(&shown.trim_start_matches('/'));
-        if lines > MAX_LINES && !known {
+        if lines > MAX_LINES {
             problems.push(format!(
                 "{shown}: {lines} lines (at most {MAX_LINES}: split it by reason to change)"
-            ));
-        }
-        if lines <= MAX_LINES && known {
-            problems.push(format!(
-                "KNOWN_LONG lists {shown}, which is short now: take it off the list"
             ));
         }
         if !unit.text.trim_start().starts_with("//!") {
