@@ -242,28 +242,17 @@ fn reload_certificates_on_sighup(certificates: portcullis::server::CertReloader)
 /// `check`: exit 0 and a one-line summary when valid, exit 2 and every
 /// error (one per line, with its path) when not.
 async fn check(path: PathBuf) -> ExitCode {
+    // The same validation as start-up (portcullis::server::validate): the
+    // command line only prints what it says.
     let result = match Config::load(&path) {
-        Ok(config) => {
-            let certs = portcullis::server::load_certificates(&config).map(|stores| {
-                for warning in portcullis::server::uncovered_route_hosts(&config, &stores) {
+        Ok(config) => portcullis::server::validate(&config, &portcullis::observe::Observe::disabled())
+            .await
+            .map(|validated| {
+                for warning in &validated.warnings {
                     eprintln!("warning: {warning}");
                 }
-            });
-            let built = portcullis::state::Snapshot::build(config.clone(), &portcullis::observe::Observe::disabled())
-                .await
-                .map(|_| ());
-            let mut errors = portcullis::observe::check_files(&config);
-            for result in [certs, built] {
-                if let Err(e) = result {
-                    errors.extend(e.0);
-                }
-            }
-            if errors.is_empty() {
-                Ok(config)
-            } else {
-                Err(portcullis::config::ConfigErrors(errors))
-            }
-        }
+                config
+            }),
         Err(e) => Err(e),
     };
     match result {

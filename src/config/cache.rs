@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use super::defaults;
 use super::reader::Table;
 
 /// `[cache]`: the one in-memory store every caching route shares.
@@ -27,11 +28,11 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
-            memory: 256 << 20,
-            max_object_size: 8 << 20,
-            lock_timeout: Duration::from_secs(5),
-            heuristic_fraction: 0.1,
-            heuristic_max: Duration::from_secs(86_400),
+            memory: defaults::CACHE_MEMORY,
+            max_object_size: defaults::CACHE_MAX_OBJECT_SIZE,
+            lock_timeout: defaults::CACHE_LOCK_TIMEOUT,
+            heuristic_fraction: defaults::CACHE_HEURISTIC_FRACTION,
+            heuristic_max: defaults::CACHE_HEURISTIC_MAX,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use http::HeaderName;
 
+use super::defaults;
 use super::reader::Table;
 
 /// Where access log records go.
@@ -149,26 +150,6 @@ pub struct AuditLogConfig {
 pub struct MetricsConfig {
     pub listen: SocketAddr,
     pub path: String,
-}
-
-pub mod defaults {
-    pub const REDACT_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie"];
-    pub const REDACT_QUERY_PARAMS: &[&str] = &[
-        "access_token",
-        "api_key",
-        "apikey",
-        "password",
-        "secret",
-        "token",
-        "sig",
-        "signature",
-    ];
-    pub const BUFFER_RECORDS: u64 = 16 * 1024;
-    /// 16,384 records of a kilobyte.
-    pub const BUFFER_BYTES: u64 = 16 << 20;
-    pub const REQUEST_ID_HEADER: &str = "x-request-id";
-    pub const CHECKPOINT_EVERY: u64 = 100;
-    pub const METRICS_PATH: &str = "/metrics";
 }
 
 impl Default for AccessLogConfig {

@@ -50,6 +50,58 @@ pub mod defaults {
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
     pub const CHECK_HEALTHY_THRESHOLD: u64 = 2;
     pub const CHECK_UNHEALTHY_THRESHOLD: u64 = 3;
+    // [access_log], [request_id], [audit_log], [metrics]
+    pub const REDACT_HEADERS: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie"];
+    pub const REDACT_QUERY_PARAMS: &[&str] = &[
+        "access_token",
+        "api_key",
+        "apikey",
+        "password",
+        "secret",
+        "token",
+        "sig",
+        "signature",
+    ];
+    pub const BUFFER_RECORDS: u64 = 16 * 1024;
+    /// 16,384 records of a kilobyte.
+    pub const BUFFER_BYTES: u64 = 16 << 20;
+    pub const REQUEST_ID_HEADER: &str = "x-request-id";
+    pub const CHECKPOINT_EVERY: u64 = 100;
+    pub const METRICS_PATH: &str = "/metrics";
+    // [cache]
+    pub const CACHE_MEMORY: u64 = 256 << 20;
+    pub const CACHE_MAX_OBJECT_SIZE: u64 = 8 << 20;
+    pub const CACHE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+    /// 10 % as RFC 9111 section 4.2.2 suggests ...
+    pub const CACHE_HEURISTIC_FRACTION: f64 = 0.1;
+    /// ... capped at a day: RFC 7234 asked for a warning past 24 hours of
+    /// heuristic age, a sign that longer guesses surprise people.
+    pub const CACHE_HEURISTIC_MAX: Duration = Duration::from_secs(86_400);
+    // [protect]
+    pub const EVICT_IDLE_AFTER: Duration = Duration::from_secs(1);
+    pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
+    pub const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+    pub const H2_MAX_RESETS_PER_SECOND: u32 = 100;
+    pub const IPV6_PREFIX: u8 = 64;
+    pub const CHALLENGE_COOKIE: &str = "__portcullis_challenge";
+    pub const CHALLENGE_LIFETIME: Duration = Duration::from_secs(3600);
+    pub const ADAPTIVE_WINDOW: Duration = Duration::from_secs(5);
+    pub const ADAPTIVE_SPIKE_FACTOR: f64 = 3.0;
+    pub const ADAPTIVE_MIN_RATE: f64 = 50.0;
+    pub const ADAPTIVE_ENTER_AFTER: u32 = 2;
+    pub const ADAPTIVE_LEAVE_AFTER: u32 = 6;
+    /// One request per second, no burst, for an attack's sources.
+    pub const ADAPTIVE_SUSPECT_RATE: (u32, Duration, u32) = (1, Duration::from_secs(1), 1);
+    pub const SHEDDING_INITIAL_LIMIT: u32 = 100;
+    pub const SHEDDING_MIN_LIMIT: u32 = 10;
+    pub const SHEDDING_MAX_LIMIT: u32 = 1000;
+    pub const SHEDDING_TOLERANCE: f64 = 2.0;
+    pub const SHEDDING_RESERVE: f64 = 0.25;
+    pub const SHEDDING_RETRY_AFTER: Duration = Duration::from_secs(1);
+    pub const BAN_STRIKES: u32 = 100;
+    pub const BAN_WINDOW: Duration = Duration::from_secs(60);
+    pub const BAN_DURATION: Duration = Duration::from_secs(600);
+    pub const BAN_MAX_TRACKED: usize = 100_000;
     /// The client certificate's subject and fingerprint fields.
     pub const CLIENT_CERT_SUBJECT_HEADER: &str = "x-client-cert-subject";
     pub const CLIENT_CERT_FINGERPRINT_HEADER: &str = "x-client-cert-sha256";

@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::HeaderName;
 use ipnet::IpNet;
 
+use super::defaults;
 use super::reader::Table;
 
 /// A rate: `count` events per `period`, with bursts of up to `burst`.
@@ -146,12 +147,12 @@ impl Default for LoadSheddingConfig {
     fn default() -> Self {
         LoadSheddingConfig {
             mode: ProtectMode::Enforce,
-            initial_limit: 100,
-            min_limit: 10,
-            max_limit: 1000,
-            tolerance: 2.0,
-            reserve: 0.25,
-            retry_after: Duration::from_secs(1),
+            initial_limit: defaults::SHEDDING_INITIAL_LIMIT,
+            min_limit: defaults::SHEDDING_MIN_LIMIT,
+            max_limit: defaults::SHEDDING_MAX_LIMIT,
+            tolerance: defaults::SHEDDING_TOLERANCE,
+            reserve: defaults::SHEDDING_RESERVE,
+            retry_after: defaults::SHEDDING_RETRY_AFTER,
         }
     }
 }
@@ -173,10 +174,10 @@ impl Default for BanConfig {
     fn default() -> Self {
         BanConfig {
             mode: ProtectMode::Enforce,
-            strikes: 100,
-            window: Duration::from_secs(60),
-            duration: Duration::from_secs(600),
-            max_tracked: 100_000,
+            strikes: defaults::BAN_STRIKES,
+            window: defaults::BAN_WINDOW,
+            duration: defaults::BAN_DURATION,
+            max_tracked: defaults::BAN_MAX_TRACKED,
         }
     }
 }
@@ -220,15 +221,15 @@ fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
     let t = table?;
     let mut config = AdaptiveConfig {
         mode: ProtectMode::Shadow,
-        window: Duration::from_secs(5),
-        spike_factor: 3.0,
-        min_rate: 50.0,
-        enter_after: 2,
-        leave_after: 6,
+        window: defaults::ADAPTIVE_WINDOW,
+        spike_factor: defaults::ADAPTIVE_SPIKE_FACTOR,
+        min_rate: defaults::ADAPTIVE_MIN_RATE,
+        enter_after: defaults::ADAPTIVE_ENTER_AFTER,
+        leave_after: defaults::ADAPTIVE_LEAVE_AFTER,
         suspect_rate: Rate {
-            count: 1,
-            period: Duration::from_secs(1),
-            burst: 1,
+            count: defaults::ADAPTIVE_SUSPECT_RATE.0,
+            period: defaults::ADAPTIVE_SUSPECT_RATE.1,
+            burst: defaults::ADAPTIVE_SUSPECT_RATE.2,
         },
     };
     let mode = read_mode(&t, ProtectMode::Shadow);
@@ -295,8 +296,8 @@ pub struct ChallengeConfig {
 impl Default for ChallengeConfig {
     fn default() -> Self {
         ChallengeConfig {
-            cookie: "__portcullis_challenge".into(),
-            lifetime: Duration::from_secs(3600),
+            cookie: defaults::CHALLENGE_COOKIE.into(),
+            lifetime: defaults::CHALLENGE_LIFETIME,
             key_file: None,
         }
     }
@@ -328,7 +329,6 @@ fn read_challenge(table: Option<Table<'_>>) -> ChallengeConfig {
 }
 
 /// The default `body_rate_grace`.
-pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
 
 /// Parses a byte rate: `"1KiB/s"`, `"500/s"` (bytes per second).
 pub fn parse_byte_rate(text: &str) -> Result<u64, String> {
@@ -389,20 +389,20 @@ impl Default for ProtectConfig {
     fn default() -> Self {
         ProtectConfig {
             max_connections: None,
-            evict_idle_after: Some(Duration::from_secs(1)),
+            evict_idle_after: Some(defaults::EVICT_IDLE_AFTER),
             max_connections_per_ip: None,
             new_connections_per_ip: None,
             ip_filter: IpFilter::default(),
             min_body_rate: None,
-            body_rate_grace: BODY_RATE_GRACE,
+            body_rate_grace: defaults::BODY_RATE_GRACE,
             challenge: ChallengeConfig::default(),
             adaptive: None,
             max_requests_per_connection: None,
             load_shedding: None,
             bans: None,
-            h2_max_concurrent_streams: 256,
-            h2_max_resets_per_second: 100,
-            ipv6_prefix: 64,
+            h2_max_concurrent_streams: defaults::H2_MAX_CONCURRENT_STREAMS,
+            h2_max_resets_per_second: defaults::H2_MAX_RESETS_PER_SECOND,
+            ipv6_prefix: defaults::IPV6_PREFIX,
         }
     }
 }

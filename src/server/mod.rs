@@ -10,6 +10,7 @@
 
 mod accept;
 mod certificates;
+mod check;
 pub mod conn;
 mod tasks;
 /// TLS material (certificates, stores, rustls configs) lives in `crate::tls`;
@@ -18,6 +19,7 @@ pub use crate::tls;
 use accept::accept_loop;
 use certificates::watch_certificates;
 pub use certificates::{CertReloader, load_certificates, uncovered_route_hosts};
+pub use check::{Validated, validate};
 use tasks::{attack_watch, housekeeping};
 
 use std::future::Future;
@@ -42,10 +44,9 @@ use crate::state::{SharedSnapshot, Snapshot};
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The config failed validation (certificates included).
     #[error("{0}")]
     Config(#[from] ConfigErrors),
-    #[error("{0}")]
-    Tls(String),
     #[error("{0}")]
     Observe(String),
     #[error("cannot listen on {addr} ({listener}): {source}")]
@@ -174,20 +175,19 @@ impl Proxy {
     /// [`bind`](Self::bind) with logs and metrics made by the caller (tests,
     /// embedding: an access log to a writer of their own).
     pub async fn bind_with(config: Config, observe: Arc<Observe>) -> Result<Proxy, StartError> {
-        let mut listeners = Vec::new();
-        let stores = load_certificates(&config)?;
-        for warning in uncovered_route_hosts(&config, &stores) {
+        let Validated {
+            stores,
+            server_configs,
+            warnings,
+            snapshot,
+        } = validate(&config, &observe).await?;
+        for warning in warnings {
             tracing::warn!("{warning}");
         }
-        let mut next_store = stores.iter();
-        for listener in &config.listeners {
+        let mut listeners = Vec::new();
+        for (listener, server_config) in config.listeners.iter().zip(server_configs) {
             let mut runtime = ListenerRuntime::new(listener, &config, &observe);
-            if let Some(t) = &listener.tls {
-                let store = next_store
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| StartError::Tls(format!("{}: certificates not loaded", listener.name)))?;
-                let server_config = tls::server_config(store, t).map_err(StartError::Tls)?;
+            if let (Some(t), Some(server_config)) = (&listener.tls, server_config) {
                 runtime.tls = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
             }
             let runtime = Arc::new(runtime);
@@ -221,7 +221,6 @@ impl Proxy {
             ConnTable::new(&protect)
         };
         let summary = config_summary(&config, &stores, "start");
-        let snapshot = Snapshot::build(config, &observe).await?;
         observe.audit(Event::ProcessStart {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION"),

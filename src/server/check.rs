@@ -1,0 +1,73 @@
+//! One validation of a config, with everything that needs I/O: the
+//! certificates of every TLS listener (and the rustls configs built from
+//! them), the directories and key files of the logs, and the snapshot
+//! itself (upstream names resolved, key files read). `portcullis check`,
+//! start-up, and later reload and the admin API all call [`validate`];
+//! nothing else validates. Binding the ports is left to start-up.
+
+use super::*;
+use crate::config::ConfigError;
+
+/// A config that passed every check, with what the checks built.
+pub struct Validated {
+    /// The certificate store of each TLS listener, in listener order.
+    pub stores: Vec<Arc<tls::CertStore>>,
+    /// The rustls config of each listener (`None`: cleartext).
+    pub server_configs: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// Problems that do not stop the config (a route host no certificate
+    /// covers).
+    pub warnings: Vec<String>,
+    pub snapshot: Snapshot,
+}
+
+/// Validates `config` fully, reporting every error with its path; the
+/// snapshot is built with `observe` (start-up passes the real one, `check`
+/// a disabled one).
+pub async fn validate(config: &Config, observe: &Arc<Observe>) -> Result<Validated, ConfigErrors> {
+    let mut errors = crate::observe::check_files(config);
+    let stores = match load_certificates(config) {
+        Ok(stores) => stores,
+        Err(mut e) => {
+            errors.append(&mut e.0);
+            Vec::new()
+        }
+    };
+    let warnings = uncovered_route_hosts(config, &stores);
+    let mut server_configs = Vec::new();
+    let mut next_store = stores.iter();
+    for (i, listener) in config.listeners.iter().enumerate() {
+        let built = match (&listener.tls, errors.is_empty()) {
+            (Some(t), true) => match next_store.next() {
+                Some(store) => match tls::server_config(store.clone(), t) {
+                    Ok(server_config) => Some(server_config),
+                    Err(message) => {
+                        errors.push(ConfigError {
+                            path: format!("listeners[{i}].tls"),
+                            message,
+                        });
+                        None
+                    }
+                },
+                None => None,
+            },
+            _ => None,
+        };
+        server_configs.push(built);
+    }
+    let snapshot = match Snapshot::build(config.clone(), observe).await {
+        Ok(snapshot) => Some(snapshot),
+        Err(mut e) => {
+            errors.append(&mut e.0);
+            None
+        }
+    };
+    match snapshot {
+        Some(snapshot) if errors.is_empty() => Ok(Validated {
+            stores,
+            server_configs,
+            warnings,
+            snapshot,
+        }),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
