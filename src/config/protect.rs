@@ -328,8 +328,6 @@ fn read_challenge(table: Option<Table<'_>>) -> ChallengeConfig {
     config
 }
 
-/// The default `body_rate_grace`.
-
 /// Parses a byte rate: `"1KiB/s"`, `"500/s"` (bytes per second).
 pub fn parse_byte_rate(text: &str) -> Result<u64, String> {
     let bad = || format!("\"{text}\" is not a byte rate such as \"1KiB/s\"");
