@@ -245,14 +245,18 @@ async fn check(path: PathBuf) -> ExitCode {
     // The same validation as start-up (portcullis::server::validate): the
     // command line only prints what it says.
     let result = match Config::load(&path) {
-        Ok(config) => portcullis::server::validate(&config, &portcullis::observe::Observe::disabled())
-            .await
-            .map(|validated| {
-                for warning in &validated.warnings {
-                    eprintln!("warning: {warning}");
-                }
-                config
-            }),
+        Ok(config) => portcullis::server::validate(
+            &config,
+            &portcullis::observe::Observe::disabled(),
+            &portcullis::state::Kept::default(),
+        )
+        .await
+        .map(|validated| {
+            for warning in &validated.warnings {
+                eprintln!("warning: {warning}");
+            }
+            config
+        }),
         Err(e) => Err(e),
     };
     match result {

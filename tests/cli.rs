@@ -229,6 +229,13 @@ const CASES: &[(&str, &str, &[&str])] = &[
         &["routes[1]: same host, path and path_match as routes[0]: it could never match"],
     ),
     (
+        "duplicate route name",
+        "[[routes]]\nname = \"api\"\nupstream = \"app\"\npath = \"/a\"\n[[routes]]\nname = \"api\"\nupstream = \"app\"\npath = \"/b\"\n",
+        &[
+            "routes[1].name: \"api\" is also the name of routes[0]: route names must be unique (logs, metrics and reloads refer to a route by its name)",
+        ],
+    ),
+    (
         "bad method names",
         "[server]\nallowed_methods = [\"get\", \"\"]\n",
         &[

@@ -230,3 +230,167 @@ async fn upstream_names_are_resolved() {
     let got = get(proxy.addr, "/by-name").await;
     assert_eq!(got.status, StatusCode::OK);
 }
+
+/// A config with one part of every kind that outlives a snapshot.
+fn stateful_config(origin: std::net::SocketAddr, limit: &str, second_group: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[[routes]]
+name = "api"
+path = "/api"
+upstream = "app"
+[routes.rate_limit]
+rate = "{limit}"
+burst = 2
+
+[[routes]]
+name = "site"
+upstream = "other"
+cache = {{}}
+
+[upstreams.app]
+servers = ["{origin}"]
+
+[upstreams.other]
+servers = ["{second_group}"]
+
+[protect.bans]
+strikes = 3
+[protect.load_shedding]
+min_limit = 4
+[protect.adaptive]
+min_rate = 1000
+"#
+    )
+}
+
+/// The same object, not an equal one.
+fn same<T>(a: &std::sync::Arc<T>, b: &std::sync::Arc<T>) -> bool {
+    std::sync::Arc::ptr_eq(a, b)
+}
+
+/// Builds the proxy's next snapshot from `toml` the way start-up does, with
+/// the proxy's kept state, and swaps it in.
+async fn rebuild(proxy: &TestProxy, toml: &str) -> portcullis::state::Kept {
+    let config = portcullis::Config::from_toml(toml, "test").unwrap();
+    let validated = portcullis::server::validate(&config, &proxy.observe, &proxy.kept)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    proxy.snapshot.store(std::sync::Arc::new(validated.snapshot));
+    validated.kept
+}
+
+#[tokio::test]
+async fn a_rebuilt_snapshot_carries_every_part_over_by_name() {
+    let origin = echo_origin().await;
+    let toml = stateful_config(origin.addr, "1/m", &origin.addr.to_string());
+    let proxy = start_proxy(&toml).await;
+    let before = proxy.snapshot.load_full();
+    // Spend the route's burst: the limiter's state is what must survive.
+    for _ in 0..2 {
+        assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::OK);
+    }
+    assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::TOO_MANY_REQUESTS);
+
+    rebuild(&proxy, &toml).await;
+    let after = proxy.snapshot.load_full();
+    assert!(!std::sync::Arc::ptr_eq(&before, &after), "a new snapshot");
+    assert!(same(
+        before.route_limits[0].as_ref().unwrap(),
+        after.route_limits[0].as_ref().unwrap()
+    ));
+    for (a, b) in before.upstreams.iter().zip(&after.upstreams) {
+        assert!(same(a, b), "upstream {}", a.config.name);
+    }
+    for (a, b) in before.shedders.iter().zip(&after.shedders) {
+        assert!(same(a.as_ref().unwrap(), b.as_ref().unwrap()));
+    }
+    assert!(same(before.bans.as_ref().unwrap(), after.bans.as_ref().unwrap()));
+    assert!(same(
+        before.adaptive.as_ref().unwrap(),
+        after.adaptive.as_ref().unwrap()
+    ));
+    assert!(same(before.cache.as_ref().unwrap(), after.cache.as_ref().unwrap()));
+    assert!(same(&before.challenge, &after.challenge));
+    // The client's spent burst came across: still refused on the new snapshot.
+    assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::TOO_MANY_REQUESTS);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rebuilt_snapshot_builds_changed_parts_fresh_and_keeps_the_rest() {
+    let origin = echo_origin().await;
+    let other = echo_origin().await;
+    let toml = stateful_config(origin.addr, "1/m", &origin.addr.to_string());
+    let proxy = start_proxy(&toml).await;
+    let before = proxy.snapshot.load_full();
+    for _ in 0..2 {
+        assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::OK);
+    }
+    assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::TOO_MANY_REQUESTS);
+
+    // A new limit for "api" and a new server list for "other".
+    let changed = stateful_config(origin.addr, "2/m", &other.addr.to_string());
+    let kept = rebuild(&proxy, &changed).await;
+    let after = proxy.snapshot.load_full();
+    assert!(!same(
+        before.route_limits[0].as_ref().unwrap(),
+        after.route_limits[0].as_ref().unwrap()
+    ));
+    assert!(same(&before.upstreams[0], &after.upstreams[0]), "app is unchanged");
+    assert!(
+        !same(&before.upstreams[1], &after.upstreams[1]),
+        "other has a new server"
+    );
+    assert!(same(before.cache.as_ref().unwrap(), after.cache.as_ref().unwrap()));
+    assert!(same(before.bans.as_ref().unwrap(), after.bans.as_ref().unwrap()));
+    // The new limiter starts with a full burst.
+    assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::OK);
+
+    // A route whose limit is removed and put back starts afresh: what is no
+    // longer configured is not kept.
+    let unlimited = changed.replace("[routes.rate_limit]\nrate = \"2/m\"\nburst = 2\n", "");
+    let config = portcullis::Config::from_toml(&unlimited, "test").unwrap();
+    let without = portcullis::server::validate(&config, &proxy.observe, &kept)
+        .await
+        .unwrap();
+    assert!(without.snapshot.route_limits[0].is_none());
+    let config = portcullis::Config::from_toml(&changed, "test").unwrap();
+    let again = portcullis::server::validate(&config, &proxy.observe, &without.kept)
+        .await
+        .unwrap();
+    assert!(!same(
+        after.route_limits[0].as_ref().unwrap(),
+        again.snapshot.route_limits[0].as_ref().unwrap()
+    ));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_config_that_fails_to_build_changes_nothing_kept() {
+    let origin = echo_origin().await;
+    let toml = stateful_config(origin.addr, "1/m", &origin.addr.to_string());
+    let proxy = start_proxy(&toml).await;
+    let before = proxy.snapshot.load_full();
+    let broken = format!("{toml}\n[protect.challenge]\nkey_file = \"/nonexistent/portcullis-key\"\n");
+    let config = portcullis::Config::from_toml(&broken, "test").unwrap();
+    let errors = portcullis::server::validate(&config, &proxy.observe, &proxy.kept)
+        .await
+        .err()
+        .expect("a missing key file is an error");
+    assert!(errors.to_string().contains("protect.challenge.key_file"), "{errors}");
+    // The kept state still builds the same parts as before.
+    let config = portcullis::Config::from_toml(&toml, "test").unwrap();
+    let rebuilt = portcullis::server::validate(&config, &proxy.observe, &proxy.kept)
+        .await
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&before.challenge, &rebuilt.snapshot.challenge));
+    assert!(std::sync::Arc::ptr_eq(
+        before.cache.as_ref().unwrap(),
+        rebuilt.snapshot.cache.as_ref().unwrap()
+    ));
+    proxy.shutdown().await;
+}

@@ -9,7 +9,7 @@ use super::defaults;
 use super::reader::Table;
 
 /// `[cache]`: the one in-memory store every caching route shares.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Byte budget of the store (bodies, fields and per-entry overhead).
     pub memory: u64,

@@ -58,7 +58,7 @@ pub enum RateKey {
 }
 
 /// `routes[].rate_limit`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimitConfig {
     pub rate: Rate,
     pub key: RateKey,
@@ -128,7 +128,7 @@ pub struct ProtectConfig {
 
 /// `[protect.load_shedding]`: an adaptive concurrency limit per upstream
 /// group (protect/shedding.rs).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadSheddingConfig {
     pub mode: ProtectMode,
     pub initial_limit: u32,
@@ -160,7 +160,7 @@ impl Default for LoadSheddingConfig {
 /// `[protect.bans]`: a client that collects `strikes` (challenges it did
 /// not pass, requests refused by a rate limit or as an attack source)
 /// within `window` is banned for `duration`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BanConfig {
     pub mode: ProtectMode,
     pub strikes: u32,
@@ -193,7 +193,7 @@ pub enum ProtectMode {
 }
 
 /// `[protect.adaptive]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdaptiveConfig {
     pub mode: ProtectMode,
     pub window: Duration,
@@ -283,7 +283,7 @@ pub fn read_challenge_when(t: &Table<'_>) -> ChallengeWhen {
 }
 
 /// `[protect.challenge]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChallengeConfig {
     pub cookie: String,
     /// How long a cookie is valid; the random key rotates this often.

@@ -108,12 +108,22 @@ pub(super) fn read_routes(top: &Table<'_>, upstreams: &[UpstreamConfig], errors:
     }
     // (host pattern or "" for any, path, match) -> first route index.
     let mut seen: HashMap<(HostPattern, String, PathMatch), usize> = HashMap::new();
+    // route name -> first route index.
+    let mut names: HashMap<String, usize> = HashMap::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("routes[{i}]");
         let Some(t) = Table::new(item, path.clone(), errors) else {
             continue;
         };
         let name = t.str("name").map_or_else(|| path.clone(), str::to_owned);
+        if let Some(first) = names.insert(name.clone(), i) {
+            t.error(
+                "name",
+                format!(
+                    "\"{name}\" is also the name of routes[{first}]: route names must be unique (logs, metrics and reloads refer to a route by its name)"
+                ),
+            );
+        }
 
         let mut hosts = Vec::new();
         for (host_path, text) in t.str_or_strs("host").unwrap_or_default() {

@@ -20,7 +20,7 @@ pub enum UpstreamProtocol {
 }
 
 /// `[upstreams.NAME.tls]`: TLS to the upstream servers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamTls {
     /// PEM bundle of trusted CAs; `None` = the system's roots.
     pub ca: Option<std::path::PathBuf>,
@@ -51,7 +51,7 @@ impl std::fmt::Display for ServerAddr {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     pub servers: Vec<ServerAddr>,

@@ -18,12 +18,15 @@ pub struct Validated {
     /// covers).
     pub warnings: Vec<String>,
     pub snapshot: Snapshot,
+    /// The state to build the next snapshot from.
+    pub kept: Kept,
 }
 
 /// Validates `config` fully, reporting every error with its path; the
 /// snapshot is built with `observe` (start-up passes the real one, `check`
-/// a disabled one).
-pub async fn validate(config: &Config, observe: &Arc<Observe>) -> Result<Validated, ConfigErrors> {
+/// a disabled one) from the parts in `kept` (start-up and `check`:
+/// `Kept::default()`; `kept` itself is never changed).
+pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> Result<Validated, ConfigErrors> {
     let mut errors = crate::observe::check_files(config);
     let stores = match load_certificates(config) {
         Ok(stores) => stores,
@@ -54,7 +57,7 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>) -> Result<Validat
         };
         server_configs.push(built);
     }
-    let snapshot = match Snapshot::build(config.clone(), observe).await {
+    let snapshot = match Snapshot::build(config.clone(), observe, kept).await {
         Ok(snapshot) => Some(snapshot),
         Err(mut e) => {
             errors.append(&mut e.0);
@@ -62,11 +65,12 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>) -> Result<Validat
         }
     };
     match snapshot {
-        Some(snapshot) if errors.is_empty() => Ok(Validated {
+        Some((snapshot, kept)) if errors.is_empty() => Ok(Validated {
             stores,
             server_configs,
             warnings,
             snapshot,
+            kept,
         }),
         _ => Err(ConfigErrors(errors)),
     }

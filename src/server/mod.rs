@@ -39,7 +39,7 @@ use crate::observe::audit::CertificateSummary;
 use crate::observe::metrics::ListenerMetrics;
 use crate::observe::{Event, Observe};
 use crate::protect::ConnTable;
-use crate::state::{SharedSnapshot, Snapshot};
+use crate::state::{Kept, SharedSnapshot, Snapshot};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -160,8 +160,11 @@ pub struct Proxy {
     certificates: CertReloader,
     observe: Arc<Observe>,
     metrics_listener: Option<(TcpListener, String)>,
-    /// Open client connections and the limits on them (all listeners).
+    /// Open client connections and the limits on them (all listeners;
+    /// process-wide, outside every snapshot).
     connections: Arc<ConnTable>,
+    /// The state the next snapshot is built from (reload carries it over).
+    kept: Kept,
 }
 
 impl Proxy {
@@ -180,7 +183,8 @@ impl Proxy {
             server_configs,
             warnings,
             snapshot,
-        } = validate(&config, &observe).await?;
+            kept,
+        } = validate(&config, &observe, &Kept::default()).await?;
         for warning in warnings {
             tracing::warn!("{warning}");
         }
@@ -236,6 +240,7 @@ impl Proxy {
             observe,
             metrics_listener,
             connections,
+            kept,
         })
     }
 
@@ -262,6 +267,12 @@ impl Proxy {
     /// The current snapshot, for inspection (tests, admin).
     pub fn snapshot(&self) -> SharedSnapshot {
         self.snapshot.clone()
+    }
+
+    /// The state the next snapshot is built from: pass it to
+    /// [`validate`] or [`Snapshot::build`] to carry it over.
+    pub fn kept(&self) -> &Kept {
+        &self.kept
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
