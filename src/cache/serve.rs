@@ -71,19 +71,47 @@ pub struct Cache {
     generations: [AtomicU64; 64],
 }
 
-/// What the log and the metrics call the way a request was served.
-pub mod outcome {
+/// How a request was served on a caching route: the access log's `cache`
+/// field and the `result` label of the cache metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
     /// Answered from the store, fresh (or 304 / 206 from it).
-    pub const HIT: &str = "hit";
+    Hit,
     /// Fetched from the origin: nothing usable was stored.
-    pub const MISS: &str = "miss";
+    Miss,
     /// A stored response was revalidated with the origin (304).
-    pub const REVALIDATED: &str = "revalidated";
+    Revalidated,
     /// Answered stale (`stale-while-revalidate`, `stale-if-error`).
-    pub const STALE: &str = "stale";
+    Stale,
     /// Not cacheable as asked (method, range, preconditions).
-    pub const BYPASS: &str = "bypass";
-    pub const ALL: [&str; 5] = [HIT, MISS, REVALIDATED, STALE, BYPASS];
+    Bypass,
+}
+
+impl Outcome {
+    /// Every outcome, in the order of [`Outcome::index`].
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Hit,
+        Outcome::Miss,
+        Outcome::Revalidated,
+        Outcome::Stale,
+        Outcome::Bypass,
+    ];
+
+    /// The word logs and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+        }
+    }
+
+    /// The position in [`Outcome::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Why a request went to the origin (RFC 9211 `fwd`).
@@ -112,8 +140,8 @@ impl Fwd {
 
 /// The result of a lookup.
 pub enum Lookup {
-    /// Answered by the cache; the string is the [`outcome`].
-    Answer(Response<ProxyBody>, &'static str),
+    /// Answered by the cache, and how.
+    Answer(Response<ProxyBody>, Outcome),
     /// Answered stale; fetch in the background with this to refresh.
     AnswerAndRefresh(Response<ProxyBody>, Box<Pending>),
     /// Go to the origin.
@@ -293,7 +321,7 @@ impl Cache {
                     fwd = Fwd::Request;
                 } else if freshness::acceptable(age, v.lifetime, v.explicit, &rc, &v.control) {
                     let status = hit_status(&v, age, collapsed);
-                    return Lookup::Answer(serve(&v, method, headers, age, status, options), outcome::HIT);
+                    return Lookup::Answer(serve(&v, method, headers, age, status, options), Outcome::Hit);
                 } else if freshness::may_serve_stale_while_revalidate(age, v.lifetime, &rc, &v.control) {
                     let status = format!("portcullis; hit; ttl={}; detail=stale-while-revalidate", ttl(&v, age));
                     let response = serve(&v, method, headers, age, status, options);
@@ -382,7 +410,7 @@ impl Cache {
     ) -> Lookup {
         let Join::Lead(flight) = self.flights.join(&key) else {
             // Another request is refreshing it already.
-            return Lookup::Answer(response, outcome::STALE);
+            return Lookup::Answer(response, Outcome::Stale);
         };
         for name in [
             RANGE,
@@ -589,7 +617,7 @@ pub enum Answer {
 pub struct Handled {
     pub answer: Answer,
     /// The access log's and metrics' word for it.
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     /// Copies the origin's body into the store: the pipeline puts it on the
     /// body, or reads ahead with it when it leads a flight.
     pub tee: Option<Tee>,
@@ -620,4 +648,19 @@ pub struct Tee {
 pub struct Held {
     cache: Arc<Cache>,
     bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outcome;
+
+    #[test]
+    fn every_outcome_has_its_own_index_and_word() {
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(outcome.index(), i);
+        }
+        let words: std::collections::BTreeSet<_> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(words.len(), Outcome::ALL.len());
+        assert_eq!(Outcome::Revalidated.as_str(), "revalidated");
+    }
 }

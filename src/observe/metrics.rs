@@ -23,6 +23,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::cache::serve::Outcome;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: String,
@@ -430,7 +432,7 @@ pub struct RouteMetrics {
     route: String,
     requests: [[OnceLock<Counter>; 5]; 8],
     duration: Histogram,
-    /// By [`crate::cache::serve::outcome::ALL`], created on first use.
+    /// By [`Outcome::index`], created on first use.
     cache: [OnceLock<Counter>; 5],
 }
 
@@ -451,16 +453,15 @@ impl RouteMetrics {
     }
 
     /// Counts how the cache served a request.
-    pub fn cache_result(&self, metrics: &Metrics, result: &'static str) {
-        let all = crate::cache::serve::outcome::ALL;
-        let Some(i) = all.iter().position(|r| *r == result) else {
+    pub fn cache_result(&self, metrics: &Metrics, result: Outcome) {
+        let Some(counter) = self.cache.get(result.index()) else {
             return;
         };
-        self.cache[i]
+        counter
             .get_or_init(|| {
                 metrics.cache_requests.get_or_create_owned(&CacheLabels {
                     route: self.route.clone(),
-                    result: all[i],
+                    result: result.as_str(),
                 })
             })
             .inc();

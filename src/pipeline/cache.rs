@@ -17,7 +17,7 @@ use super::exchange::{Picked, exchange};
 use super::record::Trace;
 use super::{ConnInfo, respond};
 use crate::body::{ProxyBody, RequestBody};
-use crate::cache::serve::{Answer, CACHE_STATUS, Lookup, ONLY_IF_CACHED_STATUS, Pending, outcome};
+use crate::cache::serve::{Answer, CACHE_STATUS, Lookup, ONLY_IF_CACHED_STATUS, Outcome, Pending};
 use crate::cache::{self, Cache};
 use crate::config::{RouteCache, RouteConfig};
 use crate::error::ProxyError;
@@ -85,7 +85,7 @@ impl<'a> Plan<'a> {
         let url = cache::key::url_key(scheme, host_text, req.uri(), options);
         let get_or_head = req.method() == Method::GET || req.method() == Method::HEAD;
         if !(get_or_head && http_body::Body::is_end_stream(req.body())) {
-            trace.cache = Some(outcome::BYPASS);
+            trace.cache = Some(Outcome::Bypass);
             if get_or_head {
                 self.bypass_status = "portcullis; fwd=bypass; detail=request-body";
             }
@@ -109,7 +109,7 @@ impl<'a> Plan<'a> {
                 Some(finish_stored(response, snapshot, route, version))
             }
             Lookup::AnswerAndRefresh(response, refresh) => {
-                trace.cache = Some(outcome::STALE);
+                trace.cache = Some(Outcome::Stale);
                 let parts = clone_head(req);
                 spawn_refresh(
                     *refresh,
@@ -126,7 +126,7 @@ impl<'a> Plan<'a> {
                 None
             }
             Lookup::OnlyIfCached => {
-                trace.cache = Some(outcome::BYPASS);
+                trace.cache = Some(Outcome::Bypass);
                 let mut response = respond::error_response(ProxyError::OnlyIfCached);
                 response
                     .headers_mut()
@@ -161,9 +161,9 @@ impl<'a> Plan<'a> {
             (Ok(pair), pending) => (pair, pending),
             (Err(error), Some(pending)) => {
                 // stale-if-error, when allowed
-                trace.cache = Some(outcome::MISS);
+                trace.cache = Some(Outcome::Miss);
                 let response = pending.on_error(error)?;
-                trace.cache = Some(outcome::STALE);
+                trace.cache = Some(Outcome::Stale);
                 return Ok(Err(finish_stored(response, snapshot, route, version)));
             }
             (Err(error), None) => return Err(error),

@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, Uri, Version};
 use tokio::time::Instant;
 
 use super::ConnInfo;
+use crate::cache::serve::Outcome;
 use crate::observe::{Observe, access, client_ip, request_id};
 use crate::state::Snapshot;
 
@@ -51,7 +52,7 @@ pub struct Trace {
     /// What protection did to the request (`rate_limited`, `ip_denied`).
     pub protection: Option<&'static str>,
     /// How the cache served it (`hit`, `miss`, ...), on caching routes.
-    pub cache: Option<&'static str>,
+    pub cache: Option<Outcome>,
 }
 
 impl Observation {
@@ -180,7 +181,7 @@ impl Observation {
             server,
             route: route.map(|r| r.name.as_str()),
             retries: self.trace.retries,
-            cache: self.trace.cache,
+            cache: self.trace.cache.map(Outcome::as_str),
             protection: self.trace.protection,
             tls: self.conn.tls,
             user_agent: self.user_agent.as_ref().map(HeaderValue::as_bytes),

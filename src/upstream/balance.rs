@@ -91,7 +91,7 @@ pub struct RoundRobinState {
 pub fn pick(
     algorithm: &Algorithm,
     candidates: &[Candidate],
-    rr: &mut RoundRobinState,
+    rr: Option<&mut RoundRobinState>,
     ring: &Ring,
     hash: Option<u64>,
     rng: &mut Rng,
@@ -100,7 +100,11 @@ pub fn pick(
         return None;
     }
     match algorithm {
-        Algorithm::RoundRobin => Some(smooth_round_robin(candidates, rr)),
+        // The caller holds the round-robin state only for this algorithm.
+        Algorithm::RoundRobin => Some(match rr {
+            Some(state) => smooth_round_robin(candidates, state),
+            None => weighted_random(candidates, rng),
+        }),
         Algorithm::LeastRequests => Some(least_requests(candidates, rng)),
         Algorithm::P2cEwma => Some(p2c(candidates, rng)),
         Algorithm::Random => Some(weighted_random(candidates, rng)),

@@ -245,12 +245,14 @@ impl Upstream {
                     Algorithm::ConsistentHash(key) => balance::request_hash(key, ctx.client, ctx.headers, ctx.path),
                     _ => None,
                 };
-                let mut rr = self.round_robin.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                // The one lock of select, taken only by round robin.
+                let mut rr = matches!(self.config.algorithm, Algorithm::RoundRobin)
+                    .then(|| self.round_robin.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
                 RNG.with(|rng| {
                     balance::pick(
                         &self.config.algorithm,
                         &candidates,
-                        &mut rr,
+                        rr.as_deref_mut(),
                         &self.ring,
                         hash,
                         &mut rng.borrow_mut(),

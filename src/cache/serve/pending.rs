@@ -65,11 +65,11 @@ impl Pending {
     }
 
     /// The log's word for a forwarded request answered with `status`.
-    pub(super) fn outcome_on_response(&self, status: StatusCode) -> &'static str {
+    pub(super) fn outcome_on_response(&self, status: StatusCode) -> Outcome {
         match (self.fwd, status) {
-            (Fwd::Stale | Fwd::Request, StatusCode::NOT_MODIFIED) if self.stale.is_some() => outcome::REVALIDATED,
-            (Fwd::Method | Fwd::Bypass, _) => outcome::BYPASS,
-            _ => outcome::MISS,
+            (Fwd::Stale | Fwd::Request, StatusCode::NOT_MODIFIED) if self.stale.is_some() => Outcome::Revalidated,
+            (Fwd::Method | Fwd::Bypass, _) => Outcome::Bypass,
+            _ => Outcome::Miss,
         }
     }
 
@@ -129,7 +129,7 @@ impl Pending {
         let outcome = self.outcome_on_response(status);
         if status.is_server_error() {
             if let Some(response) = self.stale_for_error(Some(status)) {
-                return Handled::replace(response, outcome::STALE, None);
+                return Handled::replace(response, Outcome::Stale, None);
             }
         }
         let response_time = SystemTime::now();
@@ -206,7 +206,7 @@ impl Pending {
         v: &Stored,
         parts: &http::response::Parts,
         response_time: SystemTime,
-        outcome: &'static str,
+        outcome: Outcome,
     ) -> Handled {
         let mut fresh = v.clone();
         storable::update_from_304(&mut fresh.headers, &parts.headers);
@@ -327,7 +327,7 @@ impl Pending {
 }
 
 impl Handled {
-    fn origin(outcome: &'static str, tee: Option<Tee>) -> Handled {
+    fn origin(outcome: Outcome, tee: Option<Tee>) -> Handled {
         Handled {
             answer: Answer::Origin,
             outcome,
@@ -335,7 +335,7 @@ impl Handled {
         }
     }
 
-    fn replace(response: Response<ProxyBody>, outcome: &'static str, tee: Option<Tee>) -> Handled {
+    fn replace(response: Response<ProxyBody>, outcome: Outcome, tee: Option<Tee>) -> Handled {
         Handled {
             answer: Answer::Replace(Box::new(response)),
             outcome,

@@ -51,7 +51,7 @@ fn simulate(algorithm: &Algorithm, weights: &[u32], latencies: &[f64], picks: us
                 }
             }
         }
-        let chosen = pick(algorithm, &cands, &mut rr, &ring, None, &mut rng).expect("a server");
+        let chosen = pick(algorithm, &cands, Some(&mut rr), &ring, None, &mut rng).expect("a server");
         cands[chosen].in_flight += 1;
         outstanding.push(chosen);
         counts[chosen] += 1;
@@ -100,7 +100,7 @@ fn smooth_round_robin_has_no_bursts() {
     let mut rng = Rng::seeded(1);
     let ring = Ring::default();
     let sequence: Vec<usize> = (0..700)
-        .map(|_| pick(&Algorithm::RoundRobin, &cands, &mut rr, &ring, None, &mut rng).expect("pick"))
+        .map(|_| pick(&Algorithm::RoundRobin, &cands, Some(&mut rr), &ring, None, &mut rng).expect("pick"))
         .collect();
     assert_eq!(&sequence[..7], &[0, 0, 1, 0, 2, 0, 0]);
     let longest = sequence
