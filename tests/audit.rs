@@ -20,21 +20,10 @@ use serde_json::Value;
 use support::*;
 
 fn config(origin: std::net::SocketAddr, audit: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-[[routes]]
-name = "main"
-upstream = "app"
-[upstreams.app]
-servers = ["{origin}"]
-[audit_log]
-path = {:?}
-{extra}
-"#,
-        audit.display().to_string()
-    )
+    Template::new(&[origin])
+        .route("name = \"main\"")
+        .extra(&format!("[audit_log]\npath = {:?}\n{extra}", audit.display().to_string()))
+        .build()
 }
 
 /// Starts and stops a proxy: three records (start, config, stop).
@@ -305,7 +294,8 @@ async fn verify_reports_unreadable_files_with_exit_2() {
 #[tokio::test]
 async fn an_ejected_server_is_audited() {
     let live = origin(|_| async { text(200, "ok") }).await;
-    let dead = closed_port().await;
+    let closed = closed_port();
+    let dead = closed.addr;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("audit.jsonl");
     let toml = format!(

@@ -24,11 +24,7 @@ async fn named(name: &'static str) -> Origin {
 }
 
 fn group_config(servers: &[SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
-    format!(
-        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [{}]\n{extra}\n",
-        list.join(", ")
-    )
+    Template::new(servers).group(extra).build()
 }
 
 fn statuses(proxy: &TestProxy) -> Vec<ServerStatus> {
@@ -219,9 +215,9 @@ async fn a_reset_is_retried_for_get_but_a_sent_post_is_never_replayed() {
 
 #[tokio::test]
 async fn connect_failures_are_retried_for_any_method() {
-    let dead = closed_port().await;
+    let dead = closed_port();
     let good = echo_origin().await;
-    let config = group_config(&[dead, good.addr], "algorithm = \"round_robin\"");
+    let config = group_config(&[dead.addr, good.addr], "algorithm = \"round_robin\"");
     let proxy = start_proxy(&config).await;
     for i in 0..6 {
         let raw_out = raw(
@@ -314,7 +310,8 @@ async fn circuit_breaker_answers_503_at_once_when_full() {
 
 #[tokio::test]
 async fn all_servers_down_is_503_without_hanging() {
-    let dead = [closed_port().await, closed_port().await];
+    let closed = [closed_port(), closed_port()];
+    let dead = [closed[0].addr, closed[1].addr];
     let config = group_config(
         &dead,
         "connect_timeout = \"500ms\"\n[upstreams.app.health_check]\ntype = \"tcp\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nunhealthy_threshold = 1",

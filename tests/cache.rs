@@ -65,22 +65,10 @@ fn reply(status: u16, fields: &[(&str, &str)], body: &str) -> Response<TestBody>
 /// One listener, one caching route (`route` is its `cache` value), the
 /// `[cache]` section given.
 fn config(upstream: SocketAddr, route: &str, cache: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[[routes]]
-upstream = "app"
-cache = {route}
-
-[upstreams.app]
-servers = ["{upstream}"]
-
-[cache]
-{cache}
-"#
-    )
+    Template::new(&[upstream])
+        .route(&format!("cache = {route}"))
+        .extra(&format!("[cache]\n{cache}"))
+        .build()
 }
 
 async fn caching_proxy(upstream: SocketAddr) -> TestProxy {

@@ -31,7 +31,8 @@ fn assert_proxy_error(got: &Got, status: u16, kind: &str) {
 
 #[tokio::test]
 async fn refused_connection_is_502_connection_refused() {
-    let proxy = proxy_to(closed_port().await).await;
+    let dead = closed_port();
+    let proxy = proxy_to(dead.addr).await;
     assert_proxy_error(&get(proxy.addr, "/").await, 502, "connection_refused");
 }
 

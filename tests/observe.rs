@@ -67,21 +67,7 @@ async fn next_record(rx: &mut mpsc::UnboundedReceiver<String>) -> Value {
 }
 
 fn config_for(origin: std::net::SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[[routes]]
-name = "main"
-upstream = "app"
-
-[upstreams.app]
-servers = ["{origin}"]
-
-{extra}
-"#
-    )
+    Template::new(&[origin]).route("name = \"main\"").extra(extra).build()
 }
 
 #[tokio::test]
@@ -154,7 +140,8 @@ async fn json_record_fields_over_http1_and_http2() {
 
 #[tokio::test]
 async fn errors_are_logged_with_their_proxy_status_and_no_upstream() {
-    let dead = closed_port().await;
+    let closed = closed_port();
+    let dead = closed.addr;
     let (proxy, mut records) = logged_proxy(&config_for(dead, "")).await;
     let got = get(proxy.addr, "/down").await;
     assert_eq!(got.status, 502);

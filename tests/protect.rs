@@ -18,24 +18,11 @@ use http::{Request, StatusCode};
 use support::*;
 
 fn config(origin: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-
-[[routes]]
-name = "main"
-upstream = "app"
-{extra}
-
-[upstreams.app]
-servers = ["{origin}"]
-
-[metrics]
-listen = "127.0.0.1:0"
-"#
-    )
+    Template::new(&[origin])
+        .listener("name = \"web\"")
+        .route(&format!("name = \"main\"\n{extra}"))
+        .extra("[metrics]\nlisten = \"127.0.0.1:0\"")
+        .build()
 }
 
 #[tokio::test]

@@ -48,25 +48,11 @@ async fn next_arrival(arrivals: &mut mpsc::UnboundedReceiver<String>) -> String 
 }
 
 fn config(origin: SocketAddr, route: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "127.0.0.1:0"
-
-[[routes]]
-name = "main"
-upstream = "app"
-{route}
-
-[upstreams.app]
-servers = ["{origin}"]
-
-[metrics]
-listen = "127.0.0.1:0"
-{extra}
-"#
-    )
+    Template::new(&[origin])
+        .listener("name = \"web\"")
+        .route(&format!("name = \"main\"\n{route}"))
+        .extra(&format!("[metrics]\nlisten = \"127.0.0.1:0\"\n{extra}"))
+        .build()
 }
 
 /// Sends GET `path` from `127.0.0.<last>` with an optional cookie on a

@@ -269,19 +269,7 @@ async fn challenge_redirect_is_never_to_another_host() {
 // ---------------------------------------------------------------------
 
 fn cache_config(origin: SocketAddr, route_cache: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[[routes]]
-upstream = "app"
-cache = {route_cache}
-
-[upstreams.app]
-servers = ["{origin}"]
-"#
-    )
+    Template::new(&[origin]).route(&format!("cache = {route_cache}")).build()
 }
 
 /// An origin that greets the user its `session` cookie names, with the
@@ -752,21 +740,7 @@ async fn big_origin_with(proto: Proto, total: usize) -> (Origin, mpsc::Unbounded
 }
 
 fn slow_read_config(origin: SocketAddr, timeouts: &str) -> String {
-    format!(
-        r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[timeouts]
-{timeouts}
-
-[[routes]]
-upstream = "app"
-
-[upstreams.app]
-servers = ["{origin}"]
-"#
-    )
+    Template::new(&[origin]).top(&format!("[timeouts]\n{timeouts}")).build()
 }
 
 /// Reads to the end of what the proxy sends (it closes when it cuts the
@@ -1014,26 +988,11 @@ async fn proxied(addr: SocketAddr, client: &str) -> TcpStream {
 }
 
 fn proxied_config(origin: SocketAddr, protect: &str, route: &str) -> String {
-    format!(
-        r#"
-[server]
-trusted_proxies = ["127.0.0.1"]
-
-[protect]
-{protect}
-
-[[listeners]]
-bind = "127.0.0.1:0"
-proxy_protocol = true
-
-[[routes]]
-upstream = "app"
-{route}
-
-[upstreams.app]
-servers = ["{origin}"]
-"#
-    )
+    Template::new(&[origin])
+        .top(&format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\n[protect]\n{protect}"))
+        .listener("proxy_protocol = true")
+        .route(route)
+        .build()
 }
 
 /// One request on a PROXY-protocol connection from `client`: the status,

@@ -113,10 +113,9 @@ fn tls_config(origin: std::net::SocketAddr, certs: &[(&Path, &Path)], extra: &st
             )
         })
         .collect();
-    format!(
-        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[listeners.tls]\ncertificates = [{}]\n{extra}\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{origin}\"]\n",
-        list.join(", ")
-    )
+    Template::new(&[origin])
+        .listener(&format!("[listeners.tls]\ncertificates = [{}]\n{extra}", list.join(", ")))
+        .build()
 }
 
 #[tokio::test]

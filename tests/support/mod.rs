@@ -323,20 +323,79 @@ fn run_proxy(proxy: portcullis::Proxy) -> TestProxy {
     }
 }
 
+/// The one config template of the tests: a listener on `127.0.0.1:0`, one
+/// route to the group `app`, and what a test adds to each part. Every test
+/// file builds its configs from this.
+#[derive(Clone, Default)]
+pub struct Template {
+    servers: Vec<String>,
+    top: String,
+    listener: String,
+    route: String,
+    group: String,
+    extra: String,
+}
+
+impl Template {
+    /// The group `app` with these servers.
+    pub fn new(servers: &[SocketAddr]) -> Template {
+        Template {
+            servers: servers.iter().map(|s| format!("\"{s}\"")).collect(),
+            ..Template::default()
+        }
+    }
+
+    /// Sections written before the listener (`[server]`, `[protect]`).
+    pub fn top(mut self, toml: &str) -> Template {
+        self.top.push_str(toml);
+        self.top.push('\n');
+        self
+    }
+
+    /// Lines of the listener's table (and its sub-tables, last).
+    pub fn listener(mut self, toml: &str) -> Template {
+        self.listener.push_str(toml);
+        self.listener.push('\n');
+        self
+    }
+
+    /// Lines of the route's table (and its sub-tables, last).
+    pub fn route(mut self, toml: &str) -> Template {
+        self.route.push_str(toml);
+        self.route.push('\n');
+        self
+    }
+
+    /// Lines of `[upstreams.app]` (and its sub-tables, last).
+    pub fn group(mut self, toml: &str) -> Template {
+        self.group.push_str(toml);
+        self.group.push('\n');
+        self
+    }
+
+    /// Sections written after the group (`[cache]`, `[metrics]`, logs).
+    pub fn extra(mut self, toml: &str) -> Template {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn build(&self) -> String {
+        format!(
+            "{}\n[[listeners]]\nbind = \"127.0.0.1:0\"\n{}\n[[routes]]\nupstream = \"app\"\n{}\n[upstreams.app]\nservers = [{}]\n{}\n{}",
+            self.top,
+            self.listener,
+            self.route,
+            self.servers.join(", "),
+            self.group,
+            self.extra
+        )
+    }
+}
+
 /// The usual config: one listener, every path to the `app` group.
 pub fn basic_config(upstream: SocketAddr) -> String {
-    format!(
-        r#"
-[[listeners]]
-bind = "127.0.0.1:0"
-
-[[routes]]
-upstream = "app"
-
-[upstreams.app]
-servers = ["{upstream}"]
-"#
-    )
+    Template::new(&[upstream]).build()
 }
 
 pub async fn proxy_to(upstream: SocketAddr) -> TestProxy {
@@ -426,13 +485,20 @@ pub fn status_of(raw_response: &str) -> u16 {
     raw_response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-/// A port that is bound but never accepts: connecting to it is refused
-/// once the listener is dropped; we keep the address only.
-pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    drop(listener);
-    addr
+/// A port that refuses connections: bound (so no other process can take
+/// it while the test runs) but never listening, so a connect to it is
+/// answered with a reset. Keep the value alive as long as the address is
+/// used.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    ClosedPort { addr, _socket: socket }
 }
 
 /// `send_request` after waiting for the connection to be ready: a client
