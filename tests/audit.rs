@@ -22,7 +22,10 @@ use support::*;
 fn config(origin: std::net::SocketAddr, audit: &Path, extra: &str) -> String {
     Template::new(&[origin])
         .route("name = \"main\"")
-        .extra(&format!("[audit_log]\npath = {:?}\n{extra}", audit.display().to_string()))
+        .extra(&format!(
+            "[audit_log]\npath = {:?}\n{extra}",
+            audit.display().to_string()
+        ))
         .build()
 }
 

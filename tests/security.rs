@@ -269,7 +269,9 @@ async fn challenge_redirect_is_never_to_another_host() {
 // ---------------------------------------------------------------------
 
 fn cache_config(origin: SocketAddr, route_cache: &str) -> String {
-    Template::new(&[origin]).route(&format!("cache = {route_cache}")).build()
+    Template::new(&[origin])
+        .route(&format!("cache = {route_cache}"))
+        .build()
 }
 
 /// An origin that greets the user its `session` cookie names, with the
@@ -989,7 +991,9 @@ async fn proxied(addr: SocketAddr, client: &str) -> TcpStream {
 
 fn proxied_config(origin: SocketAddr, protect: &str, route: &str) -> String {
     Template::new(&[origin])
-        .top(&format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\n[protect]\n{protect}"))
+        .top(&format!(
+            "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n\n[protect]\n{protect}"
+        ))
         .listener("proxy_protocol = true")
         .route(route)
         .build()

@@ -114,7 +114,10 @@ fn tls_config(origin: std::net::SocketAddr, certs: &[(&Path, &Path)], extra: &st
         })
         .collect();
     Template::new(&[origin])
-        .listener(&format!("[listeners.tls]\ncertificates = [{}]\n{extra}", list.join(", ")))
+        .listener(&format!(
+            "[listeners.tls]\ncertificates = [{}]\n{extra}",
+            list.join(", ")
+        ))
         .build()
 }
 

@@ -197,8 +197,8 @@ mod tests {
         assert!(matches!(flights.join("k"), Join::Lead(_)));
     }
 
-    /// Bounded by a real (short) timer: nothing else will land it.
-    #[tokio::test]
+    /// Bounded by the lock timeout (paused time): nothing else lands it.
+    #[tokio::test(start_paused = true)]
     async fn waiting_is_bounded() {
         let flights = Arc::new(Flights::default());
         let Join::Lead(_flight) = flights.join("k") else {
@@ -207,6 +207,8 @@ mod tests {
         let Join::Wait(rx) = flights.join("k") else {
             panic!("waits");
         };
-        assert_eq!(wait(rx, Duration::from_millis(20)).await, None);
+        let started = tokio::time::Instant::now();
+        assert_eq!(wait(rx, Duration::from_secs(5)).await, None);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

@@ -134,3 +134,22 @@ impl<S: AsyncWrite> AsyncWrite for Counted<S> {
         self.project().stream.poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_is_idle_from_its_last_byte() {
+        let traffic = Traffic::default();
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        traffic.touch();
+        traffic.idle_for(Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(8));
+        // Already idle that long: at once.
+        let at = Instant::now();
+        traffic.idle_for(Duration::from_secs(5)).await;
+        assert_eq!(at.elapsed(), Duration::ZERO);
+    }
+}

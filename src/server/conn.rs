@@ -688,3 +688,6 @@ pub(super) async fn serve<S>(
         ListenerProtocol::H2c => drive!(listener.http2.serve_connection(io, service)),
     }
 }
+
+#[cfg(test)]
+mod tests;
