@@ -40,6 +40,8 @@ fn generated(total: u64) -> TestBody {
 struct ProxyProcess {
     child: Child,
     addr: SocketAddr,
+    /// The proxy's log lines after the listening one.
+    log: tokio::sync::mpsc::UnboundedReceiver<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -65,9 +67,11 @@ impl ProxyProcess {
         // Readiness: the "listening" log line carries the bound address.
         let stderr = child.stderr.take().expect("stderr");
         // Killed on every exit path, including a failed assertion below.
+        let (tx, log) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut process = ProxyProcess {
             child,
             addr: "0.0.0.0:0".parse().expect("placeholder"),
+            log,
             _dir: dir,
         };
         let mut lines = BufReader::new(stderr).lines();
@@ -88,7 +92,11 @@ impl ProxyProcess {
             }
         };
         // Keep draining stderr so the proxy never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
         process.addr = addr;
         process
     }
@@ -333,6 +341,21 @@ async fn sigusr1_reopens_the_access_and_audit_logs_after_rotation() {
 }
 
 #[tokio::test]
+async fn a_failed_request_is_logged_with_the_phase_that_failed() {
+    let closed = closed_port();
+    let mut proxy = ProxyProcess::start(&basic_config(closed.addr));
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::BAD_GATEWAY);
+    let line = loop {
+        let line = next_line(&mut proxy.log).await;
+        if line.contains("request failed upstream") {
+            break line;
+        }
+    };
+    assert!(line.contains("phase=\"send\""), "{line}");
+    assert!(line.contains("upstream refused the connection"), "{line}");
+}
+
+#[tokio::test]
 async fn the_demo_serves_logs_counts_and_audits() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args([
@@ -426,8 +449,8 @@ async fn the_demo_serves_logs_counts_and_audits() {
 async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
     tokio::time::timeout(std::time::Duration::from_secs(10), lines.recv())
         .await
-        .expect("demo output within 10 s")
-        .expect("demo still running")
+        .expect("output within 10 s")
+        .expect("process still running")
 }
 
 struct KillOnDrop(Child);

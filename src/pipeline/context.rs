@@ -1,7 +1,8 @@
 //! The facts the phases pass each other about one request: what kind of
 //! exchange it starts ([`Exchange`]), what `validate` found ([`Checked`]),
 //! the client's raw target for `raw_path` routes ([`RawTarget`]), and what
-//! the exchange needs beyond the request head ([`Outbound`]).
+//! the exchange needs beyond the request head ([`Outbound`]), and the
+//! [`Phase`] a request is in (named in the log line of a failure).
 
 use http::HeaderValue;
 use http::uri::PathAndQuery;
@@ -47,4 +48,37 @@ pub(super) struct Outbound<'a> {
     pub kind: Exchange,
     /// When the request arrived (the whole-request deadline counts from it).
     pub started: Instant,
+}
+
+/// The phases of docs/request-lifecycle.md, one file each under
+/// `src/pipeline/` (select and send are `exchange.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    Validate,
+    Route,
+    Protect,
+    Admit,
+    Cache,
+    Rewrite,
+    Select,
+    Send,
+    Respond,
+}
+
+impl Phase {
+    /// The phase's name, as in the docs and the file names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Validate => "validate",
+            Phase::Route => "route",
+            Phase::Protect => "protect",
+            Phase::Admit => "admit",
+            Phase::Cache => "cache",
+            Phase::Rewrite => "rewrite",
+            Phase::Select => "select",
+            Phase::Send => "send",
+            Phase::Respond => "respond",
+        }
+    }
 }

@@ -48,6 +48,7 @@ pub(super) async fn exchange(
     let route = &snapshot.config.routes[outbound.route_index];
     let upstream = &snapshot.upstreams[route.upstream];
     let downstream_version = parts.version;
+    trace.phase = super::Phase::Rewrite;
     rewrite::target(&mut parts, route, upstream, outbound)?;
     let deadline = outbound.started + snapshot.config.timeouts.request;
     let mut attempts = Attempts {
@@ -194,6 +195,7 @@ impl Attempts<'_> {
                 (None, Some(replay)) => replay.request(),
                 (None, None) => return Err(self.last_error),
             };
+            trace.phase = super::Phase::Select;
             let picked = self.upstream.select(&PickContext {
                 client: self.client,
                 headers: request.headers(),
@@ -202,9 +204,14 @@ impl Attempts<'_> {
             });
             let (index, guard) = match picked {
                 Ok(pair) => pair,
+                Err(e) if self.tried.is_empty() => return Err(e),
                 // Nothing left to retry on: the previous failure is the answer.
-                Err(e) => return Err(if self.tried.is_empty() { e } else { self.last_error }),
+                Err(_) => {
+                    trace.phase = super::Phase::Send;
+                    return Err(self.last_error);
+                }
             };
+            trace.phase = super::Phase::Send;
             match self.try_once(request, index, guard, trace).await {
                 Try::Sent(sent) => return Ok(sent),
                 Try::Again => {}

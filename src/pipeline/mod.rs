@@ -51,6 +51,7 @@ use crate::error::ProxyError;
 use crate::observe::request_id;
 use crate::state::Snapshot;
 use context::Outbound;
+pub use context::Phase;
 use record::{Observation, Trace};
 
 /// Serves one request: the upstream's response, or the proxy's error.
@@ -142,10 +143,11 @@ async fn handle_inner(
     match forward(req, conn, snapshot, trace).await {
         Ok(response) => (response, None),
         Err(error) => {
+            let phase = trace.phase.as_str();
             if error.is_upstream() {
-                tracing::warn!(peer = %conn.peer, %method, %error, "request failed upstream");
+                tracing::warn!(phase, peer = %conn.peer, %method, %error, "request failed upstream");
             } else {
-                tracing::debug!(peer = %conn.peer, %method, %error, "request refused");
+                tracing::debug!(phase, peer = %conn.peer, %method, %error, "request refused");
             }
             let mut response = respond::error_response(error);
             if method == Method::CONNECT {
@@ -169,10 +171,13 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let started = Instant::now();
     let mut checked = validate::request(&mut req, &snapshot.config)?;
+    trace.phase = Phase::Route;
     let route_index = route::route(&mut req, &mut checked, snapshot, trace)?;
+    trace.phase = Phase::Protect;
     if let Some(answer) = protect::check_request(&req, conn, snapshot, route_index, &mut trace.protection)? {
         return Ok(answer);
     }
+    trace.phase = Phase::Admit;
     admit::admit(&req, snapshot, route_index, checked.kind)?;
     let route = &snapshot.config.routes[route_index];
     let host = checked.host.as_ref();
@@ -187,11 +192,13 @@ async fn forward(
     if plan.caching() {
         rewrite::fields(req.headers_mut(), version, checked.kind, conn, snapshot, route, host);
     }
+    trace.phase = Phase::Cache;
     if let Some(answer) = plan.lookup(&mut req, conn, snapshot, route_index, host, trace).await {
         return Ok(answer);
     }
     // Held until the response head arrives (or the exchange fails).
     let headers = as_sent.as_ref().unwrap_or(req.headers());
+    trace.phase = Phase::Admit;
     let shed_wait = protect::check_load(
         headers,
         conn,
@@ -214,10 +221,16 @@ async fn forward(
     };
     let exchanged = exchange::exchange(parts, body, client_upgrade, conn, snapshot, &outbound, trace).await;
     drop(shed_wait);
+    if exchanged.is_ok() {
+        // A failed exchange keeps the phase it failed in (the cache may
+        // still answer it stale).
+        trace.phase = Phase::Cache;
+    }
     let (response, picked) = match plan.answer(exchanged, snapshot, route, version, trace)? {
         Ok(pair) => pair,
         Err(answered) => return Ok(answered),
     };
+    trace.phase = Phase::Respond;
     let (mut parts, body) = response.into_parts();
     respond::decorate(&mut parts.headers, snapshot, route, parts.version);
     if let Some(picked) = &picked {

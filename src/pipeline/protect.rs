@@ -228,7 +228,7 @@ fn strike(snapshot: &Snapshot, client: std::net::IpAddr, now_ms: u64) {
             bans.config.strikes,
             bans.config.window.as_secs()
         );
-        tracing::warn!(client = %bans.shown(client), %mode, seconds, %reason, "client banned");
+        tracing::warn!(phase = "protect", client = %bans.shown(client), %mode, seconds, %reason, "client banned");
         if let Some(m) = &snapshot.observe.metrics {
             m.bans_total.inc();
         }

@@ -53,6 +53,8 @@ pub struct Trace {
     pub protection: Option<&'static str>,
     /// How the cache served it (`hit`, `miss`, ...), on caching routes.
     pub cache: Option<Outcome>,
+    /// The phase the request is in (the one that failed, if it fails).
+    pub phase: super::Phase,
 }
 
 impl Observation {

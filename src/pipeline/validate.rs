@@ -117,7 +117,7 @@ fn normalize_target(
         Ok(Cow::Borrowed(_)) => return Ok(None),
         Ok(Cow::Owned(normal)) => normal,
         Err(why) => {
-            tracing::debug!(path = %uri.path(), %why, "request path refused");
+            tracing::debug!(phase = "validate", path = %uri.path(), %why, "request path refused");
             return Err(ProxyError::BadRequest);
         }
     };
