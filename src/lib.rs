@@ -5,24 +5,21 @@
 //! [`Proxy::bind`] and served with [`Proxy::run`].
 //!
 //! # Layout
-//! - [`config`]: the TOML file model, validation with paths, runtime config;
-//! - [`server`]: listeners, accept loop, connection timers, graceful drain;
-//! - [`pipeline`]: the request phases, in order;
-//! - [`routing`]: host and path matching (pure);
-//! - [`forwarding`]: hop-by-hop and forwarding header rules (pure);
-//! - [`cache`]: the shared HTTP cache (RFC 9111): pure rules, store,
-//!   coalescing and the pipeline's cache phase;
-//! - [`upstream`]: upstream groups, name resolution, connection pools;
-//! - [`observe`]: access log, audit log, metrics, request ids;
-//! - [`protect`]: connection limits, IP lists and rate limits;
-//! - [`body`]: request and response body types (streaming, limits);
-//! - [`error`]: the error type and its status / `Proxy-Status` mapping;
-//! - [`secret`]: key files and hex, for the audit log and challenge cookie;
-//! - [`state`]: the runtime snapshot behind one `ArcSwap`;
-//! - [`target`]: the normalised path and the host rules (pure);
-//! - [`tls`]: certificates, the SNI store, rustls configs for listeners and
-//!   upstreams;
-//! - [`demo`]: built-in origins for `portcullis demo` and tests.
+//! Five layers, each importing only from itself and the layers below
+//! (ARCHITECTURE.md; enforced by `tests/architecture.rs`):
+//! 0. rules, pure: [`config`] (the file model and its validation),
+//!    [`routing`], [`forwarding`], [`target`], [`error`], [`secret`], the
+//!    cache rules in [`cache`], the balancing algorithms in [`upstream`],
+//!    the attack detector in [`protect`];
+//! 1. runtime state built from a config: [`cache`] (store, flights, the
+//!    cache phase's plumbing), [`upstream`] (groups, pools, health),
+//!    [`protect`] (connection table, bans, limiters, shedding, challenge),
+//!    [`observe`] (logs, audit, metrics), [`tls`], [`body`], and [`state`]
+//!    (the immutable snapshot and the kept state that outlives it);
+//! 2. the request path: [`pipeline`], one file per phase;
+//! 3. serving: [`server`] (listeners, connections, validation with I/O,
+//!    graceful drain) and [`demo`];
+//! 4. `main.rs`, the command line.
 
 pub mod body;
 pub mod cache;

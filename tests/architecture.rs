@@ -346,6 +346,85 @@ fn files_are_short_and_say_what_they_are() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
+/// `code` without `//` comments (doc text may name what code must not use).
+fn without_comments(code: &str) -> String {
+    code.lines()
+        .map(|line| line.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// What layer 0 (the rules) must not use: the runtime, files, sockets,
+/// threads and the clock. Times and randomness are arguments there.
+const NOT_IN_RULES: &[&str] = &[
+    "tokio",
+    "std::fs",
+    "std::net::Tcp",
+    "std::net::Udp",
+    "std::thread",
+    "Instant::now",
+    "SystemTime::now",
+];
+
+/// The named exceptions: (file, what), each with its reason in
+/// ARCHITECTURE.md.
+const RULE_EXCEPTIONS: &[(&str, &str)] = &[
+    // Config::load reads the file it is given.
+    ("config", "std::fs"),
+    // read_key reads the key file a config names.
+    ("secret", "std::fs"),
+    // UUIDv7 ids carry the time they were made; without system randomness
+    // the seed falls back to the clock and the thread's id.
+    ("observe/request_id", "SystemTime::now"),
+    ("observe/request_id", "std::thread"),
+];
+
+#[test]
+fn the_rules_do_no_io_and_read_no_clock() {
+    let g = graph();
+    let mut problems = Vec::new();
+    for (name, unit) in &g.units {
+        if name.contains('#') || layer_of(name) != Some(0) {
+            continue;
+        }
+        let code = without_comments(code_of(&unit.text));
+        for what in NOT_IN_RULES {
+            if code.contains(what) && !RULE_EXCEPTIONS.contains(&(name.as_str(), what)) {
+                problems.push(format!(
+                    "src/{name} (layer 0) uses `{what}`: the rules take time, randomness and data as arguments"
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_pipeline_phases_are_files_and_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/request-lifecycle.md")).expect("read docs/request-lifecycle.md");
+    let forward = std::fs::read_to_string(root.join("src/pipeline/mod.rs")).expect("read src/pipeline/mod.rs");
+    let mut problems = Vec::new();
+    for phase in portcullis::pipeline::Phase::ALL {
+        let name = phase.as_str();
+        let file = match name {
+            "select" | "send" => "exchange",
+            other => other,
+        };
+        if !root.join(format!("src/pipeline/{file}.rs")).exists() {
+            problems.push(format!("phase {name}: no src/pipeline/{file}.rs"));
+        }
+        if !doc.contains(&format!("| `{name}` |")) {
+            problems.push(format!("phase {name}: no row in docs/request-lifecycle.md"));
+        }
+        let variant = format!("Phase::{}{}", name[..1].to_uppercase(), &name[1..]);
+        if !forward.contains(&variant) && !["validate", "select", "send", "rewrite"].contains(&name) {
+            problems.push(format!("phase {name}: forward never enters {variant}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn the_graph_reader_finds_imports() {
     let code =

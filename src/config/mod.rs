@@ -2,13 +2,14 @@
 //!
 //! The file is parsed into a generic TOML tree, then [`parse`] walks it with
 //! [`reader::Table`], which collects every problem with its path (unknown
-//! keys, wrong types, bad values, dangling references) so `portcullis check`,
-//! start-up and reload all report the same complete list. Each section's
+//! keys, wrong types, bad values, dangling references) so `portcullis check`
+//! and start-up (and the reload to come) report the same complete list. Each section's
 //! model sits beside its reading: `server.rs` (`[server]`, `[timeouts]`,
 //! `[limits]`), `listeners.rs`, `routes.rs`, `upstreams.rs`, `protect.rs`,
 //! `cache.rs`, `observe.rs`; `parse.rs` walks them in order and holds every
 //! default (`parse::defaults`). The result is plain Rust types with no serde,
-//! every default filled in; routes name their upstream group by index.
+//! every default filled in; routes name their upstream group by index,
+//! while routes and groups are known to the runtime state by name.
 //!
 //! Names of upstream servers are resolved later, when the runtime snapshot is
 //! built (see `state.rs`), because that needs I/O.

@@ -67,6 +67,19 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 9] = [
+        Phase::Validate,
+        Phase::Route,
+        Phase::Protect,
+        Phase::Admit,
+        Phase::Cache,
+        Phase::Rewrite,
+        Phase::Select,
+        Phase::Send,
+        Phase::Respond,
+    ];
+
     /// The phase's name, as in the docs and the file names.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -6,7 +6,8 @@
 //! fails the load) and again every `resolve_interval` by a background task
 //! that also sweeps idle connections; active health checks run in one task
 //! per server. Every task ends when the group is dropped (its
-//! `CancellationToken` is cancelled on drop), so a reload leaks none.
+//! `CancellationToken` is cancelled on drop), so a snapshot that
+//! replaces the group leaks none.
 //!
 //! [`Upstream::select`] picks a server for a request: candidates are the
 //! servers that are healthy, not ejected, not draining, not full and not
