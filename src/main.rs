@@ -136,7 +136,7 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let proxy = Proxy::bind(config)
         .await
         .with_context(|| format!("cannot start with {}", path.display()))?;
-    reload_certificates_on_sighup(proxy.certificates());
+    reload_on_sighup(Some(path.clone()), proxy.reloader(), proxy.certificates());
     reopen_logs_on_sigusr1(proxy.observe());
     proxy.run(shutdown_signal()).await;
     Ok(())
@@ -211,9 +211,15 @@ fn audit_verify(key_file: Option<PathBuf>, head: Option<PathBuf>, files: Vec<Pat
     }
 }
 
-/// SIGHUP reloads every TLS certificate from its files; a broken file keeps
-/// the certificates in use and logs why.
-fn reload_certificates_on_sighup(certificates: portcullis::server::CertReloader) {
+/// SIGHUP reloads the config file (whatever a reload can apply; a broken
+/// file, or a change only a restart applies, keeps the running config and
+/// logs every error with its path), then every TLS certificate from its
+/// files (a broken file keeps the certificates in use).
+fn reload_on_sighup(
+    path: Option<PathBuf>,
+    reloader: portcullis::server::Reloader,
+    certificates: portcullis::server::CertReloader,
+) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -222,13 +228,17 @@ fn reload_certificates_on_sighup(certificates: portcullis::server::CertReloader)
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificates will not reload on it");
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the config will not reload on it");
                 return;
             }
         };
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading certificates");
+                tracing::info!("SIGHUP: reloading the config and the certificates");
+                // Errors are logged, counted and audited by the reloader.
+                if let Some(path) = &path {
+                    let _ = reloader.reload_file(path, "SIGHUP").await;
+                }
                 if let Err(errors) = certificates.reload_by("SIGHUP") {
                     for e in &errors.0 {
                         tracing::error!("certificate reload: {e}");
@@ -349,7 +359,8 @@ async fn demo(
     println!("  {exe} audit verify {}", audit_path.display());
     println!();
     println!("Press Ctrl-C to stop.");
-    reload_certificates_on_sighup(proxy.certificates());
+    // The demo's config is built in, not a file: SIGHUP reloads certificates.
+    reload_on_sighup(None, proxy.reloader(), proxy.certificates());
     reopen_logs_on_sigusr1(proxy.observe());
     proxy.run(shutdown_signal()).await;
     // The audit log stays for a look after the demo; the key pair does not.

@@ -276,7 +276,7 @@ fn same<T>(a: &std::sync::Arc<T>, b: &std::sync::Arc<T>) -> bool {
 /// the proxy's kept state, and swaps it in.
 async fn rebuild(proxy: &TestProxy, toml: &str) -> portcullis::state::Kept {
     let config = portcullis::Config::from_toml(toml, "test").unwrap();
-    let validated = portcullis::server::validate(&config, &proxy.observe, &proxy.kept)
+    let validated = portcullis::server::validate(&config, &proxy.observe, &proxy.reloader.kept().await)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     proxy.snapshot.store(std::sync::Arc::new(validated.snapshot));
@@ -377,14 +377,15 @@ async fn a_config_that_fails_to_build_changes_nothing_kept() {
     let before = proxy.snapshot.load_full();
     let broken = format!("{toml}\n[protect.challenge]\nkey_file = \"/nonexistent/portcullis-key\"\n");
     let config = portcullis::Config::from_toml(&broken, "test").unwrap();
-    let errors = portcullis::server::validate(&config, &proxy.observe, &proxy.kept)
+    let kept = proxy.reloader.kept().await;
+    let errors = portcullis::server::validate(&config, &proxy.observe, &kept)
         .await
         .err()
         .expect("a missing key file is an error");
     assert!(errors.to_string().contains("protect.challenge.key_file"), "{errors}");
     // The kept state still builds the same parts as before.
     let config = portcullis::Config::from_toml(&toml, "test").unwrap();
-    let rebuilt = portcullis::server::validate(&config, &proxy.observe, &proxy.kept)
+    let rebuilt = portcullis::server::validate(&config, &proxy.observe, &kept)
         .await
         .unwrap();
     assert!(std::sync::Arc::ptr_eq(&before.challenge, &rebuilt.snapshot.challenge));

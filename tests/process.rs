@@ -101,6 +101,21 @@ impl ProxyProcess {
         process
     }
 
+    /// Where the proxy's config file is.
+    fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("portcullis.toml")
+    }
+
+    /// Waits for a log line containing `text`; returns it.
+    async fn wait_for_log(&mut self, text: &str) -> String {
+        loop {
+            let line = next_line(&mut self.log).await;
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+
     /// Peak resident set size, from /proc.
     fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("read /proc status");
@@ -210,6 +225,42 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         .expect("join")
         .expect("wait");
     assert_eq!(exit.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_and_a_broken_one_changes_nothing() {
+    let origin = echo_origin().await;
+    let mut proxy = ProxyProcess::start(&basic_config(origin.addr));
+    let hup = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    let added = format!(
+        "{}\n[[routes]]\npath = \"/new\"\nupstream = \"app\"\nrequest_headers = {{ set = {{ \"x-route\" = \"new\" }} }}\n",
+        basic_config(origin.addr)
+    );
+    std::fs::write(proxy.config_path(), &added).expect("write config");
+    hup(proxy.child.id());
+    proxy.wait_for_log("config reloaded").await;
+    let got = get(proxy.addr, "/new").await;
+    assert_eq!(got.echoed().get("x-route"), Some("new"));
+
+    let broken = format!(
+        "{}\n[[routes]]\npath = \"/x\"\nupstream = \"nowhere\"\n",
+        basic_config(origin.addr)
+    );
+    std::fs::write(proxy.config_path(), broken).expect("write config");
+    hup(proxy.child.id());
+    proxy
+        .wait_for_log("config reload failed; keeping the running config")
+        .await;
+    let line = proxy.wait_for_log("config reload: ").await;
+    assert!(line.contains("routes[1].upstream"), "{line}");
+    let got = get(proxy.addr, "/new").await;
+    assert_eq!(got.echoed().get("x-route"), Some("new"), "the running config is kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,7 @@ pub enum QueryKey {
 }
 
 /// A route's cache settings; a route without them never caches.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteCache {
     pub query: QueryKey,
     /// Query parameters left out of the key (tracking parameters).

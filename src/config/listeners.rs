@@ -22,7 +22,7 @@ pub enum ListenerProtocol {
     Auto,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     pub name: String,
     pub bind: Vec<SocketAddr>,
@@ -40,7 +40,7 @@ pub struct ListenerConfig {
 }
 
 /// `[listeners.tls]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TlsConfig {
     pub certificates: Vec<CertificateFiles>,
     /// Clients without SNI get the first certificate, or are refused.
@@ -55,7 +55,7 @@ pub struct TlsConfig {
 }
 
 /// `[listeners.tls.client_auth]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientAuth {
     /// Without a certificate the handshake fails (else it is optional).
     pub required: bool,

@@ -47,7 +47,7 @@ pub use upstreams::{
 };
 
 /// The whole validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub server: ServerSettings,
     pub timeouts: Timeouts,

@@ -102,7 +102,7 @@ impl LogField {
 }
 
 /// `[access_log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AccessLogConfig {
     pub destination: LogDestination,
     pub format: LogFormat,
@@ -125,7 +125,7 @@ pub struct AccessLogConfig {
 }
 
 /// `[request_id]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestIdConfig {
     /// The header carrying the id to the upstream and back; `None` = off.
     pub header: Option<HeaderName>,
@@ -136,7 +136,7 @@ pub struct RequestIdConfig {
 }
 
 /// `[audit_log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditLogConfig {
     pub path: PathBuf,
     /// A file holding the key of the HMAC-SHA256 signed checkpoints.
@@ -146,7 +146,7 @@ pub struct AuditLogConfig {
 }
 
 /// `[metrics]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
     pub path: String,

@@ -66,7 +66,7 @@ pub struct RateLimitConfig {
 
 /// Allow and deny lists: deny wins; a non-empty allow list admits only
 /// its networks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct IpFilter {
     pub allow: Vec<IpNet>,
     pub deny: Vec<IpNet>,
@@ -87,7 +87,7 @@ impl IpFilter {
 }
 
 /// `[protect]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProtectConfig {
     /// Client connections open at once, all listeners together.
     pub max_connections: Option<usize>,

@@ -26,7 +26,7 @@ pub enum HostPattern {
     Wildcard(String),
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HeaderEdits {
     /// Replaces any existing values.
     pub set: Vec<(HeaderName, HeaderValue)>,
@@ -53,7 +53,7 @@ impl HeaderEdits {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// `routes[N]`, or the route's `name` when given: used in logs.
     pub name: String,

@@ -12,7 +12,7 @@ use super::reader::{Errors, Table, bounded, positive_duration};
 use super::units::parse_cidr;
 
 /// Process-wide settings (`[server]`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     /// How long in-flight requests may run after shutdown starts.
     pub drain_timeout: Duration,
@@ -32,7 +32,7 @@ pub struct ServerSettings {
 }
 
 /// Timeouts (`[timeouts]`); each has a safe default.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timeouts {
     /// TCP connect to an upstream server.
     pub connect: Duration,
@@ -53,7 +53,7 @@ pub struct Timeouts {
 }
 
 /// Limits on what a client may send (`[limits]`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     pub max_request_header_bytes: usize,
     pub max_header_count: usize,

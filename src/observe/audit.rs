@@ -65,6 +65,13 @@ pub enum Event {
         upstreams: Vec<String>,
         certificates: Vec<CertificateSummary>,
     },
+    /// A config reload failed; the running config stays in use.
+    #[serde(rename = "config.reload_failed")]
+    ConfigReloadFailed {
+        trigger: String,
+        file: Option<String>,
+        errors: Vec<String>,
+    },
     /// TLS certificates of a listener were reloaded (or failed to).
     #[serde(rename = "certificates.reload")]
     CertificatesReload {

@@ -2,7 +2,7 @@
 //! certificates of every TLS listener (and the rustls configs built from
 //! them), the directories and key files of the logs, and the snapshot
 //! itself (upstream names resolved, key files read). `portcullis check`,
-//! start-up, and later reload and the admin API all call [`validate`];
+//! start-up and reload (and later the admin API) all call [`validate`];
 //! nothing else validates. Binding the ports is left to start-up.
 
 use super::*;

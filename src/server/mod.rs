@@ -12,6 +12,7 @@ mod accept;
 mod certificates;
 mod check;
 pub mod conn;
+mod reload;
 mod tasks;
 /// TLS material (certificates, stores, rustls configs) lives in `crate::tls`;
 /// re-exported here where the listeners use it.
@@ -20,6 +21,7 @@ use accept::accept_loop;
 use certificates::watch_certificates;
 pub use certificates::{CertReloader, load_certificates, uncovered_route_hosts};
 pub use check::{Validated, validate};
+pub use reload::Reloader;
 use tasks::{attack_watch, housekeeping};
 
 use std::future::Future;
@@ -163,8 +165,8 @@ pub struct Proxy {
     /// Open client connections and the limits on them (all listeners;
     /// process-wide, outside every snapshot).
     connections: Arc<ConnTable>,
-    /// The state the next snapshot is built from (reload carries it over).
-    kept: Kept,
+    /// Reloads the config (SIGHUP, tests); holds the kept state.
+    reloader: Reloader,
 }
 
 impl Proxy {
@@ -230,8 +232,10 @@ impl Proxy {
             version: env!("CARGO_PKG_VERSION"),
         });
         observe.audit(summary);
+        let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
         Ok(Proxy {
-            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            reloader: Reloader::new(snapshot.clone(), kept, observe.clone()),
+            snapshot,
             listeners,
             certificates: CertReloader {
                 stores: Arc::new(stores),
@@ -240,7 +244,6 @@ impl Proxy {
             observe,
             metrics_listener,
             connections,
-            kept,
         })
     }
 
@@ -269,10 +272,9 @@ impl Proxy {
         self.snapshot.clone()
     }
 
-    /// The state the next snapshot is built from: pass it to
-    /// [`validate`] or [`Snapshot::build`] to carry it over.
-    pub fn kept(&self) -> &Kept {
-        &self.kept
+    /// The handle that reloads the whole config (SIGHUP, tests).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -284,8 +286,6 @@ impl Proxy {
         let stop_accepting = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let drain_timeout = self.snapshot.load().config.server.drain_timeout;
-
         let mut accept_loops = Vec::new();
         for (runtime, listener) in self.listeners {
             let snapshot = self.snapshot.clone();
@@ -342,6 +342,8 @@ impl Proxy {
         }
 
         shutdown.await;
+        // Read now: a reload may have changed it.
+        let drain_timeout = self.snapshot.load().config.server.drain_timeout;
         tracing::info!(
             "shutting down: no new connections, draining for up to {:?}",
             drain_timeout

@@ -256,8 +256,8 @@ impl Echoed {
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub snapshot: portcullis::state::SharedSnapshot,
-    /// The state the proxy's next snapshot would be built from.
-    pub kept: portcullis::state::Kept,
+    /// Reloads the proxy's config.
+    pub reloader: portcullis::server::Reloader,
     pub observe: Arc<portcullis::observe::Observe>,
     pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
@@ -305,7 +305,7 @@ pub async fn start_proxy_with(toml: &str, observe: portcullis::observe::Observe)
 fn run_proxy(proxy: portcullis::Proxy) -> TestProxy {
     let addr = proxy.local_addrs()[0];
     let snapshot = proxy.snapshot();
-    let kept = proxy.kept().clone();
+    let reloader = proxy.reloader();
     let observe = proxy.observe();
     let metrics_addr = proxy.metrics_addr();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -315,7 +315,7 @@ fn run_proxy(proxy: portcullis::Proxy) -> TestProxy {
     TestProxy {
         addr,
         snapshot,
-        kept,
+        reloader,
         observe,
         metrics_addr,
         stop: Some(stop),

@@ -1,0 +1,288 @@
+//! Reloading the whole config of a running proxy (`server::Reloader`, what
+//! SIGHUP runs): new routes answer, state is carried over, a bad config
+//! changes nothing, and requests under load never fail across reloads.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::too_many_lines,
+    reason = "test code fails loudly, and a test table reads best whole"
+)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use http::{Request, StatusCode};
+use support::*;
+
+/// The proxy's listener is fixed across these reloads; `extra` adds routes
+/// or sections. The listener binds a port of its own, so a reload config
+/// names it exactly (a reload cannot change listeners).
+fn config(listen: &str, origin: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+bind = "{listen}"
+
+[[routes]]
+name = "api"
+path = "/api"
+upstream = "app"
+[routes.rate_limit]
+rate = "1/m"
+burst = 2
+
+[[routes]]
+name = "site"
+path = "/"
+upstream = "app"
+
+[upstreams.app]
+servers = ["{origin}"]
+{extra}
+"#
+    )
+}
+
+const NEW_ROUTE: &str = "[[routes]]\nname = \"new\"\npath = \"/new\"\npath_match = \"exact\"\nupstream = \"app\"\nrequest_headers = { set = { \"x-route\" = \"new\" } }\n";
+
+async fn reload(proxy: &TestProxy, toml: &str) -> Result<(), portcullis::config::ConfigErrors> {
+    let config = portcullis::Config::from_toml(toml, "reload").unwrap();
+    proxy.reloader.apply(config, "test").await
+}
+
+/// Starts a proxy on a fixed free port, so reload configs can name it.
+async fn start(origin: std::net::SocketAddr, extra: &str) -> (TestProxy, String) {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = probe.local_addr().unwrap().to_string();
+    drop(probe);
+    let proxy = start_proxy(&config(&listen, origin, extra)).await;
+    (proxy, listen)
+}
+
+#[tokio::test]
+async fn a_reload_adds_a_route_and_an_open_connection_uses_it_at_its_next_request() {
+    let origin = echo_origin().await;
+    let (proxy, listen) = start(origin.addr, "").await;
+    let mut conn = h1(proxy.addr).await;
+    let req = |path: &str| Request::get(path).header("host", "x").body(empty()).unwrap();
+    let before = read(conn.send_ready(req("/new")).await.unwrap()).await;
+    assert_eq!(before.echoed().get("x-route"), None, "served by the catch-all route");
+
+    reload(&proxy, &config(&listen, origin.addr, NEW_ROUTE)).await.unwrap();
+    let after = read(conn.send_ready(req("/new")).await.unwrap()).await;
+    assert_eq!(after.status, StatusCode::OK);
+    assert_eq!(
+        after.echoed().get("x-route"),
+        Some("new"),
+        "the same connection sees the new route"
+    );
+
+    reload(&proxy, &config(&listen, origin.addr, "")).await.unwrap();
+    let removed = read(conn.send_ready(req("/new")).await.unwrap()).await;
+    assert_eq!(
+        removed.echoed().get("x-route"),
+        None,
+        "and stops seeing it once removed"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_carries_limiter_state_and_upstream_groups_over() {
+    let origin = echo_origin().await;
+    let (proxy, listen) = start(origin.addr, "").await;
+    for _ in 0..2 {
+        assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::OK);
+    }
+    assert_eq!(get(proxy.addr, "/api").await.status, StatusCode::TOO_MANY_REQUESTS);
+    let before = proxy.snapshot.load_full();
+
+    reload(&proxy, &config(&listen, origin.addr, NEW_ROUTE)).await.unwrap();
+    let after = proxy.snapshot.load_full();
+    assert!(!Arc::ptr_eq(&before, &after), "a new snapshot is in use");
+    assert!(
+        Arc::ptr_eq(&before.upstreams[0], &after.upstreams[0]),
+        "the group (pools, health) is kept"
+    );
+    assert_eq!(
+        get(proxy.addr, "/api").await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the spent burst is still spent"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broken_config_keeps_the_running_one_and_says_why() {
+    let origin = echo_origin().await;
+    let (proxy, listen) = start(origin.addr, "").await;
+    let before = proxy.snapshot.load_full();
+    let broken = config(
+        &listen,
+        origin.addr,
+        "[[routes]]\nname = \"bad\"\npath = \"/bad\"\nupstream = \"nowhere\"\n",
+    );
+    let errors = portcullis::Config::from_toml(&broken, "reload").expect_err("an unknown group");
+    assert!(errors.to_string().contains("routes[2].upstream"), "{errors}");
+
+    // Parses, but a key file that does not exist fails the build.
+    let unbuildable = config(
+        &listen,
+        origin.addr,
+        "[protect.challenge]\nkey_file = \"/nonexistent/portcullis-key\"\n",
+    );
+    let errors = reload(&proxy, &unbuildable).await.expect_err("a missing key file");
+    assert!(errors.to_string().contains("protect.challenge.key_file"), "{errors}");
+    assert!(Arc::ptr_eq(&before, &proxy.snapshot.load_full()), "nothing was swapped");
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK, "still serving");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn changes_a_reload_cannot_apply_are_refused_with_their_paths() {
+    let origin = echo_origin().await;
+    let (proxy, listen) = start(origin.addr, "").await;
+    let before = proxy.snapshot.load_full();
+    let other = config("127.0.0.1:0", origin.addr, "[limits]\nmax_header_count = 50\n");
+    let errors = reload(&proxy, &other)
+        .await
+        .expect_err("listeners and limits need a restart");
+    let text = errors.to_string();
+    assert!(
+        text.contains("listeners: changed, and a reload cannot apply this change yet"),
+        "{text}"
+    );
+    assert!(text.contains("limits: changed"), "{text}");
+    assert!(Arc::ptr_eq(&before, &proxy.snapshot.load_full()));
+    // A change a reload can apply, beside the refused one, is not applied
+    // either: a reload is whole or nothing.
+    let mixed = format!(
+        "{}{NEW_ROUTE}",
+        config(&listen, origin.addr, "[limits]\nmax_header_count = 50\n")
+    );
+    assert!(reload(&proxy, &mixed).await.is_err());
+    assert!(Arc::ptr_eq(&before, &proxy.snapshot.load_full()));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_under_load_never_fail_across_thirty_reloads() {
+    let origin = echo_origin().await;
+    let second = echo_origin().await;
+    let (proxy, listen) = start(origin.addr, "").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let addr = proxy.addr;
+        clients.push(tokio::spawn(async move {
+            let h2 = i % 2 == 1;
+            let mut h1c = if h2 { None } else { Some(h1(addr).await) };
+            let mut h2c = if h2 { Some(support::h2(addr).await) } else { None };
+            // Bounded: at most 20,000 requests per client.
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let req = Request::get("/").header("host", "x").body(empty()).unwrap();
+                let sent = match (&mut h1c, &mut h2c) {
+                    (Some(c), _) => c.send_ready(req).await,
+                    (_, Some(c)) => c.send_ready(req).await,
+                    _ => unreachable!(),
+                };
+                let good = match sent {
+                    Ok(response) => read(response).await.status == StatusCode::OK,
+                    Err(_) => false,
+                };
+                if good {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for round in 0..30 {
+        // Alternately add a route and a second server, and take them away.
+        let toml = if round % 2 == 0 {
+            config(&listen, origin.addr, NEW_ROUTE).replace(
+                &format!("servers = [\"{}\"]", origin.addr),
+                &format!("servers = [\"{}\", \"{}\"]", origin.addr, second.addr),
+            )
+        } else {
+            config(&listen, origin.addr, "")
+        };
+        let before = ok.load(Ordering::Relaxed);
+        reload(&proxy, &toml).await.unwrap();
+        let got = get(proxy.addr, "/new").await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.echoed().get("x-route").is_some(), round % 2 == 0, "round {round}");
+        // Let requests flow between reloads (waits on progress, not time).
+        while ok.load(Ordering::Relaxed) < before + 20 {
+            tokio::task::yield_now().await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "{} ok", ok.load(Ordering::Relaxed));
+    assert!(ok.load(Ordering::Relaxed) >= 600);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_reload_is_audited_and_counted_good_or_bad() {
+    let origin = echo_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let extra = format!(
+        "[audit_log]\npath = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        audit.display().to_string()
+    );
+    let (proxy, listen) = start(origin.addr, &extra).await;
+    reload(&proxy, &config(&listen, origin.addr, &format!("{extra}{NEW_ROUTE}")))
+        .await
+        .unwrap();
+    let refused = config("127.0.0.1:0", origin.addr, &extra);
+    reload(&proxy, &refused).await.unwrap_err();
+    let text = metrics(&proxy).await;
+    assert!(
+        text.contains("portcullis_reloads_total{kind=\"config\",result=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_reloads_total{kind=\"config\",result=\"error\"} 1"),
+        "{text}"
+    );
+    proxy.shutdown().await;
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "process.start",
+            "config.load",
+            "config.load",
+            "config.reload_failed",
+            "process.stop"
+        ]
+    );
+    assert_eq!(events[2]["trigger"], "test");
+    assert_eq!(events[2]["routes"], serde_json::json!(["api", "site", "new"]));
+    assert_eq!(events[3]["trigger"], "test");
+    let errors = events[3]["errors"].as_array().unwrap();
+    assert!(
+        errors[0].as_str().unwrap().starts_with("listeners: changed"),
+        "{errors:?}"
+    );
+}
