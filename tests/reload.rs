@@ -18,9 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use http::{Request, StatusCode};
 use support::*;
 
-/// The proxy's listener is fixed across these reloads; `extra` adds routes
-/// or sections. The listener binds a port of its own, so a reload config
-/// names it exactly (a reload cannot change listeners).
+/// The proxy's listener is the same across these reloads (a reload cannot
+/// change listeners); `extra` adds routes or sections.
 fn config(listen: &str, origin: std::net::SocketAddr, extra: &str) -> String {
     format!(
         r#"
@@ -54,11 +53,10 @@ async fn reload(proxy: &TestProxy, toml: &str) -> Result<(), portcullis::config:
     proxy.reloader.apply(config, "test").await
 }
 
-/// Starts a proxy on a fixed free port, so reload configs can name it.
+/// Starts a proxy; the listen text is what reload configs repeat (a reload
+/// compares the config, so `127.0.0.1:0` names the same listener).
 async fn start(origin: std::net::SocketAddr, extra: &str) -> (TestProxy, String) {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let listen = probe.local_addr().unwrap().to_string();
-    drop(probe);
+    let listen = "127.0.0.1:0".to_owned();
     let proxy = start_proxy(&config(&listen, origin, extra)).await;
     (proxy, listen)
 }
@@ -147,7 +145,7 @@ async fn changes_a_reload_cannot_apply_are_refused_with_their_paths() {
     let origin = echo_origin().await;
     let (proxy, listen) = start(origin.addr, "").await;
     let before = proxy.snapshot.load_full();
-    let other = config("127.0.0.1:0", origin.addr, "[limits]\nmax_header_count = 50\n");
+    let other = config("127.0.0.2:0", origin.addr, "[limits]\nmax_header_count = 50\n");
     let errors = reload(&proxy, &other)
         .await
         .expect_err("listeners and limits need a restart");
@@ -249,7 +247,7 @@ async fn every_reload_is_audited_and_counted_good_or_bad() {
     reload(&proxy, &config(&listen, origin.addr, &format!("{extra}{NEW_ROUTE}")))
         .await
         .unwrap();
-    let refused = config("127.0.0.1:0", origin.addr, &extra);
+    let refused = config("127.0.0.2:0", origin.addr, &extra);
     reload(&proxy, &refused).await.unwrap_err();
     let text = metrics(&proxy).await;
     assert!(
