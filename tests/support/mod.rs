@@ -393,6 +393,15 @@ impl Template {
     }
 }
 
+/// Spends a rate limit's burst of `burst` on `path` (each answered 200),
+/// then checks the next request is refused with 429.
+pub async fn spend_burst(addr: SocketAddr, path: &str, burst: usize) {
+    for _ in 0..burst {
+        assert_eq!(get(addr, path).await.status, StatusCode::OK);
+    }
+    assert_eq!(get(addr, path).await.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
 /// The usual config: one listener, every path to the `app` group.
 pub fn basic_config(upstream: SocketAddr) -> String {
     Template::new(&[upstream]).build()
