@@ -164,7 +164,8 @@ impl Snapshot {
                 continue;
             }
             let path = crate::config::reader::join("upstreams", &upstream.name);
-            match Upstream::build(upstream, &path, observe.audit.clone()).await {
+            let previous = kept.upstreams.get(&upstream.name).map(|p| &*p.value);
+            match Upstream::build(upstream, &path, observe.audit.clone(), previous).await {
                 Ok(u) => {
                     let part = Part {
                         settings: upstream.clone(),
@@ -256,14 +257,21 @@ impl Snapshot {
                 config.protect.ipv6_prefix,
             );
             keep(kept.bans.as_ref(), &mut next.bans, settings, |(b, trusted, prefix)| {
-                Bans::new(b, trusted).with_ipv6_prefix(*prefix)
+                let bans = Bans::new(b, trusted).with_ipv6_prefix(*prefix);
+                if let Some(old) = &kept.bans {
+                    bans.carry_over(&old.value, crate::upstream::health::now_ms());
+                }
+                bans
             })
         });
-        let cache = config
-            .routes
-            .iter()
-            .any(|r| r.cache.is_some())
-            .then(|| keep(kept.cache.as_ref(), &mut next.cache, config.cache.clone(), Cache::new));
+        let cache = config.routes.iter().any(|r| r.cache.is_some()).then(|| {
+            keep(kept.cache.as_ref(), &mut next.cache, config.cache.clone(), |settings| {
+                match &kept.cache {
+                    Some(old) => Cache::carried_over(&old.value, settings),
+                    None => Cache::new(settings),
+                }
+            })
+        });
         let mut identity_headers: Vec<http::HeaderName> = crate::config::defaults::CLIENT_CERT_HEADERS
             .iter()
             .map(|name| http::HeaderName::from_static(name))

@@ -21,6 +21,11 @@ use support::*;
 /// The proxy's listener is the same across these reloads (a reload cannot
 /// change listeners); `extra` adds routes or sections.
 fn config(listen: &str, origin: std::net::SocketAddr, extra: &str) -> String {
+    with_servers(listen, &format!("\"{origin}\""), extra)
+}
+
+/// [`config`] with the group's `servers` list written out.
+fn with_servers(listen: &str, servers: &str, extra: &str) -> String {
     format!(
         r#"
 [[listeners]]
@@ -40,7 +45,7 @@ path = "/"
 upstream = "app"
 
 [upstreams.app]
-servers = ["{origin}"]
+servers = [{servers}]
 {extra}
 "#
     )
@@ -108,6 +113,96 @@ async fn a_reload_carries_limiter_state_and_upstream_groups_over() {
         StatusCode::TOO_MANY_REQUESTS,
         "the spent burst is still spent"
     );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
+    let (a, b, c) = (echo_origin().await, echo_origin().await, echo_origin().await);
+    let two = format!("\"{}\", \"{}\"", a.addr, b.addr);
+    let (proxy, listen) = start(a.addr, "").await;
+    reload(&proxy, &with_servers(&listen, &two, "")).await.unwrap();
+    let old = proxy.snapshot.load_full().upstreams[0].clone();
+    old.servers[1].health.draining.store(true, Ordering::Relaxed);
+    old.servers[0].health.weight_override.store(7, Ordering::Relaxed);
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 1, "served by a (b drains)");
+
+    let three = format!("{two}, \"{}\"", c.addr);
+    reload(&proxy, &with_servers(&listen, &three, "")).await.unwrap();
+    let new = proxy.snapshot.load_full().upstreams[0].clone();
+    assert!(!Arc::ptr_eq(&old, &new), "the group changed, so it was rebuilt");
+    for i in 0..2 {
+        assert!(Arc::ptr_eq(&old.servers[i].health, &new.servers[i].health), "server {i}");
+        assert!(Arc::ptr_eq(&old.servers[i].pool, &new.servers[i].pool), "server {i}");
+    }
+    assert!(new.servers[1].health.draining.load(Ordering::Relaxed), "b still drains");
+    assert_eq!(new.servers[0].health.weight_override.load(Ordering::Relaxed), 7);
+    assert!(!new.servers[2].health.draining.load(Ordering::Relaxed), "c is new");
+    drop((old, new));
+
+    // a's configured weight changes: the file's newer word replaces the
+    // operator's; connection settings change: pools start empty.
+    let reweighted = format!(
+        "{{ address = \"{}\", weight = 3 }}, \"{}\", \"{}\"",
+        a.addr, b.addr, c.addr
+    );
+    let before = proxy.snapshot.load_full().upstreams[0].clone();
+    let text = with_servers(&listen, &reweighted, "").replace("servers = [", "pool_size = 3\nservers = [");
+    reload(&proxy, &text).await.unwrap();
+    let after = proxy.snapshot.load_full().upstreams[0].clone();
+    assert!(Arc::ptr_eq(&before.servers[0].health, &after.servers[0].health));
+    assert_eq!(after.servers[0].health.weight_override.load(Ordering::Relaxed), 0);
+    assert!(!Arc::ptr_eq(&before.servers[0].pool, &after.servers[0].pool), "new pool settings");
+    drop((before, after));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn bans_and_cache_entries_survive_a_reload_that_changes_their_settings() {
+    let origin = origin(|_| async {
+        let mut r = text(200, &"x".repeat(400_000));
+        r.headers_mut().insert("cache-control", http::HeaderValue::from_static("max-age=600"));
+        r
+    })
+    .await;
+    let cached = |memory: &str, max_object: &str, ban: &str| {
+        format!(
+            "[[routes]]\nname = \"c\"\npath = \"/c/\"\nupstream = \"app\"\ncache = true\n\
+             [cache]\nmemory = \"{memory}\"\nmax_object_size = \"{max_object}\"\n\
+             [protect.bans]\nduration = \"{ban}\"\n"
+        )
+    };
+    let (proxy, listen) = start(origin.addr, &cached("4MiB", "512KiB", "1h")).await;
+    let paths = ["/c/1", "/c/2", "/c/3", "/c/4"];
+    for path in paths {
+        assert_eq!(get(proxy.addr, path).await.status, StatusCode::OK);
+    }
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 4);
+    let banned: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+    let until = portcullis::upstream::health::now_ms() + 3_600_000;
+    proxy.snapshot.load().bans.as_ref().unwrap().ban(banned, until);
+
+    let changed = cached("4MiB", "512KiB", "2h");
+    reload(&proxy, &config(&listen, origin.addr, &changed)).await.unwrap();
+    assert_eq!(get_from(9, proxy.addr).await, None, "still banned: closed at accept");
+    let cache = proxy.snapshot.load().cache.clone().unwrap();
+    assert_eq!(cache.store().keys(), 4, "the entries are kept");
+    let entry = cache.store().bytes() / 4;
+    drop(cache);
+
+    // A budget of three entries evicts the least recently used (/c/1).
+    let smaller = cached(&format!("{}", entry * 3 + 10), &format!("{}", entry + entry / 4), "2h");
+    reload(&proxy, &config(&listen, origin.addr, &smaller)).await.unwrap();
+    let cache = proxy.snapshot.load().cache.clone().unwrap();
+    assert_eq!(cache.store().keys(), 3, "shrunk in place");
+    drop(cache);
+    for path in &paths[1..] {
+        assert_eq!(get(proxy.addr, path).await.status, StatusCode::OK);
+    }
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 4, "the three left are hits");
+    assert_eq!(get(proxy.addr, "/c/1").await.status, StatusCode::OK);
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 5, "the evicted one is a miss");
     proxy.shutdown().await;
 }
 

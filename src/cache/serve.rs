@@ -68,7 +68,7 @@ pub struct Cache {
     buffering_limit: u64,
     /// Bumped when URLs are invalidated or purged (by URL hash, 64 ways), so
     /// a response that was arriving meanwhile is not stored afterwards.
-    generations: [AtomicU64; 64],
+    generations: Arc<[AtomicU64; 64]>,
 }
 
 /// How a request was served on a caching route: the access log's `cache`
@@ -237,7 +237,24 @@ impl Cache {
             max_object: config.max_object_size,
             buffering: AtomicU64::new(0),
             buffering_limit: config.memory,
-            generations: std::array::from_fn(|_| AtomicU64::new(0)),
+            generations: Arc::new(std::array::from_fn(|_| AtomicU64::new(0))),
+        }
+    }
+
+    /// The cache of `config` that takes over `old`'s store, flights and
+    /// purge generations (a reload that changed `[cache]`): entries and
+    /// requests waiting on a fetch survive; a smaller `memory` evicts the
+    /// least recently used entries down to it at once.
+    pub fn carried_over(old: &Cache, config: &CacheConfig) -> Cache {
+        let evicted = old.store.resize(config.memory, config.max_object_size);
+        if evicted > 0 {
+            tracing::info!(evicted, memory = config.memory, "cache memory reduced: entries evicted");
+        }
+        Cache {
+            store: old.store.clone(),
+            flights: old.flights.clone(),
+            generations: old.generations.clone(),
+            ..Cache::new(config)
         }
     }
 
@@ -270,7 +287,7 @@ impl Cache {
     }
 
     fn bump_all(&self) {
-        for g in &self.generations {
+        for g in self.generations.iter() {
             g.fetch_add(1, Ordering::SeqCst);
         }
     }

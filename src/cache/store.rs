@@ -22,6 +22,7 @@
 //! in its size, and a key keeps at most [`MAX_VARIANTS`] variants.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -113,6 +114,9 @@ pub trait Storage: Send + Sync {
     fn bytes(&self) -> u64;
     /// Keys stored now.
     fn keys(&self) -> usize;
+    /// Takes a new budget and object limit (a reload); past the budget,
+    /// the least recently used keys go at once. How many keys went.
+    fn resize(&self, budget: u64, max_object: u64) -> usize;
 }
 
 struct Entry {
@@ -196,8 +200,9 @@ impl Inner {
 /// The in-memory store: one lock around a map and a recency order. The
 /// lock is held for map operations only, never across I/O.
 pub struct MemoryStore {
-    budget: u64,
-    max_object: u64,
+    /// Changed by a reload only, read under the lock.
+    budget: AtomicU64,
+    max_object: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -206,8 +211,8 @@ impl MemoryStore {
     /// `max_object` bytes.
     pub fn new(budget: u64, max_object: u64) -> MemoryStore {
         MemoryStore {
-            budget,
-            max_object: max_object.min(budget),
+            budget: AtomicU64::new(budget),
+            max_object: AtomicU64::new(max_object.min(budget)),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -241,10 +246,11 @@ impl Storage for MemoryStore {
 
     fn put(&self, key: &str, stored: Stored) -> bool {
         let size = stored.size() + key_cost(key);
-        if size > self.max_object {
+        if size > self.max_object.load(Ordering::Relaxed) {
             return false;
         }
         let mut inner = self.lock();
+        let budget = self.budget.load(Ordering::Relaxed);
         // The variant it replaces gives its bytes back first.
         let replaced = inner.entries.get(key).and_then(|entry| {
             entry
@@ -260,8 +266,8 @@ impl Storage for MemoryStore {
             }
             inner.bytes = inner.bytes.saturating_sub(old_size);
         }
-        inner.make_room(self.budget, size, key);
-        if inner.bytes + size > self.budget {
+        inner.make_room(budget, size, key);
+        if inner.bytes + size > budget {
             // Even alone with its own key the object does not fit.
             if inner.entries.get(key).is_some_and(|e| e.variants.is_empty()) {
                 inner.remove(key);
@@ -366,6 +372,15 @@ impl Storage for MemoryStore {
 
     fn keys(&self) -> usize {
         self.len()
+    }
+
+    fn resize(&self, budget: u64, max_object: u64) -> usize {
+        let mut inner = self.lock();
+        self.budget.store(budget, Ordering::Relaxed);
+        self.max_object.store(max_object.min(budget), Ordering::Relaxed);
+        let before = inner.entries.len();
+        inner.make_room(budget, 0, "");
+        before - inner.entries.len()
     }
 }
 

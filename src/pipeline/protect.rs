@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 
 use super::ConnInfo;
 use crate::body::ProxyBody;
-use crate::config::{ChallengeWhen, ProtectMode};
+use crate::config::ChallengeWhen;
 use crate::error::ProxyError;
 use crate::protect::detect::Sample;
 use crate::protect::{Strike, adaptive, network, shedding};
@@ -116,7 +116,7 @@ fn attack_mode(
     if !adaptive.in_attack() {
         return Ok(false);
     }
-    let enforce = adaptive.config.mode == ProtectMode::Enforce;
+    let enforce = adaptive.step.enforced();
     if adaptive.is_suspect(client_key) {
         if let Err(wait) = adaptive.check_suspect(client_key) {
             if enforce {
@@ -181,7 +181,7 @@ pub fn check_load(
             return Ok(Some(waiting));
         }
     }
-    if shedder.mode == ProtectMode::Enforce {
+    if shedder.mode.enforced() {
         *protection = Some("shed");
         return Err(ProxyError::Overloaded {
             retry_after: shedder.retry_after,

@@ -20,6 +20,8 @@ use crate::config::AdaptiveConfig;
 /// The detector and attack mode of a running proxy.
 pub struct Adaptive {
     pub config: AdaptiveConfig,
+    /// Enforce or shadow: the config's, or the operator's switch.
+    pub step: super::StepMode,
     detector: Mutex<Detector>,
     attack: AtomicBool,
     /// Client hashes refused while attack mode is on (the heaviest sources
@@ -52,6 +54,7 @@ impl Adaptive {
         };
         Adaptive {
             config: config.clone(),
+            step: super::StepMode::new(config.mode),
             detector: Mutex::new(Detector::with_routes(settings, routes)),
             attack: AtomicBool::new(false),
             suspects: ArcSwap::from_pointee(Vec::new()),

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnet::IpNet;
 
-use crate::config::{BanConfig, ProtectMode};
+use crate::config::BanConfig;
 
 const SHARDS: usize = 16;
 
@@ -55,6 +55,8 @@ pub enum Strike {
 
 pub struct Bans {
     pub config: BanConfig,
+    /// Enforce or shadow: the config's, or the operator's switch.
+    pub mode: super::StepMode,
     exempt: Vec<IpNet>,
     shards: [Mutex<HashMap<IpAddr, Entry>>; SHARDS],
     /// Entries in all shards, against `max_tracked`.
@@ -93,6 +95,7 @@ impl Bans {
     pub fn new(config: &BanConfig, exempt: &[IpNet]) -> Bans {
         Bans {
             config: config.clone(),
+            mode: super::StepMode::new(config.mode),
             exempt: exempt.to_vec(),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             tracked: AtomicUsize::new(0),
@@ -111,7 +114,16 @@ impl Bans {
     }
 
     pub fn enforced(&self) -> bool {
-        self.config.mode == ProtectMode::Enforce
+        self.mode.enforced()
+    }
+
+    /// Takes over the bans in force in `old` (a reload that changed the
+    /// ban settings: a ban, made by the ladder or the operator, lasts its
+    /// time).
+    pub fn carry_over(&self, old: &Bans, now: u64) {
+        for ban in old.list(now) {
+            self.ban(ban.client, ban.until);
+        }
     }
 
     fn exempt(&self, ip: IpAddr) -> bool {

@@ -37,3 +37,37 @@ pub use challenge::{Challenge, CookieError};
 pub use connections::{ConnSlot, ConnTable, Refusal};
 pub use rate::{Limiter, RouteLimiter, network};
 pub use shedding::Shedder;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::ProtectMode;
+
+/// The mode of one step of the mitigation ladder (bans, attack mode, load
+/// shedding): the config's, until the operator switches it (admin API).
+/// It lives in the step's runtime object, so a switch lasts as long as
+/// the object: through reloads that leave the step's settings unchanged,
+/// and until one that changes them (the file's newer word wins).
+#[derive(Debug)]
+pub struct StepMode(AtomicBool);
+
+impl StepMode {
+    pub fn new(mode: ProtectMode) -> StepMode {
+        StepMode(AtomicBool::new(mode == ProtectMode::Enforce))
+    }
+
+    pub fn get(&self) -> ProtectMode {
+        if self.0.load(Ordering::Relaxed) {
+            ProtectMode::Enforce
+        } else {
+            ProtectMode::Shadow
+        }
+    }
+
+    pub fn set(&self, mode: ProtectMode) {
+        self.0.store(mode == ProtectMode::Enforce, Ordering::Relaxed);
+    }
+
+    pub fn enforced(&self) -> bool {
+        self.get() == ProtectMode::Enforce
+    }
+}

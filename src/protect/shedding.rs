@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::config::{LoadSheddingConfig, ProtectMode};
+use crate::config::LoadSheddingConfig;
 
 /// The latency-gradient estimator of a concurrency limit.
 ///
@@ -149,7 +149,8 @@ impl Gradient {
 
 /// The load shedding of one upstream group.
 pub struct Shedder {
-    pub mode: ProtectMode,
+    /// Enforce or shadow: the config's, or the operator's switch.
+    pub mode: super::StepMode,
     /// The current limit, read by every request.
     limit: AtomicU32,
     /// Requests admitted and waiting for their response headers. Only
@@ -173,7 +174,7 @@ impl Shedder {
             config.tolerance,
         );
         Shedder {
-            mode: config.mode,
+            mode: super::StepMode::new(config.mode),
             limit: AtomicU32::new(gradient.limit()),
             waiting: AtomicU32::new(0),
             clock: std::time::Instant::now(),

@@ -48,7 +48,7 @@ pub(super) async fn attack_watch(
         let Some((verdict, transition)) = adaptive.tick() else {
             continue;
         };
-        let mode = match adaptive.config.mode {
+        let mode = match adaptive.step.get() {
             crate::config::ProtectMode::Shadow => "shadow",
             crate::config::ProtectMode::Enforce => "enforce",
         };

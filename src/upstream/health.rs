@@ -47,6 +47,9 @@ pub struct ServerHealth {
     ejected_until_ms: AtomicU64,
     /// Set by the operator: no new requests, in-flight ones finish.
     pub draining: AtomicBool,
+    /// A weight set by the operator (admin API) in place of the
+    /// configured one; 0 = none.
+    pub weight_override: AtomicU32,
     /// Failed tries (connect errors, resets, timeouts, 5xx) since start.
     pub failures: AtomicU64,
 }
@@ -79,6 +82,7 @@ impl Default for ServerHealth {
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            weight_override: AtomicU32::new(0),
             failures: AtomicU64::new(0),
         }
     }
@@ -119,17 +123,26 @@ impl ServerHealth {
     /// Effective weight: ramps linearly from 1 to `weight` over `slow_start`
     /// after the server (re)joined.
     pub fn effective_weight(&self, settings: &ServerSettings, now: u64) -> u32 {
+        let weight = self.weight(settings);
         let since = self.healthy_since_ms.load(Ordering::Relaxed);
         let window = settings.slow_start.as_millis() as u64;
         if since == 0 || window == 0 {
-            return settings.weight.max(1);
+            return weight;
         }
         let elapsed = now.saturating_sub(since);
         if elapsed >= window {
-            return settings.weight.max(1);
+            return weight;
         }
-        let scaled = u64::from(settings.weight) * elapsed / window;
-        (scaled as u32).clamp(1, settings.weight.max(1))
+        let scaled = u64::from(weight) * elapsed / window;
+        (scaled as u32).clamp(1, weight)
+    }
+
+    /// The weight in use: the operator's, else the configured one.
+    pub fn weight(&self, settings: &ServerSettings) -> u32 {
+        match self.weight_override.load(Ordering::Relaxed) {
+            0 => settings.weight.max(1),
+            w => w,
+        }
     }
 
     /// Marks the start of a slow-start ramp (server came back).

@@ -101,11 +101,19 @@ thread_local! {
 
 impl Upstream {
     /// Builds the group, resolving every server name; `path` prefixes errors.
+    ///
+    /// `previous` is the group of the same name in the running snapshot,
+    /// when its settings changed: every server still configured (same
+    /// address) keeps its live state (health, latency, ejection, a drain
+    /// or weight set by the operator; the weight is dropped when the
+    /// configured one changed) and, when the connection settings are
+    /// unchanged, its pool of idle connections.
     #[allow(clippy::too_many_lines, reason = "builds a group's servers, then starts its tasks")]
     pub async fn build(
         config: &UpstreamConfig,
         path: &str,
         audit: Option<AuditLog>,
+        previous: Option<&Upstream>,
     ) -> Result<Arc<Upstream>, Vec<ConfigError>> {
         let tls = match &config.tls {
             None => None,
@@ -142,14 +150,29 @@ impl Upstream {
             let host_header =
                 HeaderValue::from_str(&addr.to_string()).unwrap_or_else(|_| HeaderValue::from_static("localhost"));
             let sticky_id = format!("{:016x}", balance::hash64(format!("{}|{addr}", config.name).as_bytes()));
+            let label = addr.to_string();
+            let before = previous.and_then(|p| Some((p, p.servers.iter().find(|s| s.label == label)?)));
+            let health = match before {
+                Some((_, s)) => {
+                    if s.settings.weight != addr.weight {
+                        s.health.weight_override.store(0, Ordering::Relaxed);
+                    }
+                    s.health.clone()
+                }
+                None => Arc::new(ServerHealth::default()),
+            };
+            let pool = match before {
+                Some((p, s)) if same_connections(&p.config, config) => s.pool.clone(),
+                _ => Arc::new(ServerPool::new(settings.clone(), tls_server_name(config, addr))),
+            };
             servers.push(Arc::new(Server {
                 addr: addr.clone(),
                 host_header,
                 resolved: ArcSwap::from_pointee(resolved),
-                pool: Arc::new(ServerPool::new(settings.clone(), tls_server_name(config, addr))),
-                health: Arc::new(ServerHealth::default()),
+                pool,
+                health,
                 sticky_id,
-                label: addr.to_string(),
+                label,
                 settings: ServerSettings {
                     weight: addr.weight,
                     slow_start: config.slow_start,
@@ -400,6 +423,16 @@ fn tls_connector(
 }
 
 /// The name a TLS upstream server is asked for and checked against.
+/// Whether two settings of a group open the same kind of connection, so a
+/// server's idle connections may be carried from one to the other.
+fn same_connections(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
+    a.protocol == b.protocol
+        && a.pool_size == b.pool_size
+        && a.idle_timeout == b.idle_timeout
+        && a.connect_timeout == b.connect_timeout
+        && a.tls == b.tls
+}
+
 fn tls_server_name(config: &UpstreamConfig, addr: &ServerAddr) -> Option<rustls::pki_types::ServerName<'static>> {
     let tls = config.tls.as_ref()?;
     let name = tls.server_name.clone().unwrap_or_else(|| match addr.literal {
