@@ -23,12 +23,14 @@
 
 pub mod body;
 pub mod cache;
+pub mod change;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forwarding;
 pub mod observe;
 pub mod pipeline;
+pub mod plan;
 pub mod protect;
 pub mod routing;
 pub mod secret;

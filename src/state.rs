@@ -265,12 +265,15 @@ impl Snapshot {
             })
         });
         let cache = config.routes.iter().any(|r| r.cache.is_some()).then(|| {
-            keep(kept.cache.as_ref(), &mut next.cache, config.cache.clone(), |settings| {
-                match &kept.cache {
+            keep(
+                kept.cache.as_ref(),
+                &mut next.cache,
+                config.cache.clone(),
+                |settings| match &kept.cache {
                     Some(old) => Cache::carried_over(&old.value, settings),
                     None => Cache::new(settings),
-                }
-            })
+                },
+            )
         });
         let mut identity_headers: Vec<http::HeaderName> = crate::config::defaults::CLIENT_CERT_HEADERS
             .iter()

@@ -48,6 +48,17 @@ pub struct LoadedCert {
     pub names: Vec<String>,
     /// SHA-256 of the leaf, hex: printed in logs and by the demo.
     pub fingerprint: String,
+    /// The leaf's `notAfter`, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// What the admin API and `plan` show of one certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertInfo {
+    pub fingerprint: String,
+    pub names: Vec<String>,
+    /// `notAfter`, seconds since the Unix epoch.
+    pub not_after: i64,
 }
 
 /// The certificates of a listener, indexed for SNI.
@@ -59,6 +70,8 @@ pub struct CertTable {
     default: Option<Arc<CertifiedKey>>,
     pub fingerprints: Vec<String>,
     pub names: Vec<String>,
+    /// Each certificate, in file order.
+    pub certs: Vec<CertInfo>,
 }
 
 impl CertTable {
@@ -77,6 +90,11 @@ impl CertTable {
                 }
                 table.names.push(name.clone());
             }
+            table.certs.push(CertInfo {
+                fingerprint: cert.fingerprint.clone(),
+                names: cert.names.clone(),
+                not_after: cert.not_after,
+            });
             table.fingerprints.push(cert.fingerprint);
         }
         table.wildcard.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
@@ -274,6 +292,7 @@ pub fn load_cert(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String
         key: Arc::new(certified),
         names,
         fingerprint: fingerprint(&chain[0]),
+        not_after: validity.not_after.timestamp(),
     })
 }
 

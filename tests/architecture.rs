@@ -37,6 +37,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 0),
     ("routing", 0),
     ("forwarding", 0),
+    ("plan", 0),
+    ("change", 0),
     ("target", 0),
     ("error", 0),
     ("secret", 0),

@@ -156,7 +156,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "unknown top-level key",
         "colour = \"blue\"\n",
         &[
-            "colour: unknown key, expected one of: access_log, audit_log, cache, limits, listeners, metrics, protect, request_id, routes, server, timeouts, upstreams",
+            "colour: unknown key, expected one of: access_log, admin, audit_log, cache, limits, listeners, metrics, protect, request_id, routes, server, timeouts, upstreams",
         ],
     ),
     (

@@ -53,7 +53,7 @@ servers = [{servers}]
 
 const NEW_ROUTE: &str = "[[routes]]\nname = \"new\"\npath = \"/new\"\npath_match = \"exact\"\nupstream = \"app\"\nrequest_headers = { set = { \"x-route\" = \"new\" } }\n";
 
-async fn reload(proxy: &TestProxy, toml: &str) -> Result<(), portcullis::config::ConfigErrors> {
+async fn reload(proxy: &TestProxy, toml: &str) -> Result<portcullis::plan::Plan, portcullis::config::ConfigErrors> {
     let config = portcullis::Config::from_toml(toml, "reload").unwrap();
     proxy.reloader.apply(config, "test").await
 }
@@ -133,7 +133,10 @@ async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
     let new = proxy.snapshot.load_full().upstreams[0].clone();
     assert!(!Arc::ptr_eq(&old, &new), "the group changed, so it was rebuilt");
     for i in 0..2 {
-        assert!(Arc::ptr_eq(&old.servers[i].health, &new.servers[i].health), "server {i}");
+        assert!(
+            Arc::ptr_eq(&old.servers[i].health, &new.servers[i].health),
+            "server {i}"
+        );
         assert!(Arc::ptr_eq(&old.servers[i].pool, &new.servers[i].pool), "server {i}");
     }
     assert!(new.servers[1].health.draining.load(Ordering::Relaxed), "b still drains");
@@ -153,7 +156,10 @@ async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
     let after = proxy.snapshot.load_full().upstreams[0].clone();
     assert!(Arc::ptr_eq(&before.servers[0].health, &after.servers[0].health));
     assert_eq!(after.servers[0].health.weight_override.load(Ordering::Relaxed), 0);
-    assert!(!Arc::ptr_eq(&before.servers[0].pool, &after.servers[0].pool), "new pool settings");
+    assert!(
+        !Arc::ptr_eq(&before.servers[0].pool, &after.servers[0].pool),
+        "new pool settings"
+    );
     drop((before, after));
     proxy.shutdown().await;
 }
@@ -162,7 +168,8 @@ async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
 async fn bans_and_cache_entries_survive_a_reload_that_changes_their_settings() {
     let origin = origin(|_| async {
         let mut r = text(200, &"x".repeat(400_000));
-        r.headers_mut().insert("cache-control", http::HeaderValue::from_static("max-age=600"));
+        r.headers_mut()
+            .insert("cache-control", http::HeaderValue::from_static("max-age=600"));
         r
     })
     .await;
@@ -243,10 +250,15 @@ async fn changes_a_reload_cannot_apply_are_refused_with_their_paths() {
         .expect_err("listeners and limits need a restart");
     let text = errors.to_string();
     assert!(
-        text.contains("listeners: changed, and a reload cannot apply this change yet"),
+        text.contains(
+            "listener \"listeners[0]\": bind: a reload cannot apply this change yet; restart the proxy for it"
+        ),
         "{text}"
     );
-    assert!(text.contains("limits: changed"), "{text}");
+    assert!(
+        text.contains("limits.max_header_count: 100 -> 50: a reload cannot apply"),
+        "{text}"
+    );
     assert!(Arc::ptr_eq(&before, &proxy.snapshot.load_full()));
     // A change a reload can apply, beside the refused one, is not applied
     // either: a reload is whole or nothing.
@@ -372,7 +384,16 @@ async fn every_reload_is_audited_and_counted_good_or_bad() {
     assert_eq!(events[3]["trigger"], "test");
     let errors = events[3]["errors"].as_array().unwrap();
     assert!(
-        errors[0].as_str().unwrap().starts_with("listeners: changed"),
+        errors[0]
+            .as_str()
+            .unwrap()
+            .starts_with("listener \"listeners[0]\": bind: a reload cannot apply"),
         "{errors:?}"
     );
+    assert_eq!(
+        events[2]["changes"],
+        serde_json::json!([{"action": "add", "subject": "route \"new\"", "detail": "any host /new (exact) -> app"}]),
+        "the record says what changed"
+    );
+    assert_eq!(events[3]["changes"][0]["restart"], true, "and what would have");
 }

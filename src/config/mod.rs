@@ -14,6 +14,7 @@
 //! Names of upstream servers are resolved later, when the runtime snapshot is
 //! built (see `state.rs`), because that needs I/O.
 
+mod admin;
 mod cache;
 mod listeners;
 mod observe;
@@ -28,6 +29,7 @@ mod upstreams;
 use std::path::Path;
 
 pub use crate::upstream::balance::{Algorithm, HashKey};
+pub use admin::AdminConfig;
 pub use cache::{CacheConfig, CredentialsPolicy, QueryKey, RouteCache};
 pub use listeners::{CertificateFiles, ClientAuth, ListenerConfig, ListenerProtocol, TlsConfig};
 pub use observe::{
@@ -59,11 +61,16 @@ pub struct Config {
     pub request_id: RequestIdConfig,
     pub audit_log: Option<AuditLogConfig>,
     pub metrics: Option<MetricsConfig>,
+    /// `[admin]`: the admin API, off when absent.
+    pub admin: Option<AdminConfig>,
     pub protect: ProtectConfig,
     /// `[cache]`: the shared store (used by routes with `cache`).
     pub cache: CacheConfig,
     /// The file the config came from and its SHA-256 (hex), for the audit log.
     pub source: Option<(std::path::PathBuf, String)>,
+    /// The text it was read from (the admin API shows it; the file holds
+    /// no secrets, only the paths of the files that do).
+    pub text: Option<std::sync::Arc<str>>,
 }
 
 impl Config {
@@ -93,7 +100,9 @@ impl Config {
                 },
             }])
         })?;
-        parse(&table)
+        let mut config = parse(&table)?;
+        config.text = Some(text.into());
+        Ok(config)
     }
 
     pub fn upstream_by_name(&self, name: &str) -> Option<&UpstreamConfig> {

@@ -123,6 +123,7 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
     let request_id = observe::read_request_id(top.table("request_id"));
     let audit_log = observe::read_audit_log(top.table("audit_log"));
     let metrics = observe::read_metrics(top.table("metrics"));
+    let admin = super::admin::read_admin(top.table("admin"));
     let protect = protect::read_protect(top.table("protect"));
     let cache = super::cache::read_cache(top.table("cache"));
     top.finish();
@@ -146,8 +147,10 @@ pub fn parse(root: &toml::Table) -> Result<Config, ConfigErrors> {
         request_id,
         audit_log,
         metrics,
+        admin,
         protect,
         cache,
         source: None,
+        text: None,
     })
 }

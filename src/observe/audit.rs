@@ -64,6 +64,9 @@ pub enum Event {
         routes: Vec<String>,
         upstreams: Vec<String>,
         certificates: Vec<CertificateSummary>,
+        /// What changed from the config before (a reload).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        changes: Vec<crate::plan::Difference>,
     },
     /// A config reload failed; the running config stays in use.
     #[serde(rename = "config.reload_failed")]
@@ -71,6 +74,20 @@ pub enum Event {
         trigger: String,
         file: Option<String>,
         errors: Vec<String>,
+        /// What the refused config would have changed.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        changes: Vec<crate::plan::Difference>,
+    },
+    /// An operator's change to the running proxy (admin API), other than a
+    /// reload (whose record is `config.load` / `config.reload_failed`).
+    #[serde(rename = "change")]
+    Change {
+        caller: String,
+        #[serde(flatten)]
+        change: crate::change::Change,
+        result: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// TLS certificates of a listener were reloaded (or failed to).
     #[serde(rename = "certificates.reload")]

@@ -78,6 +78,11 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub kind: &'static str,
     pub result: &'static str,
@@ -128,6 +133,7 @@ pub struct Metrics {
     tls_handshakes: Family<TlsLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    admin_requests: Family<AdminLabels, Counter>,
     protection: Family<ActionLabels, Counter>,
     pub access_log_records: Counter,
     pub access_log_dropped: Counter,
@@ -239,6 +245,12 @@ impl Metrics {
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register("reloads", "Reloads by kind and result", reloads.clone());
+        let admin_requests = Family::<AdminLabels, Counter>::default();
+        registry.register(
+            "admin_requests",
+            "Admin API requests by result (ok, unauthorized, forbidden, bad_request, not_found, conflict, invalid)",
+            admin_requests.clone(),
+        );
         let protection = Family::<ActionLabels, Counter>::default();
         registry.register(
             "protection_actions",
@@ -316,6 +328,7 @@ impl Metrics {
             tls_handshakes,
             tls_failures,
             reloads,
+            admin_requests,
             protection,
             access_log_records,
             access_log_dropped,
@@ -372,6 +385,10 @@ impl Metrics {
             tls_handshakes: self.tls_handshakes.clone(),
             tls_failures: self.tls_failures.clone(),
         }
+    }
+
+    pub fn admin_request(&self, result: &'static str) {
+        self.admin_requests.get_or_create(&AdminLabels { result }).inc();
     }
 
     pub fn reload(&self, kind: &'static str, ok: bool) {

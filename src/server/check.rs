@@ -3,7 +3,8 @@
 //! them), the directories and key files of the logs, and the snapshot
 //! itself (upstream names resolved, key files read). `portcullis check`,
 //! start-up and reload (and later the admin API) all call [`validate`];
-//! nothing else validates. Binding the ports is left to start-up.
+//! nothing else validates. Binding the ports is left to start-up. The
+//! admin API's token files are read here too, so `check` reports them.
 
 use super::*;
 use crate::config::ConfigError;
@@ -20,6 +21,8 @@ pub struct Validated {
     pub snapshot: Snapshot,
     /// The state to build the next snapshot from.
     pub kept: Kept,
+    /// The admin API's tokens, when `[admin]` is on.
+    pub tokens: Option<admin::Tokens>,
 }
 
 /// Validates `config` fully, reporting every error with its path; the
@@ -36,6 +39,14 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> R
         }
     };
     let warnings = uncovered_route_hosts(config, &stores);
+    let tokens = match config.admin.as_ref().map(admin::Tokens::load) {
+        None => None,
+        Some(Ok(tokens)) => Some(tokens),
+        Some(Err(mut e)) => {
+            errors.append(&mut e);
+            None
+        }
+    };
     let mut server_configs = Vec::new();
     let mut next_store = stores.iter();
     for (i, listener) in config.listeners.iter().enumerate() {
@@ -71,6 +82,7 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> R
             warnings,
             snapshot,
             kept,
+            tokens,
         }),
         _ => Err(ConfigErrors(errors)),
     }

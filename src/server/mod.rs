@@ -9,9 +9,11 @@
 //! 3. after `server.drain_timeout`, whatever is left is cut.
 
 mod accept;
+pub mod admin;
 mod certificates;
 mod check;
 pub mod conn;
+mod control;
 mod reload;
 mod tasks;
 /// TLS material (certificates, stores, rustls configs) lives in `crate::tls`;
@@ -21,6 +23,7 @@ use accept::accept_loop;
 use certificates::watch_certificates;
 pub use certificates::{CertReloader, load_certificates, uncovered_route_hosts};
 pub use check::{Validated, validate};
+pub use control::Control;
 pub use reload::Reloader;
 use tasks::{attack_watch, housekeeping};
 
@@ -167,6 +170,11 @@ pub struct Proxy {
     connections: Arc<ConnTable>,
     /// Reloads the config (SIGHUP, tests); holds the kept state.
     reloader: Reloader,
+    /// The admin API's listener and tokens, when `[admin]` is on.
+    admin: Option<(TcpListener, admin::Tokens)>,
+    /// False once shutdown begins (`/readyz`).
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    started: std::time::Instant,
 }
 
 impl Proxy {
@@ -186,6 +194,7 @@ impl Proxy {
             warnings,
             snapshot,
             kept,
+            tokens,
         } = validate(&config, &observe, &Kept::default()).await?;
         for warning in warnings {
             tracing::warn!("{warning}");
@@ -217,6 +226,7 @@ impl Proxy {
             }
             _ => None,
         };
+        let admin = bind_admin(&config, tokens).await?;
         let connections = if config.protect.max_connections.is_some() {
             ConnTable::new(&config.protect)
         } else {
@@ -233,18 +243,41 @@ impl Proxy {
         });
         observe.audit(summary);
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
+        let stores = Arc::new(stores);
         Ok(Proxy {
-            reloader: Reloader::new(snapshot.clone(), kept, observe.clone()),
+            reloader: Reloader::new(snapshot.clone(), kept, observe.clone(), stores.clone()),
             snapshot,
             listeners,
             certificates: CertReloader {
-                stores: Arc::new(stores),
+                stores,
                 observe: observe.clone(),
             },
             observe,
             metrics_listener,
             connections,
+            admin,
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Where the admin API listens, if it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// The handle that applies changes (admin API, SIGHUP, tests).
+    pub fn control(&self) -> Control {
+        let snapshot = self.snapshot.load();
+        Control {
+            snapshot: self.snapshot.clone(),
+            reloader: self.reloader.clone(),
+            certificates: self.certificates.clone(),
+            observe: self.observe.clone(),
+            config_path: snapshot.config.source.as_ref().map(|(p, _)| p.clone()),
+            ready: self.ready.clone(),
+            started: self.started,
+        }
     }
 
     /// The logs and metrics of this proxy (reopen on SIGUSR1, flush, tests).
@@ -282,8 +315,20 @@ impl Proxy {
         clippy::too_many_lines,
         reason = "starts and stops the process's tasks in order: listeners, watchers, drain"
     )]
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        if let Some((listener, tokens)) = self.admin.take() {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "admin API listening");
+            }
+            let control = self.control();
+            tokio::spawn(admin::serve(
+                listener,
+                Arc::new(admin::Admin { control, tokens }),
+                admin_stop.clone(),
+            ));
+        }
         let hard_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut accept_loops = Vec::new();
@@ -342,6 +387,8 @@ impl Proxy {
         }
 
         shutdown.await;
+        // Load balancers polling /readyz stop sending from now on.
+        self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
         // Read now: a reload may have changed it.
         let drain_timeout = self.snapshot.load().config.server.drain_timeout;
         tracing::info!(
@@ -364,6 +411,7 @@ impl Proxy {
             tasks.wait().await;
         }
         metrics_stop.cancel();
+        admin_stop.cancel();
         self.observe.audit(Event::ProcessStop {
             pid: std::process::id(),
             reason: "shutdown".into(),
@@ -371,6 +419,25 @@ impl Proxy {
         self.observe.flush().await;
         tracing::info!("shutdown complete");
     }
+}
+
+/// Binds the admin API's listener when `[admin]` is on.
+async fn bind_admin(
+    config: &Config,
+    tokens: Option<admin::Tokens>,
+) -> Result<Option<(TcpListener, admin::Tokens)>, StartError> {
+    let (Some(a), Some(tokens)) = (&config.admin, tokens) else {
+        return Ok(None);
+    };
+    let socket = TcpListener::bind(a.listen).await.map_err(|source| StartError::Bind {
+        addr: a.listen,
+        listener: "admin".into(),
+        source,
+    })?;
+    if tokens.is_open() {
+        tracing::warn!(addr = %a.listen, "admin API without tokens: open to every local caller");
+    }
+    Ok(Some((socket, tokens)))
 }
 
 /// `protect.max_connections` when the config does not set it: half the
@@ -409,5 +476,6 @@ fn config_summary(config: &Config, stores: &[Arc<tls::CertStore>], trigger: &str
                 fingerprints: s.current().fingerprints.clone(),
             })
             .collect(),
+        changes: Vec::new(),
     }
 }

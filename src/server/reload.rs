@@ -9,17 +9,20 @@
 //! rules (rate limits, IP lists of routes, bans, challenge, attack mode,
 //! load shedding), the cache rules, timeouts (for new connections), request
 //! ids, `[server]` settings. What it cannot apply yet, and refuses with
-//! the path of each change: the listeners (their sockets and TLS), the
-//! `[limits]` and connection caps that the listeners and the connection
-//! table were built with, and the log and metrics outputs, which are opened
-//! once per process. Certificates are reloaded by the certificate reloader
-//! (SIGHUP runs both).
+//! the path of each change (the plan's `restart` differences): the
+//! listeners (their sockets and TLS), the `[limits]` and connection caps
+//! that the listeners and the connection table were built with, and the
+//! log, metrics and admin outputs, which are opened once per process.
+//! Certificates are reloaded by the certificate reloader (SIGHUP runs
+//! both). Every reload computes the [`Plan`] of what changes: the caller
+//! gets it, the audit record carries it, and a dry run returns only it.
 
 use super::*;
 use std::path::Path;
 
 use crate::config::ConfigError;
 use crate::observe::audit::Event;
+use crate::plan::{Action, Plan};
 
 /// Reloads the config of a running proxy; cheap to clone.
 #[derive(Clone)]
@@ -29,15 +32,40 @@ pub struct Reloader {
     /// reloads one at a time (it is never taken by a request).
     kept: Arc<tokio::sync::Mutex<Kept>>,
     observe: Arc<Observe>,
+    /// The running certificates, to say what a new config changes in them.
+    certificates: Arc<Vec<Arc<tls::CertStore>>>,
+    /// 1 for the config the proxy started with, +1 at every reload.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Certificates that expire within this are named by the plan.
+const EXPIRY_WARNING_SECONDS: i64 = 30 * 86_400;
+
 impl Reloader {
-    pub(super) fn new(snapshot: SharedSnapshot, kept: Kept, observe: Arc<Observe>) -> Reloader {
+    pub(super) fn new(
+        snapshot: SharedSnapshot,
+        kept: Kept,
+        observe: Arc<Observe>,
+        certificates: Arc<Vec<Arc<tls::CertStore>>>,
+    ) -> Reloader {
         Reloader {
             snapshot,
             kept: Arc::new(tokio::sync::Mutex::new(kept)),
             observe,
+            certificates,
+            generation: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
+    }
+
+    /// The generation of the running config: 1 at start, +1 per reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a reload that failed before there was a config to apply
+    /// (it did not parse).
+    pub fn refused(&self, trigger: &str, path: Option<&Path>, errors: &ConfigErrors) {
+        self.record(trigger, path, Err(errors), &Plan::default());
     }
 
     /// The state the next snapshot would be built from (tests, inspection).
@@ -46,55 +74,89 @@ impl Reloader {
     }
 
     /// Reads `path` and applies it; see [`apply`](Self::apply).
-    pub async fn reload_file(&self, path: &Path, trigger: &str) -> Result<(), ConfigErrors> {
+    pub async fn reload_file(&self, path: &Path, trigger: &str) -> Result<Plan, ConfigErrors> {
         match Config::load(path) {
             Ok(config) => self.apply(config, trigger).await,
             Err(errors) => {
-                self.record(trigger, Some(path), Err(&errors));
+                self.refused(trigger, Some(path), &errors);
                 Err(errors)
             }
         }
     }
 
+    /// What applying `config` would change, after the same validation as
+    /// [`apply`](Self::apply); nothing is swapped, logged or audited.
+    pub async fn dry_run(&self, config: Config) -> Result<Plan, ConfigErrors> {
+        let kept = self.kept.lock().await;
+        self.prepare(&config, &kept).await.map(|(plan, _)| plan)
+    }
+
     /// Validates `config` and swaps it in, or returns every error with its
-    /// path and changes nothing. Logged, counted
-    /// (`portcullis_reloads_total{kind="config"}`) and audited either way,
-    /// with `trigger` (such as `SIGHUP`).
-    pub async fn apply(&self, config: Config, trigger: &str) -> Result<(), ConfigErrors> {
+    /// path and changes nothing. Returns the plan of what changed. Logged,
+    /// counted (`portcullis_reloads_total{kind="config"}`) and audited
+    /// either way, with `trigger` (such as `SIGHUP`) and the plan.
+    pub async fn apply(&self, config: Config, trigger: &str) -> Result<Plan, ConfigErrors> {
         let mut kept = self.kept.lock().await;
-        let current = self.snapshot.load_full();
-        let mut errors = needs_restart(&current.config, &config);
-        let validated = match validate(&config, &self.observe, &kept).await {
-            Ok(validated) if errors.is_empty() => Some(validated),
-            Ok(_) => None,
-            Err(mut e) => {
-                errors.append(&mut e.0);
-                None
+        let path = config.source.as_ref().map(|(p, _)| p.clone());
+        let (plan, validated) = match self.prepare(&config, &kept).await {
+            Ok(ready) => ready,
+            Err(errors) => {
+                let plan = Plan::between(&self.snapshot.load().config, &config);
+                self.record(trigger, path.as_deref(), Err(&errors), &plan);
+                return Err(errors);
             }
         };
-        let path = config.source.as_ref().map(|(p, _)| p.as_path());
-        let Some(validated) = validated else {
-            let errors = ConfigErrors(errors);
-            self.record(trigger, path, Err(&errors));
-            return Err(errors);
-        };
         self.snapshot.store(Arc::new(validated.snapshot));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *kept = validated.kept;
         drop(kept);
         for warning in &validated.warnings {
             tracing::warn!("{warning}");
         }
-        self.record(trigger, path, Ok(&config_summary(&config, &validated.stores, trigger)));
-        Ok(())
+        let mut summary = config_summary(&config, &validated.stores, trigger);
+        if let Event::ConfigLoad { changes, .. } = &mut summary {
+            changes.clone_from(&plan.differences);
+        }
+        self.record(trigger, path.as_deref(), Ok(&summary), &plan);
+        Ok(plan)
     }
 
-    fn record(&self, trigger: &str, path: Option<&Path>, result: Result<&Event, &ConfigErrors>) {
+    /// Validates `config` against the running one: the plan (with the
+    /// certificate differences) and what validation built, or every error,
+    /// those a reload cannot apply first.
+    async fn prepare(&self, config: &Config, kept: &Kept) -> Result<(Plan, Validated), ConfigErrors> {
+        let current = self.snapshot.load_full();
+        let mut plan = Plan::between(&current.config, config);
+        let mut errors: Vec<ConfigError> = plan
+            .restarts()
+            .map(|d| ConfigError {
+                path: d.subject.clone(),
+                message: format!(
+                    "{}: a reload cannot apply this change yet; restart the proxy for it",
+                    if d.detail.is_empty() { "changed" } else { &d.detail }
+                ),
+            })
+            .collect();
+        match validate(config, &self.observe, kept).await {
+            Ok(validated) if errors.is_empty() => {
+                certificate_differences(&mut plan, &self.certificates, &validated.stores);
+                Ok((plan, validated))
+            }
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(mut e) => {
+                errors.append(&mut e.0);
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    fn record(&self, trigger: &str, path: Option<&Path>, result: Result<&Event, &ConfigErrors>, plan: &Plan) {
         if let Some(metrics) = &self.observe.metrics {
             metrics.reload("config", result.is_ok());
         }
         match result {
             Ok(summary) => {
-                tracing::info!(%trigger, "config reloaded");
+                tracing::info!(%trigger, changes = plan.differences.len(), "config reloaded");
                 self.observe.audit(summary.clone());
             }
             Err(errors) => {
@@ -106,45 +168,53 @@ impl Reloader {
                     trigger: trigger.to_owned(),
                     file: path.map(|p| p.display().to_string()),
                     errors: errors.0.iter().map(ToString::to_string).collect(),
+                    changes: plan.differences.clone(),
                 });
             }
         }
     }
 }
 
-/// The parts of `new` that differ from `old` and that a reload cannot
-/// apply yet, each as an error with its path.
-fn needs_restart(old: &Config, new: &Config) -> Vec<ConfigError> {
-    let mut errors = Vec::new();
-    let mut check = |path: &str, same: bool| {
-        if !same {
-            errors.push(ConfigError {
-                path: path.to_owned(),
-                message: "changed, and a reload cannot apply this change yet: restart the proxy for it".into(),
-            });
+/// Certificates added and removed (by fingerprint, per listener) and those
+/// of the new config that expire within 30 days.
+fn certificate_differences(plan: &mut Plan, old: &[Arc<tls::CertStore>], new: &[Arc<tls::CertStore>]) {
+    let now = crate::state::unix_now() as i64;
+    for store in new {
+        let table = store.current();
+        let before = old
+            .iter()
+            .find(|s| s.listener == store.listener)
+            .map(|s| s.current().fingerprints.clone())
+            .unwrap_or_default();
+        for cert in &table.certs {
+            let subject = format!("certificate {:?} {}", store.listener, cert.names.join(" "));
+            if !before.contains(&cert.fingerprint) {
+                plan.push(Action::Add, subject.clone(), format!("sha256 {}", cert.fingerprint));
+            }
+            let left = cert.not_after - now;
+            if left < EXPIRY_WARNING_SECONDS {
+                plan.push(
+                    Action::Change,
+                    subject,
+                    format!("expires in {} days", left.max(0) / 86_400),
+                );
+            }
         }
-    };
-    check("listeners", old.listeners == new.listeners);
-    check("limits", old.limits == new.limits);
-    check("access_log", old.access_log == new.access_log);
-    check("audit_log", old.audit_log == new.audit_log);
-    check("metrics", old.metrics == new.metrics);
-    let (a, b) = (&old.protect, &new.protect);
-    check("protect.max_connections", a.max_connections == b.max_connections);
-    check(
-        "protect.max_connections_per_ip",
-        a.max_connections_per_ip == b.max_connections_per_ip,
-    );
-    check(
-        "protect.new_connections_per_ip",
-        a.new_connections_per_ip == b.new_connections_per_ip,
-    );
-    check("protect.evict_idle_after", a.evict_idle_after == b.evict_idle_after);
-    check("protect.allow / protect.deny", a.ip_filter == b.ip_filter);
-    check("protect.ipv6_prefix", a.ipv6_prefix == b.ipv6_prefix);
-    check(
-        "protect.h2_max_concurrent_streams",
-        a.h2_max_concurrent_streams == b.h2_max_concurrent_streams,
-    );
-    errors
+        for fingerprint in before.iter().filter(|f| !table.fingerprints.contains(f)) {
+            plan.push(
+                Action::Remove,
+                format!("certificate {:?}", store.listener),
+                format!("sha256 {fingerprint}"),
+            );
+        }
+    }
+    for store in old.iter().filter(|o| !new.iter().any(|n| n.listener == o.listener)) {
+        for fingerprint in &store.current().fingerprints {
+            plan.push(
+                Action::Remove,
+                format!("certificate {:?}", store.listener),
+                format!("sha256 {fingerprint}"),
+            );
+        }
+    }
 }

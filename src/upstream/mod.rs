@@ -50,6 +50,13 @@ pub struct Server {
     settings: ServerSettings,
 }
 
+impl Server {
+    /// The weight the balancer uses: the operator's, else the configured.
+    pub fn weight(&self) -> u32 {
+        self.health.weight(&self.settings)
+    }
+}
+
 /// An upstream group of one snapshot.
 pub struct Upstream {
     pub config: UpstreamConfig,

@@ -260,6 +260,10 @@ pub struct TestProxy {
     pub reloader: portcullis::server::Reloader,
     pub observe: Arc<portcullis::observe::Observe>,
     pub metrics_addr: Option<SocketAddr>,
+    /// The admin API, when `[admin]` is on.
+    pub admin_addr: Option<SocketAddr>,
+    /// Applies changes as the admin API does.
+    pub control: portcullis::server::Control,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -308,6 +312,8 @@ fn run_proxy(proxy: portcullis::Proxy) -> TestProxy {
     let reloader = proxy.reloader();
     let observe = proxy.observe();
     let metrics_addr = proxy.metrics_addr();
+    let admin_addr = proxy.admin_addr();
+    let control = proxy.control();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.run(async move {
         let _ = stopped.await;
@@ -318,6 +324,8 @@ fn run_proxy(proxy: portcullis::Proxy) -> TestProxy {
         reloader,
         observe,
         metrics_addr,
+        admin_addr,
+        control,
         stop: Some(stop),
         task: Some(task),
     }
