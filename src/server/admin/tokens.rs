@@ -60,6 +60,11 @@ impl Tokens {
     /// Reads the configured sources; every problem is an error with its
     /// config path (the token itself is never in a message).
     pub fn load(config: &AdminConfig) -> Result<Tokens, Vec<ConfigError>> {
+        Self::load_with(config, |name| std::env::var(name).ok())
+    }
+
+    /// [`load`](Self::load) with the environment given by `env`.
+    pub fn load_with(config: &AdminConfig, env: impl Fn(&str) -> Option<String>) -> Result<Tokens, Vec<ConfigError>> {
         let mut entries = Vec::new();
         let mut errors = Vec::new();
         if let Some(path) = &config.tokens_file {
@@ -69,18 +74,12 @@ impl Tokens {
             }
         }
         if let Some(var) = &config.tokens_env {
-            match std::env::var(var) {
-                Ok(text) => parse(
-                    &text
-                        .replace(',', "\n")
-                        .split_whitespace()
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                    "admin.tokens_env",
-                    &mut entries,
-                    &mut errors,
-                ),
-                Err(_) => errors.push(error(
+            match env(var) {
+                Some(text) => {
+                    let lines = text.split([',', ' ', '\t', '\n']).collect::<Vec<_>>().join("\n");
+                    parse(&lines, "admin.tokens_env", &mut entries, &mut errors);
+                }
+                None => errors.push(error(
                     "admin.tokens_env",
                     format!("the environment variable {var} is not set"),
                 )),
@@ -234,6 +233,32 @@ mod tests {
         assert_eq!(t.check(Some(b"0123456789abcdef")), None, "not a bearer value");
         assert_eq!(t.check(None), None);
         assert!(!t.is_open());
+    }
+
+    #[test]
+    fn tokens_come_from_an_environment_variable_too() {
+        let config = AdminConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tokens_file: None,
+            tokens_env: Some("TOKENS".into()),
+        };
+        let t = Tokens::load_with(&config, |name| {
+            (name == "TOKENS").then(|| "ci:read:0123456789abcdef, ops:operator:fedcba9876543210".to_owned())
+        })
+        .unwrap();
+        assert_eq!(
+            t.check(Some(b"Bearer 0123456789abcdef")).map(|c| c.name),
+            Some("ci".into())
+        );
+        assert_eq!(
+            t.check(Some(b"Bearer fedcba9876543210")).map(|c| c.role),
+            Some(Role::Operator)
+        );
+        let missing = Tokens::load_with(&config, |_| None).unwrap_err();
+        assert_eq!(
+            missing[0].to_string(),
+            "admin.tokens_env: the environment variable TOKENS is not set"
+        );
     }
 
     #[test]
