@@ -134,6 +134,17 @@ pub fn self_signed_certificate(dir: &std::path::Path) -> std::io::Result<(std::p
     Ok((cert, key))
 }
 
+/// A random admin token for the demo: 24 bytes from the system's
+/// generator, as hex.
+pub fn random_token() -> std::io::Result<String> {
+    use aws_lc_rs::rand::SecureRandom as _;
+    let mut bytes = [0u8; 24];
+    aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| std::io::Error::other("the system random generator failed"))?;
+    Ok(crate::secret::hex(&bytes))
+}
+
 /// The demo's config: `listen` (and, with `tls`, an HTTPS listener) in front
 /// of the three origins.
 pub fn config(
@@ -142,6 +153,17 @@ pub fn config(
     app: [SocketAddr; 2],
     api: SocketAddr,
 ) -> Result<Config, ConfigErrors> {
+    Config::from_toml(&config_text(listen, tls, app, api), "demo")
+}
+
+/// The demo's config as TOML text (`portcullis demo` writes it to a file,
+/// with its log and admin sections, so it can be edited and reloaded).
+pub fn config_text(
+    listen: SocketAddr,
+    tls: Option<(SocketAddr, &std::path::Path, &std::path::Path)>,
+    app: [SocketAddr; 2],
+    api: SocketAddr,
+) -> String {
     let tls_listener = match tls {
         Some((addr, cert, key)) => format!(
             "[[listeners]]\nname = \"https\"\nbind = \"{addr}\"\n[listeners.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
@@ -150,7 +172,7 @@ pub fn config(
         ),
         None => String::new(),
     };
-    let text = format!(
+    format!(
         r#"
 [server]
 drain_timeout = "5s"
@@ -187,6 +209,5 @@ algorithm = "round_robin"
 servers = ["{api}"]
 "#,
         app[0], app[1]
-    );
-    Config::from_toml(&text, "demo")
+    )
 }

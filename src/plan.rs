@@ -14,13 +14,13 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ListenerConfig, ProtectMode, Rate, RouteConfig, UpstreamConfig};
 use crate::routing::Router;
 
 /// What a difference does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Add,
@@ -52,17 +52,17 @@ impl Action {
 }
 
 /// One difference between two configs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Difference {
     pub action: Action,
     /// What it is about: `listener "public"`, `route "api"`, `server
     /// "app" 10.0.0.1:80`, or a config path such as `limits.max_uri_length`.
     pub subject: String,
     /// What changes: the fields, or `old -> new`.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
     /// A reload cannot apply it (the proxy must restart for it).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restart: bool,
 }
 

@@ -421,3 +421,49 @@ fn run_fails_clearly_when_a_log_file_cannot_be_opened() {
         "{stderr}"
     );
 }
+
+#[test]
+fn plan_exits_0_for_nothing_1_for_changes_2_for_an_invalid_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let base = "[[listeners]]\nbind = \"127.0.0.1:8080\"\n[[routes]]\nname = \"site\"\npath = \"/\"\nupstream = \"app\"\n[upstreams.app]\nservers = [\"127.0.0.1:9001\"]\n";
+    let old = write("old.toml", base);
+    let same = write("same.toml", base);
+    let more = write(
+        "more.toml",
+        &base.replace("[\"127.0.0.1:9001\"]", "[\"127.0.0.1:9001\", \"127.0.0.1:9002\"]"),
+    );
+    let broken = write(
+        "broken.toml",
+        &base.replace("upstream = \"app\"", "upstream = \"nowhere\""),
+    );
+
+    let out = portcullis(&["plan", &same, "--against", &old]);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+        (Some(0), "no changes\n")
+    );
+    let out = portcullis(&["plan", &more, "--against", &old]);
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()),
+        (
+            Some(1),
+            "add         server \"app\" 127.0.0.1:9002: weight 1\n1 change\n"
+        )
+    );
+    let out = portcullis(&["plan", &more, "--against", &old, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["differences"][0]["action"], "add");
+    let out = portcullis(&["plan", &broken, "--against", &old]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("routes[0].upstream"),
+        "{out:?}"
+    );
+    let out = portcullis(&["plan", &old]);
+    assert_eq!(out.status.code(), Some(2), "--against or --admin is required");
+}

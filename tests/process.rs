@@ -415,7 +415,7 @@ async fn the_demo_serves_logs_counts_and_audits() {
             "127.0.0.1:0",
             "--tls-listen",
             "127.0.0.1:0",
-            "--metrics-listen",
+            "--admin-listen",
             "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
@@ -431,7 +431,7 @@ async fn the_demo_serves_logs_counts_and_audits() {
             let _ = tx.send(line);
         }
     });
-    let (mut addr, mut metrics) = (None, None);
+    let (mut addr, mut admin, mut token, mut config) = (None, None, None, None);
     loop {
         let line = next_line(&mut lines).await;
         if let Some(rest) = line.strip_prefix("Portcullis demo: the proxy listens on http://") {
@@ -440,14 +440,22 @@ async fn the_demo_serves_logs_counts_and_audits() {
                 .next()
                 .and_then(|a| a.parse::<SocketAddr>().ok());
         }
-        if let Some(rest) = line.trim().strip_prefix("metrics:    http://") {
-            metrics = rest.strip_suffix("/metrics").and_then(|a| a.parse::<SocketAddr>().ok());
+        if let Some(rest) = line.trim().strip_prefix("admin API:  http://") {
+            admin = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            token = rest.rsplit(' ').next().map(str::to_owned);
+        }
+        if let Some(rest) = line.trim().strip_prefix("config:     ") {
+            config = rest.split(' ').next().map(std::path::PathBuf::from);
         }
         if line.starts_with("Press Ctrl-C") {
             break;
         }
     }
-    let (addr, metrics) = (addr.expect("proxy address"), metrics.expect("metrics address"));
+    let (addr, admin) = (addr.expect("proxy address"), admin.expect("admin address"));
+    let (token, config) = (token.expect("admin token"), config.expect("config file"));
     let got = get(addr, "/api/users").await;
     assert_eq!(got.status, 200);
     let id = got.header("x-request-id").expect("request id").to_owned();
@@ -465,12 +473,76 @@ async fn the_demo_serves_logs_counts_and_audits() {
     );
     assert_eq!(second.body, first.body, "the same stored response");
     next_line(&mut lines).await;
-    let mut m = h1(metrics).await;
-    let req = Request::get("/metrics").header("host", "m").body(empty()).expect("req");
-    let text = read(m.send_ready(req).await.expect("scrape")).await.text();
+    let admin_call = |method: &str, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .expect("req")
+    };
+    let mut m = h1(admin).await;
+    let text = read(m.send_ready(admin_call("GET", "/metrics")).await.expect("scrape"))
+        .await
+        .text();
     assert!(
         text.contains("portcullis_requests_total{route=\"api\",method=\"GET\",status_class=\"2xx\"} 1"),
         "{text}"
+    );
+    let status = read(m.send_ready(admin_call("GET", "/v1/status")).await.expect("status")).await;
+    assert_eq!(status.status, 200, "{}", status.text());
+    // The drain the demo's help shows.
+    let upstreams: serde_json::Value = serde_json::from_slice(
+        &read(
+            m.send_ready(admin_call("GET", "/v1/upstreams"))
+                .await
+                .expect("upstreams"),
+        )
+        .await
+        .body,
+    )
+    .expect("JSON");
+    let app = upstreams["upstreams"]
+        .as_array()
+        .and_then(|groups| groups.iter().find(|g| g["name"] == "app"))
+        .expect("the app group");
+    let server = app["servers"][0]["server"].as_str().expect("a server").to_owned();
+    let drain = format!("/v1/upstreams/app/servers/{server}/drain");
+    let drained = read(m.send_ready(admin_call("POST", &drain)).await.expect("drain")).await;
+    assert_eq!(drained.status, 200, "{}", drained.text());
+
+    // And the plan: the demo's own file, edited, against the running proxy.
+    let edited = config.with_file_name("edited.toml");
+    let text = std::fs::read_to_string(&config).expect("demo config");
+    std::fs::write(
+        &edited,
+        format!("{text}\n[[routes]]\nname = \"new\"\npath = \"/new\"\nupstream = \"app\"\n"),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["plan"])
+        .arg(&edited)
+        .args(["--admin", &format!("http://{admin}")])
+        .env("PORTCULLIS_ADMIN_TOKEN", &token)
+        .output()
+        .expect("plan");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "add         route \"new\": any host /new (prefix) -> app\n1 change\n"
+    );
+    assert_eq!(out.status.code(), Some(1), "changes: exit 1");
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["plan"])
+        .arg(&config)
+        .args(["--admin", &format!("http://{admin}")])
+        .output()
+        .expect("plan");
+    assert_eq!(out.status.code(), Some(2), "no token: refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     let status = Command::new("kill")
@@ -491,7 +563,11 @@ async fn the_demo_serves_logs_counts_and_audits() {
         .output()
         .expect("verify");
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("intact: 3 record(s)"));
+    let verified = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        verified.starts_with("intact: 4 record(s)"),
+        "start, config, the drain, stop: {verified}"
+    );
     if let Some(dir) = audit.parent() {
         let _ = std::fs::remove_dir_all(dir);
     }

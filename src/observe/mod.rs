@@ -53,7 +53,8 @@ impl Observe {
         Ok(Observe {
             access: AccessLog::open(&config.access_log)?,
             audit: config.audit_log.as_ref().map(AuditLog::open).transpose()?,
-            metrics: config.metrics.as_ref().map(|_| Arc::new(Metrics::new())),
+            // Counted for the metrics endpoint and for the admin API's /metrics.
+            metrics: (config.metrics.is_some() || config.admin.is_some()).then(|| Arc::new(Metrics::new())),
             sync: std::sync::Mutex::default(),
         })
     }

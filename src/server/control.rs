@@ -42,6 +42,11 @@ impl Control {
         &self.observe
     }
 
+    /// The config file a reload reads (`None`: a built-in config).
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
     /// Whether the proxy takes new work: false while it drains.
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)

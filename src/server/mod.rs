@@ -24,7 +24,7 @@ use certificates::watch_certificates;
 pub use certificates::{CertReloader, load_certificates, uncovered_route_hosts};
 pub use check::{Validated, validate};
 pub use control::Control;
-pub use reload::Reloader;
+pub use reload::{Reloader, plan};
 use tasks::{attack_watch, housekeeping};
 
 use std::future::Future;

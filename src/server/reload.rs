@@ -218,3 +218,15 @@ fn certificate_differences(plan: &mut Plan, old: &[Arc<tls::CertStore>], new: &[
         }
     }
 }
+
+/// `portcullis plan NEW --against OLD`: what applying `new` in place of
+/// `old` would change, after the same validation as a reload (`new`
+/// invalid: every error). Restart-only differences are in the plan, marked.
+pub async fn plan(old: &Config, new: &Config) -> Result<Plan, ConfigErrors> {
+    let validated = validate(new, &Observe::disabled(), &Kept::default()).await?;
+    let mut plan = Plan::between(old, new);
+    // The old certificates as they are on disk now (unreadable: none).
+    let before = load_certificates(old).unwrap_or_default();
+    certificate_differences(&mut plan, &before, &validated.stores);
+    Ok(plan)
+}
