@@ -178,6 +178,31 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Answer {
     }
 }
 
+/// Every operation as docs/admin-api.openapi.json lists it (`HEAD` is
+/// answered wherever `GET` is); `tests/admin.rs` checks the two agree and
+/// that the router answers each.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/metrics", "GET"),
+    ("/v1/status", "GET"),
+    ("/v1/config", "GET"),
+    ("/v1/config/reload", "POST"),
+    ("/v1/upstreams", "GET"),
+    ("/v1/upstreams/{group}/servers/{server}/drain", "POST"),
+    ("/v1/upstreams/{group}/servers/{server}/undrain", "POST"),
+    ("/v1/upstreams/{group}/servers/{server}/weight", "PUT"),
+    ("/v1/cache", "GET"),
+    ("/v1/cache/purge", "POST"),
+    ("/v1/bans", "GET"),
+    ("/v1/bans", "POST"),
+    ("/v1/bans/{client}", "DELETE"),
+    ("/v1/protection", "GET"),
+    ("/v1/protection/{step}/mode", "PUT"),
+    ("/v1/certificates", "GET"),
+    ("/v1/certificates/reload", "POST"),
+];
+
 /// The endpoints, by path shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
@@ -311,7 +336,7 @@ fn parse_change(endpoint: Endpoint, s: &[String], query: &str, body: &[u8]) -> R
             }
         }
         Endpoint::Purge => {
-            let value = json_body(body)?;
+            let value = json_body(body, &["url", "prefix", "tag"])?;
             let field = |name: &str| value.get(name).and_then(Value::as_str).map(str::to_owned);
             match (field("url"), field("prefix"), field("tag")) {
                 (Some(url), None, None) if !url.is_empty() => Change::Purge(Purge::Url(url)),
@@ -327,7 +352,7 @@ fn parse_change(endpoint: Endpoint, s: &[String], query: &str, body: &[u8]) -> R
         Endpoint::Mode => {
             let step = Step::from_name(&s[2])
                 .ok_or_else(|| format!("no ladder step {:?}: adaptive, bans or load_shedding", s[2]))?;
-            let mode = match json_body(body)?.get("mode").and_then(Value::as_str) {
+            let mode = match json_body(body, &["mode"])?.get("mode").and_then(Value::as_str) {
                 Some("shadow") => ProtectMode::Shadow,
                 Some("enforce") => ProtectMode::Enforce,
                 _ => return Err("the body must be {\"mode\": \"shadow\"} or {\"mode\": \"enforce\"}".into()),
@@ -339,7 +364,7 @@ fn parse_change(endpoint: Endpoint, s: &[String], query: &str, body: &[u8]) -> R
 }
 
 fn parse_weight(body: &[u8]) -> Result<Option<u32>, String> {
-    match json_body(body)?.get("weight") {
+    match json_body(body, &["weight"])?.get("weight") {
         Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(w @ 1..=10_000) => Ok(Some(w as u32)),
@@ -352,7 +377,7 @@ fn parse_weight(body: &[u8]) -> Result<Option<u32>, String> {
 }
 
 fn parse_ban(body: &[u8]) -> Result<Change, String> {
-    let value = json_body(body)?;
+    let value = json_body(body, &["client", "duration"])?;
     let client = value
         .get("client")
         .and_then(Value::as_str)
@@ -371,13 +396,16 @@ fn parse_ban(body: &[u8]) -> Result<Change, String> {
     Ok(Change::Ban { client, seconds })
 }
 
-fn json_body(body: &[u8]) -> Result<Value, String> {
+/// The body as a JSON object holding only `fields`.
+fn json_body(body: &[u8], fields: &[&str]) -> Result<Value, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
-    if value.is_object() {
-        Ok(value)
-    } else {
-        Err("the body must be a JSON object".into())
+    let Some(object) = value.as_object() else {
+        return Err("the body must be a JSON object".into());
+    };
+    if let Some(unknown) = object.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(format!("unknown field {unknown:?}; expected {}", fields.join(", ")));
     }
+    Ok(value)
 }
 
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
@@ -446,8 +474,24 @@ fn plain(status: StatusCode, text: &str) -> Answer {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "test code fails loudly")]
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "test code fails loudly")]
     use super::*;
+
+    #[test]
+    fn every_listed_route_is_routed_with_its_methods() {
+        for (pattern, method) in ROUTES {
+            let path = pattern
+                .replace("{group}", "app")
+                .replace("{server}", "a:1")
+                .replace("{client}", "1.2.3.4")
+                .replace("{step}", "bans");
+            if matches!(path.as_str(), "/healthz" | "/readyz") {
+                continue;
+            }
+            let endpoint = Endpoint::find(&segments(&path).unwrap()).unwrap_or_else(|| panic!("{path}"));
+            assert!(endpoint.allows(&method.parse().unwrap()), "{method} {path}");
+        }
+    }
 
     #[test]
     fn paths_are_percent_decoded_and_bad_encodings_refused() {
