@@ -10,7 +10,8 @@
 //! 0. rules, pure: [`config`] (the file model and its validation),
 //!    [`routing`], [`forwarding`], [`target`], [`error`], [`secret`], the
 //!    cache rules in [`cache`], the balancing algorithms in [`upstream`],
-//!    the attack detector in [`protect`];
+//!    the attack detector in [`protect`], [`plan`] (what a new config
+//!    changes) and [`change`] (the changes an operator can make);
 //! 1. runtime state built from a config: [`cache`] (store, flights, the
 //!    cache phase's plumbing), [`upstream`] (groups, pools, health),
 //!    [`protect`] (connection table, bans, limiters, shedding, challenge),
@@ -18,7 +19,7 @@
 //!    (the immutable snapshot and the kept state that outlives it);
 //! 2. the request path: [`pipeline`], one file per phase;
 //! 3. serving: [`server`] (listeners, connections, validation with I/O,
-//!    graceful drain) and [`demo`];
+//!    reload, `Control` and the admin API, graceful drain) and [`demo`];
 //! 4. `main.rs`, the command line.
 
 pub mod body;

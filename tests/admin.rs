@@ -614,3 +614,28 @@ async fn the_openapi_file_lists_exactly_the_routes_the_server_answers() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_a_shutdown_delay_the_listeners_accept_while_readyz_says_draining() {
+    let origin = echo_origin().await;
+    let a = admin_section();
+    let config = Template::new(&[origin.addr])
+        .top("[server]\nshutdown_delay = \"5m\"")
+        .extra(&a.section)
+        .build();
+    let mut proxy = start_proxy(&config).await;
+    // The shutdown task sleeps out the delay; the test ends before it does.
+    let _shutdown = proxy.begin_shutdown();
+    while proxy.control.ready() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        call(&proxy, Method::GET, "/readyz", None, "").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        get(proxy.addr, "/").await.status,
+        StatusCode::OK,
+        "a new connection is still served"
+    );
+}

@@ -16,6 +16,9 @@ use super::units::parse_cidr;
 pub struct ServerSettings {
     /// How long in-flight requests may run after shutdown starts.
     pub drain_timeout: Duration,
+    /// Between `/readyz` turning false and the listeners closing at
+    /// shutdown, so the load balancer in front stops sending first.
+    pub shutdown_delay: Duration,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// The pseudonym written in `Via`; `None` means no `Via` is added.
@@ -69,6 +72,7 @@ pub struct Limits {
 pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSettings {
     let mut server = ServerSettings {
         drain_timeout: defaults::DRAIN_TIMEOUT,
+        shutdown_delay: Duration::ZERO,
         trusted_proxies: Vec::new(),
         via: Some(HeaderValue::from_static(defaults::VIA)),
         allowed_methods: defaults::METHODS
@@ -104,6 +108,13 @@ pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSe
     }
     if let Some(d) = t.duration("drain_timeout") {
         server.drain_timeout = d;
+    }
+    if let Some(d) = t.duration("shutdown_delay") {
+        if d > Duration::from_secs(300) {
+            t.error("shutdown_delay", "must be at most 5m");
+        } else {
+            server.shutdown_delay = d;
+        }
     }
     if let Some(choice) = t.choice(
         "encoded_slash",

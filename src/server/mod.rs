@@ -387,8 +387,14 @@ impl Proxy {
         }
 
         shutdown.await;
-        // Load balancers polling /readyz stop sending from now on.
+        // Load balancers polling /readyz stop sending from now on; the
+        // listeners stay open for `shutdown_delay` while they notice.
         self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        let delay = self.snapshot.load().config.server.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!("shutting down: /readyz is false; listeners close in {delay:?}");
+            tokio::time::sleep(delay).await;
+        }
         // Read now: a reload may have changed it.
         let drain_timeout = self.snapshot.load().config.server.drain_timeout;
         tracing::info!(
