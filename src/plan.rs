@@ -9,7 +9,8 @@
 //! afresh. Limits are compared as numbers: a smaller size, count, rate or
 //! timeout is "tighten", a larger one "loosen"; a ladder step going from
 //! shadow to enforce tightens. A change a reload cannot apply is marked
-//! `restart`: the reload refuses it, with its path.
+//! `restart`: the reload refuses it, with its path (the connection table's
+//! caps and lists, the log, metrics and admin outputs).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -141,8 +142,8 @@ impl Plan {
         for l in &new.listeners {
             let subject = format!("listener {:?}", l.name);
             match old.listeners.iter().find(|o| o.name == l.name) {
-                None => self.push_restart(Action::Add, subject, format!("bind {}", addrs(l))),
-                Some(o) if o != l => self.push_restart(Action::Change, subject, listener_fields(o, l).join(", ")),
+                None => self.push(Action::Add, subject, format!("bind {}", addrs(l))),
+                Some(o) if o != l => self.push(Action::Change, subject, listener_fields(o, l).join(", ")),
                 Some(_) => {}
             }
         }
@@ -151,7 +152,7 @@ impl Plan {
             .iter()
             .filter(|o| !new.listeners.iter().any(|l| l.name == o.name))
         {
-            self.push_restart(
+            self.push(
                 Action::Remove,
                 format!("listener {:?}", o.name),
                 format!("release {}", addrs(o)),
@@ -279,7 +280,7 @@ impl Plan {
             b.max_request_body_bytes.unwrap_or(u64::MAX),
         ));
         for (path, o, n) in sizes {
-            self.number(path, o, n, true);
+            self.number(path, o, n, false);
         }
         let (a, b) = (&old.protect, &new.protect);
         let caps = [

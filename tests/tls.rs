@@ -846,3 +846,51 @@ async fn tls_requests_are_logged_and_counted_and_reloads_audited() {
     assert_eq!(reload["added"], serde_json::json!(after));
     assert_eq!(reload["removed"], serde_json::json!(before));
 }
+
+#[tokio::test]
+async fn a_config_reload_changes_a_listeners_certificates_and_adds_a_tls_listener() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c1, k1, first) = leaf(&ca, dir.path(), "one", &["site.test"], false);
+    let (c2, k2, second) = leaf(&ca, dir.path(), "two", &["site.test"], false);
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&tls_config(origin.addr, &[(&c1, &k1)], "")).await;
+    let client = || client_config(&ca, &[b"http/1.1"]);
+    assert_eq!(
+        served_cert(&handshake(proxy.addr, client(), "site.test").await.expect("tls")),
+        first
+    );
+
+    // The listener's certificate list changes in the file: a new store and
+    // acceptor for new handshakes, on the same socket; and a second TLS
+    // listener appears.
+    let mut text = tls_config(origin.addr, &[(&c2, &k2)], "");
+    text.push_str(&format!(
+        "[[listeners]]\nname = \"more\"\nbind = \"127.0.0.1:0\"\n[listeners.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+        c1.display().to_string(),
+        k1.display().to_string()
+    ));
+    let config = portcullis::Config::from_toml(&text, "test").expect("config");
+    let plan = proxy.reloader.apply(config, "test").await.expect("reload");
+    assert!(plan.text().contains("add         listener \"more\""), "{}", plan.text());
+    let addrs = proxy.reloader.local_addrs().await;
+    assert_eq!(addrs[0], proxy.addr);
+    assert_eq!(
+        served_cert(&handshake(proxy.addr, client(), "site.test").await.expect("tls")),
+        second
+    );
+    assert_eq!(
+        served_cert(&handshake(addrs[1], client(), "site.test").await.expect("tls")),
+        first
+    );
+    // The certificate reloader knows both listeners' stores now.
+    let listeners: Vec<String> = proxy
+        .control
+        .certificates()
+        .stores()
+        .iter()
+        .map(|s| s.listener.clone())
+        .collect();
+    assert_eq!(listeners, ["listeners[0]", "more"]);
+    proxy.shutdown().await;
+}

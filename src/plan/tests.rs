@@ -151,7 +151,7 @@ fn rate_limits_tighten_and_loosen() {
 }
 
 #[test]
-fn limits_and_timeouts_say_which_way_and_what_needs_a_restart() {
+fn limits_and_timeouts_say_which_way_and_the_connection_caps_need_a_restart() {
     let old = config(&[], "");
     let new = config(
         &[],
@@ -159,13 +159,16 @@ fn limits_and_timeouts_say_which_way_and_what_needs_a_restart() {
     );
     assert_eq!(
         plan(&old, &new),
-        "tighten     limits.max_uri_length: 8192 -> 4096 (restart needed)\n\
+        "tighten     limits.max_uri_length: 8192 -> 4096\n\
          tighten     timeouts.header_read: 15s -> 5s\n\
          loosen      timeouts.request: 15m -> 20m\n3 changes\n"
     );
     let plan = Plan::between(&old, &new);
+    assert_eq!(plan.restarts().count(), 0, "listeners and limits apply on reload");
+    let capped = config(&[], "[protect]\nmax_connections = 100\n");
+    let plan = Plan::between(&old, &capped);
     let restarts: Vec<&str> = plan.restarts().map(|d| d.subject.as_str()).collect();
-    assert_eq!(restarts, ["limits.max_uri_length"]);
+    assert_eq!(restarts, ["protect.max_connections"]);
 }
 
 #[test]
@@ -200,13 +203,13 @@ fn listeners_bound_released_and_changed() {
     let text = plan(&old, &new);
     assert_eq!(
         text,
-        "change      listener \"public\": bind, protocol (restart needed)\n\
-         add         listener \"extra\": bind 127.0.0.1:8090 (restart needed)\n2 changes\n"
+        "change      listener \"public\": bind, protocol\n\
+         add         listener \"extra\": bind 127.0.0.1:8090\n2 changes\n"
     );
     assert_eq!(
         plan(&new, &old),
-        "change      listener \"public\": bind, protocol (restart needed)\n\
-         remove      listener \"extra\": release 127.0.0.1:8090 (restart needed)\n2 changes\n"
+        "change      listener \"public\": bind, protocol\n\
+         remove      listener \"extra\": release 127.0.0.1:8090\n2 changes\n"
     );
 }
 

@@ -6,7 +6,7 @@ use super::*;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
-    runtime: Arc<ListenerRuntime>,
+    settings: Arc<ArcSwap<ListenerRuntime>>,
     snapshot: SharedSnapshot,
     connections: Arc<ConnTable>,
     stop: CancellationToken,
@@ -15,19 +15,21 @@ pub(super) async fn accept_loop(
 ) {
     let local = listener.local_addr().ok();
     if let Some(addr) = local {
-        tracing::info!(listener = %runtime.name, %addr, "listening");
+        tracing::info!(listener = %settings.load().name, %addr, "listening");
     }
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
+        // Read per connection: a reload may have changed the settings.
+        let runtime = settings.load_full();
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of
                 // spinning; the error is the operator's to see.
-                tracing::error!(listener = %runtime.name, error = %e, "accept failed; pausing accepts for 100ms");
+                tracing::error!(listener = %settings.load().name, error = %e, "accept failed; pausing accepts for 100ms");
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
@@ -91,6 +93,9 @@ pub(super) async fn accept_loop(
     }
     // Dropping the listener here closes the socket: new connections are
     // refused from now on.
+    if let Some(addr) = local {
+        tracing::info!(listener = %settings.load().name, %addr, "stopped listening");
+    }
     drop(listener);
 }
 

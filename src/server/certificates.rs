@@ -64,7 +64,9 @@ pub fn uncovered_route_hosts(config: &Config, stores: &[Arc<tls::CertStore>]) ->
 /// files fail keeps its old certificates. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct CertReloader {
-    pub(super) stores: Arc<Vec<Arc<tls::CertStore>>>,
+    /// One per TLS listener; replaced by a reload that adds or changes
+    /// TLS listeners.
+    pub(super) stores: Arc<ArcSwap<Vec<Arc<tls::CertStore>>>>,
     pub(super) observe: Arc<Observe>,
 }
 
@@ -78,20 +80,22 @@ impl CertReloader {
     /// the audit log.
     pub fn reload_by(&self, trigger: &str) -> Result<usize, ConfigErrors> {
         let mut errors = Vec::new();
-        for store in self.stores.iter() {
+        let stores = self.stores.load_full();
+        for store in stores.iter() {
             if let Err(mut e) = reload_store(store, trigger, &self.observe) {
                 errors.append(&mut e.0);
             }
         }
         if errors.is_empty() {
-            Ok(self.stores.len())
+            Ok(stores.len())
         } else {
             Err(ConfigErrors(errors))
         }
     }
 
-    pub fn stores(&self) -> &[Arc<tls::CertStore>] {
-        &self.stores
+    /// The certificate store of every TLS listener now.
+    pub fn stores(&self) -> Arc<Vec<Arc<tls::CertStore>>> {
+        self.stores.load_full()
     }
 }
 

@@ -14,6 +14,7 @@ mod certificates;
 mod check;
 pub mod conn;
 mod control;
+mod listeners;
 mod reload;
 mod tasks;
 /// TLS material (certificates, stores, rustls configs) lives in `crate::tls`;
@@ -91,6 +92,15 @@ const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl ListenerRuntime {
+    /// With TLS termination when the listener has TLS settings and a
+    /// rustls config was built for them.
+    fn with_tls(mut self, listener: &ListenerConfig, server_config: Option<Arc<rustls::ServerConfig>>) -> Self {
+        if let (Some(t), Some(server_config)) = (&listener.tls, server_config) {
+            self.tls = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
+        }
+        self
+    }
+
     fn new(listener: &ListenerConfig, config: &Config, observe: &Observe) -> Self {
         let limits = &config.limits;
         // hyper answers 431 when the head does not fit its buffer; the exact
@@ -161,7 +171,10 @@ impl ListenerRuntime {
 /// A bound proxy, ready to run.
 pub struct Proxy {
     snapshot: SharedSnapshot,
-    listeners: Vec<(Arc<ListenerRuntime>, TcpListener)>,
+    /// Every listener's sockets and settings (a reload changes them).
+    listeners: Arc<tokio::sync::Mutex<listeners::Listeners>>,
+    /// Where the first config's listeners were bound, in config order.
+    bound: Vec<SocketAddr>,
     certificates: CertReloader,
     observe: Arc<Observe>,
     metrics_listener: Option<(TcpListener, String)>,
@@ -199,22 +212,9 @@ impl Proxy {
         for warning in warnings {
             tracing::warn!("{warning}");
         }
-        let mut listeners = Vec::new();
-        for (listener, server_config) in config.listeners.iter().zip(server_configs) {
-            let mut runtime = ListenerRuntime::new(listener, &config, &observe);
-            if let (Some(t), Some(server_config)) = (&listener.tls, server_config) {
-                runtime.tls = Some((tokio_rustls::TlsAcceptor::from(server_config), t.handshake_timeout));
-            }
-            let runtime = Arc::new(runtime);
-            for addr in &listener.bind {
-                let socket = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-                    addr: *addr,
-                    listener: listener.name.clone(),
-                    source,
-                })?;
-                listeners.push((runtime.clone(), socket));
-            }
-        }
+        let listeners = listeners::Listeners::bind(&config, &observe, server_configs).await?;
+        let bound = listeners.local_addrs();
+        let listeners = Arc::new(tokio::sync::Mutex::new(listeners));
         let metrics_listener = match (&config.metrics, &observe.metrics) {
             (Some(m), Some(_)) => {
                 let socket = TcpListener::bind(m.listen).await.map_err(|source| StartError::Bind {
@@ -243,15 +243,22 @@ impl Proxy {
         });
         observe.audit(summary);
         let snapshot = Arc::new(ArcSwap::from_pointee(snapshot));
-        let stores = Arc::new(stores);
+        let certificates = CertReloader {
+            stores: Arc::new(ArcSwap::from_pointee(stores)),
+            observe: observe.clone(),
+        };
         Ok(Proxy {
-            reloader: Reloader::new(snapshot.clone(), kept, observe.clone(), stores.clone()),
+            reloader: Reloader::new(
+                snapshot.clone(),
+                kept,
+                observe.clone(),
+                certificates.clone(),
+                listeners.clone(),
+            ),
             snapshot,
             listeners,
-            certificates: CertReloader {
-                stores,
-                observe: observe.clone(),
-            },
+            bound,
+            certificates,
             observe,
             metrics_listener,
             connections,
@@ -295,9 +302,14 @@ impl Proxy {
         self.certificates.clone()
     }
 
-    /// Where each listener is bound, in config order.
+    /// Where each listener of the first config is bound, in config order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(_, l)| l.local_addr().ok()).collect()
+        self.bound.clone()
+    }
+
+    /// Where each listener is bound now (a reload may have changed them).
+    pub async fn current_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.lock().await.local_addrs()
     }
 
     /// The current snapshot, for inspection (tests, admin).
@@ -331,24 +343,14 @@ impl Proxy {
         }
         let hard_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let mut accept_loops = Vec::new();
-        for (runtime, listener) in self.listeners {
-            let snapshot = self.snapshot.clone();
-            let stop = stop_accepting.clone();
-            let hard = hard_stop.clone();
-            let tracker = tasks.clone();
-            accept_loops.push(tokio::spawn(accept_loop(
-                listener,
-                runtime,
-                snapshot,
-                self.connections.clone(),
-                stop,
-                hard,
-                tracker,
-            )));
-        }
-
-        for store in self.certificates.stores() {
+        self.listeners.lock().await.start(listeners::Context {
+            snapshot: self.snapshot.clone(),
+            connections: self.connections.clone(),
+            stop: stop_accepting.clone(),
+            hard_stop: hard_stop.clone(),
+            tasks: tasks.clone(),
+        });
+        for store in self.certificates.stores().iter() {
             if let Some(interval) = store.watch_interval {
                 tasks.spawn(watch_certificates(
                     store.clone(),
@@ -401,12 +403,9 @@ impl Proxy {
             "shutting down: no new connections, draining for up to {:?}",
             drain_timeout
         );
+        // The accept loops are tracked tasks: they end here, their sockets
+        // close, and the connections drain.
         stop_accepting.cancel();
-        for handle in accept_loops {
-            if let Err(e) = handle.await {
-                tracing::error!(error = %e, "accept loop ended abnormally");
-            }
-        }
         tasks.close();
         if tokio::time::timeout(drain_timeout, tasks.wait()).await.is_err() {
             tracing::warn!(

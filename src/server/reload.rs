@@ -7,12 +7,13 @@
 //!
 //! What a reload applies: routes, upstream groups and servers, protection
 //! rules (rate limits, IP lists of routes, bans, challenge, attack mode,
-//! load shedding), the cache rules, timeouts (for new connections), request
-//! ids, `[server]` settings. What it cannot apply yet, and refuses with
-//! the path of each change (the plan's `restart` differences): the
-//! listeners (their sockets and TLS), the `[limits]` and connection caps
-//! that the listeners and the connection table were built with, and the
-//! log, metrics and admin outputs, which are opened once per process.
+//! load shedding), the cache rules, request ids, `[server]` settings, and
+//! for new connections timeouts, limits and the listeners (added ones
+//! bound before the swap, removed ones drained, kept ones keep their
+//! sockets: `listeners.rs`). What it cannot apply yet, and refuses with
+//! the path of each change (the plan's `restart` differences): the caps
+//! and lists the connection table was built with, and the log, metrics
+//! and admin outputs, which are opened once per process.
 //! Certificates are reloaded by the certificate reloader (SIGHUP runs
 //! both). Every reload computes the [`Plan`] of what changes: the caller
 //! gets it, the audit record carries it, and a dry run returns only it.
@@ -32,8 +33,11 @@ pub struct Reloader {
     /// reloads one at a time (it is never taken by a request).
     kept: Arc<tokio::sync::Mutex<Kept>>,
     observe: Arc<Observe>,
-    /// The running certificates, to say what a new config changes in them.
-    certificates: Arc<Vec<Arc<tls::CertStore>>>,
+    /// The running certificates: what a new config changes in them, and
+    /// the stores of the TLS listeners a reload adds or changes.
+    certificates: CertReloader,
+    /// The running listeners, changed by a reload.
+    listeners: Arc<tokio::sync::Mutex<super::listeners::Listeners>>,
     /// 1 for the config the proxy started with, +1 at every reload.
     generation: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -46,15 +50,22 @@ impl Reloader {
         snapshot: SharedSnapshot,
         kept: Kept,
         observe: Arc<Observe>,
-        certificates: Arc<Vec<Arc<tls::CertStore>>>,
+        certificates: CertReloader,
+        listeners: Arc<tokio::sync::Mutex<super::listeners::Listeners>>,
     ) -> Reloader {
         Reloader {
             snapshot,
             kept: Arc::new(tokio::sync::Mutex::new(kept)),
             observe,
             certificates,
+            listeners,
             generation: Arc::new(std::sync::atomic::AtomicU64::new(1)),
         }
+    }
+
+    /// Where every listener is bound now, in config order.
+    pub async fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listeners.lock().await.local_addrs()
     }
 
     /// The generation of the running config: 1 at start, +1 per reload.
@@ -88,7 +99,8 @@ impl Reloader {
     /// [`apply`](Self::apply); nothing is swapped, logged or audited.
     pub async fn dry_run(&self, config: Config) -> Result<Plan, ConfigErrors> {
         let kept = self.kept.lock().await;
-        self.prepare(&config, &kept).await.map(|(plan, _)| plan)
+        // The sockets a dry run binds, to see that it can, close here.
+        self.prepare(&config, &kept).await.map(|(plan, _, _)| plan)
     }
 
     /// Validates `config` and swaps it in, or returns every error with its
@@ -98,7 +110,7 @@ impl Reloader {
     pub async fn apply(&self, config: Config, trigger: &str) -> Result<Plan, ConfigErrors> {
         let mut kept = self.kept.lock().await;
         let path = config.source.as_ref().map(|(p, _)| p.clone());
-        let (plan, validated) = match self.prepare(&config, &kept).await {
+        let (plan, validated, listeners) = match self.prepare(&config, &kept).await {
             Ok(ready) => ready,
             Err(errors) => {
                 let plan = Plan::between(&self.snapshot.load().config, &config);
@@ -106,9 +118,14 @@ impl Reloader {
                 return Err(errors);
             }
         };
+        let previous = self.snapshot.load_full();
         self.snapshot.store(Arc::new(validated.snapshot));
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         *kept = validated.kept;
+        let mut running = self.listeners.lock().await;
+        running.commit(listeners);
+        self.replace_stores(&previous.config, &config, &validated.stores, running.context());
+        drop(running);
         drop(kept);
         for warning in &validated.warnings {
             tracing::warn!("{warning}");
@@ -124,7 +141,11 @@ impl Reloader {
     /// Validates `config` against the running one: the plan (with the
     /// certificate differences) and what validation built, or every error,
     /// those a reload cannot apply first.
-    async fn prepare(&self, config: &Config, kept: &Kept) -> Result<(Plan, Validated), ConfigErrors> {
+    async fn prepare(
+        &self,
+        config: &Config,
+        kept: &Kept,
+    ) -> Result<(Plan, Validated, super::listeners::Prepared), ConfigErrors> {
         let current = self.snapshot.load_full();
         let mut plan = Plan::between(&current.config, config);
         let mut errors: Vec<ConfigError> = plan
@@ -137,17 +158,59 @@ impl Reloader {
                 ),
             })
             .collect();
-        match validate(config, &self.observe, kept).await {
-            Ok(validated) if errors.is_empty() => {
-                certificate_differences(&mut plan, &self.certificates, &validated.stores);
-                Ok((plan, validated))
-            }
-            Ok(_) => Err(ConfigErrors(errors)),
+        let validated = match validate(config, &self.observe, kept).await {
+            Ok(validated) if errors.is_empty() => validated,
+            Ok(_) => return Err(ConfigErrors(errors)),
             Err(mut e) => {
                 errors.append(&mut e.0);
-                Err(ConfigErrors(errors))
+                return Err(ConfigErrors(errors));
             }
+        };
+        let listeners = self
+            .listeners
+            .lock()
+            .await
+            .prepare(config, &self.observe, &validated.server_configs, &current.config)
+            .await
+            .map_err(ConfigErrors)?;
+        certificate_differences(&mut plan, &self.certificates.stores(), &validated.stores);
+        Ok((plan, validated, listeners))
+    }
+
+    /// The certificate store of each TLS listener after a reload: the
+    /// running one where the listener's TLS settings are unchanged (its
+    /// acceptor was kept), the new one otherwise (watched if it asks).
+    fn replace_stores(
+        &self,
+        old: &Config,
+        new: &Config,
+        loaded: &[Arc<tls::CertStore>],
+        context: Option<&super::listeners::Context>,
+    ) {
+        let running = self.certificates.stores();
+        let mut next = Vec::new();
+        for listener in new.listeners.iter().filter(|l| l.tls.is_some()) {
+            let unchanged = old
+                .listeners
+                .iter()
+                .any(|o| o.name == listener.name && o.tls == listener.tls);
+            let from = if unchanged { &running[..] } else { loaded };
+            let Some(store) = from.iter().find(|s| s.listener == listener.name) else {
+                continue;
+            };
+            if !unchanged {
+                if let (Some(interval), Some(context)) = (store.watch_interval, context) {
+                    context.tasks.spawn(watch_certificates(
+                        store.clone(),
+                        interval,
+                        context.stop.clone(),
+                        self.observe.clone(),
+                    ));
+                }
+            }
+            next.push(store.clone());
         }
+        self.certificates.stores.store(Arc::new(next));
     }
 
     fn record(&self, trigger: &str, path: Option<&Path>, result: Result<&Event, &ConfigErrors>, plan: &Plan) {
