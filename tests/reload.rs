@@ -316,6 +316,31 @@ async fn a_port_that_cannot_be_bound_fails_the_reload_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn a_watched_config_file_reloads_when_its_content_changes() {
+    let origin = echo_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("portcullis.toml");
+    let watched = "[server]\nwatch_config = \"100ms\"\n";
+    std::fs::write(&file, config("127.0.0.1:0", origin.addr, watched)).unwrap();
+    let proxy = start_proxy_file(&file).await;
+    let mut reloaded = proxy.reloader.subscribe();
+    assert_eq!(get(proxy.addr, "/new").await.echoed().get("x-route"), None);
+
+    std::fs::write(
+        &file,
+        config("127.0.0.1:0", origin.addr, &format!("{watched}{NEW_ROUTE}")),
+    )
+    .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), reloaded.changed())
+        .await
+        .expect("a reload within 10 s")
+        .unwrap();
+    assert_eq!(*reloaded.borrow(), 2);
+    assert_eq!(get(proxy.addr, "/new").await.echoed().get("x-route"), Some("new"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_broken_config_keeps_the_running_one_and_says_why() {
     let origin = echo_origin().await;
     let (proxy, listen) = start(origin.addr, "").await;

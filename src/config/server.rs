@@ -19,6 +19,9 @@ pub struct ServerSettings {
     /// Between `/readyz` turning false and the listeners closing at
     /// shutdown, so the load balancer in front stops sending first.
     pub shutdown_delay: Duration,
+    /// Reload the config file when its content changes, checking this
+    /// often (`None`: only on SIGHUP and the admin API).
+    pub watch_config: Option<Duration>,
     /// Peers whose `X-Forwarded-*` / `Forwarded` headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// The pseudonym written in `Via`; `None` means no `Via` is added.
@@ -73,6 +76,7 @@ pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSe
     let mut server = ServerSettings {
         drain_timeout: defaults::DRAIN_TIMEOUT,
         shutdown_delay: Duration::ZERO,
+        watch_config: None,
         trusted_proxies: Vec::new(),
         via: Some(HeaderValue::from_static(defaults::VIA)),
         allowed_methods: defaults::METHODS
@@ -108,6 +112,13 @@ pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSe
     }
     if let Some(d) = t.duration("drain_timeout") {
         server.drain_timeout = d;
+    }
+    if let Some(d) = t.duration("watch_config") {
+        if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+            t.error("watch_config", "must be between 100ms and 1h");
+        } else {
+            server.watch_config = Some(d);
+        }
     }
     if let Some(d) = t.duration("shutdown_delay") {
         if d > Duration::from_secs(300) {

@@ -52,6 +52,41 @@ impl Control {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// Reloads the config file whenever its content changes, checked every
+    /// `server.watch_config` (read again after each check, so a reload can
+    /// turn the watch on, off or change its pace), as the caller
+    /// `file-watch`. A file that fails is reported once per content.
+    pub async fn watch_config(self, stop: CancellationToken) {
+        let Some(path) = self.config_path.clone() else { return };
+        let digest = |path: &std::path::Path| std::fs::read(path).ok().map(|b| crate::secret::sha256_hex(&b));
+        let mut seen = self.snapshot.load().config.source.as_ref().map(|(_, h)| h.clone());
+        loop {
+            let interval = self.snapshot.load().config.server.watch_config;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval.unwrap_or(Duration::from_secs(1))) => {}
+            }
+            if interval.is_none() {
+                continue;
+            }
+            let now = digest(&path);
+            let running = self.snapshot.load().config.source.as_ref().map(|(_, h)| h.clone());
+            if now.is_none() || now == seen || now == running {
+                // Unreadable, seen, or already running (a SIGHUP took it).
+                seen = seen.or(now);
+                continue;
+            }
+            seen = now;
+            let reload = Change::Reload {
+                file: Some(path.display().to_string()),
+                dry_run: false,
+                text: None,
+            };
+            // Logged, counted and audited by the reloader.
+            let _ = self.apply(reload, "file-watch").await;
+        }
+    }
+
     /// The generation of the running config (1 at start, +1 per reload).
     pub fn generation(&self) -> u64 {
         self.reloader.generation()

@@ -350,6 +350,7 @@ impl Proxy {
             hard_stop: hard_stop.clone(),
             tasks: tasks.clone(),
         });
+        tokio::spawn(self.control().watch_config(stop_accepting.clone()));
         for store in self.certificates.stores().iter() {
             if let Some(interval) = store.watch_interval {
                 tasks.spawn(watch_certificates(

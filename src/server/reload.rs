@@ -40,6 +40,8 @@ pub struct Reloader {
     listeners: Arc<tokio::sync::Mutex<super::listeners::Listeners>>,
     /// 1 for the config the proxy started with, +1 at every reload.
     generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Follows the generation, for whoever waits on a reload.
+    reloaded: tokio::sync::watch::Sender<u64>,
 }
 
 /// Certificates that expire within this are named by the plan.
@@ -60,12 +62,18 @@ impl Reloader {
             certificates,
             listeners,
             generation: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            reloaded: tokio::sync::watch::Sender::new(1),
         }
     }
 
     /// Where every listener is bound now, in config order.
     pub async fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.listeners.lock().await.local_addrs()
+    }
+
+    /// A receiver that sees the generation of every reload swapped in.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
     }
 
     /// The generation of the running config: 1 at start, +1 per reload.
@@ -120,7 +128,7 @@ impl Reloader {
         };
         let previous = self.snapshot.load_full();
         self.snapshot.store(Arc::new(validated.snapshot));
-        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *kept = validated.kept;
         let mut running = self.listeners.lock().await;
         running.commit(listeners);
@@ -135,6 +143,7 @@ impl Reloader {
             changes.clone_from(&plan.differences);
         }
         self.record(trigger, path.as_deref(), Ok(&summary), &plan);
+        self.reloaded.send_replace(generation);
         Ok(plan)
     }
 

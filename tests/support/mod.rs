@@ -296,6 +296,12 @@ pub async fn start_proxy(toml: &str) -> TestProxy {
     run_proxy(portcullis::Proxy::bind(config).await.expect("bind proxy"))
 }
 
+/// Starts a proxy from a config file (a reload can read it again).
+pub async fn start_proxy_file(path: &std::path::Path) -> TestProxy {
+    let config = portcullis::Config::load(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    run_proxy(portcullis::Proxy::bind(config).await.expect("bind proxy"))
+}
+
 /// Starts a proxy with logs and metrics made by the test.
 pub async fn start_proxy_with(toml: &str, observe: portcullis::observe::Observe) -> TestProxy {
     let config = portcullis::Config::from_toml(toml, "test").unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
