@@ -894,3 +894,62 @@ async fn a_config_reload_changes_a_listeners_certificates_and_adds_a_tls_listene
     assert_eq!(listeners, ["listeners[0]", "more"]);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_admin_api_serves_over_tls_and_lists_its_certificate() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = ca();
+    let (c, k, served) = leaf(&ca, dir.path(), "admin", &["admin.test"], false);
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "ops:operator:0123456789abcdefgh\n").expect("tokens");
+    let origin = echo_origin().await;
+    let text = Template::new(&[origin.addr])
+        .extra(&format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntokens_file = {:?}\n[admin.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\n",
+            tokens.display().to_string(),
+            c.display().to_string(),
+            k.display().to_string()
+        ))
+        .build();
+    let proxy = start_proxy(&text).await;
+    let admin = proxy.admin_addr.expect("admin");
+    let stream = handshake(admin, client_config(&ca, &[b"http/1.1"]), "admin.test")
+        .await
+        .expect("TLS to the admin API");
+    assert_eq!(served_cert(&stream), served);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = Request::get("/v1/certificates")
+        .header("host", "admin.test")
+        .header("authorization", "Bearer 0123456789abcdefgh")
+        .body(empty())
+        .expect("req");
+    let got = read(sender.send_ready(req).await.expect("send")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_slice(&got.body).expect("JSON");
+    assert_eq!(body["listeners"][0]["listener"], "[admin]");
+    assert_eq!(body["listeners"][0]["certificates"][0]["names"][0], "admin.test");
+    // A reload does not count the admin API's certificate as removed.
+    let config =
+        portcullis::Config::from_toml(&text.replace("[[routes]]", "[[routes]]\nname = \"r\""), "t").expect("config");
+    let plan = proxy.reloader.apply(config, "test").await.expect("reload");
+    assert_eq!(
+        plan.text(),
+        "add         route \"r\": any host / (prefix) -> app\nremove      route \"routes[0]\"\n2 changes\n"
+    );
+    // Plain HTTP to the TLS port gets nothing.
+    assert!(portcullis_plain_fails(admin).await);
+    proxy.shutdown().await;
+}
+
+async fn portcullis_plain_fails(addr: std::net::SocketAddr) -> bool {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+        return true;
+    };
+    tokio::spawn(conn);
+    let req = Request::get("/healthz").header("host", "a").body(empty()).expect("req");
+    sender.send_ready(req).await.is_err()
+}

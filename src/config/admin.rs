@@ -17,6 +17,8 @@ pub struct AdminConfig {
     /// An environment variable holding `name:role:token` entries,
     /// separated by commas or whitespace.
     pub tokens_env: Option<String>,
+    /// `[admin.tls]`: the same keys as a listener's `[listeners.tls]`.
+    pub tls: Option<super::TlsConfig>,
 }
 
 impl AdminConfig {
@@ -55,10 +57,12 @@ pub fn read_admin(table: Option<Table<'_>>) -> Option<AdminConfig> {
             t.error("tokens_env", format!("\"{name}\" is not an environment variable name"));
         }
     }
+    let tls = t.table("tls").map(super::listeners::read_tls);
     let config = AdminConfig {
         listen: listen?,
         tokens_file,
         tokens_env,
+        tls,
     };
     if !config.listen.ip().is_loopback() && !config.has_tokens() {
         t.error(

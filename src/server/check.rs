@@ -23,6 +23,8 @@ pub struct Validated {
     pub kept: Kept,
     /// The admin API's tokens, when `[admin]` is on.
     pub tokens: Option<admin::Tokens>,
+    /// The admin API's certificates and rustls config, with `[admin.tls]`.
+    pub admin_tls: Option<(Arc<tls::CertStore>, Arc<rustls::ServerConfig>)>,
 }
 
 /// Validates `config` fully, reporting every error with its path; the
@@ -39,6 +41,28 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> R
         }
     };
     let warnings = uncovered_route_hosts(config, &stores);
+    let admin_tls = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        None => None,
+        Some(t) => match tls::CertStore::load(admin::CERTIFICATES, t) {
+            Ok(store) => {
+                let store = Arc::new(store);
+                match tls::server_config(store.clone(), t) {
+                    Ok(server_config) => Some((store, server_config)),
+                    Err(message) => {
+                        errors.push(ConfigError {
+                            path: "admin.tls".into(),
+                            message,
+                        });
+                        None
+                    }
+                }
+            }
+            Err(mut e) => {
+                errors.append(&mut e);
+                None
+            }
+        },
+    };
     let tokens = match config.admin.as_ref().map(admin::Tokens::load) {
         None => None,
         Some(Ok(tokens)) => Some(tokens),
@@ -83,6 +107,7 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> R
             snapshot,
             kept,
             tokens,
+            admin_tls,
         }),
         _ => Err(ConfigErrors(errors)),
     }

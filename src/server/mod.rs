@@ -183,8 +183,8 @@ pub struct Proxy {
     connections: Arc<ConnTable>,
     /// Reloads the config (SIGHUP, tests); holds the kept state.
     reloader: Reloader,
-    /// The admin API's listener and tokens, when `[admin]` is on.
-    admin: Option<(TcpListener, admin::Tokens)>,
+    /// The admin API's listener, tokens and TLS, when `[admin]` is on.
+    admin: Option<(TcpListener, admin::Tokens, Option<admin::Tls>)>,
     /// False once shutdown begins (`/readyz`).
     ready: Arc<std::sync::atomic::AtomicBool>,
     started: std::time::Instant,
@@ -208,6 +208,7 @@ impl Proxy {
             snapshot,
             kept,
             tokens,
+            admin_tls,
         } = validate(&config, &observe, &Kept::default()).await?;
         for warning in warnings {
             tracing::warn!("{warning}");
@@ -226,7 +227,19 @@ impl Proxy {
             }
             _ => None,
         };
-        let admin = bind_admin(&config, tokens).await?;
+        let mut stores = stores;
+        let admin_tls = admin_tls.map(|(store, server_config)| {
+            stores.push(store);
+            let timeout = config
+                .admin
+                .as_ref()
+                .and_then(|a| a.tls.as_ref())
+                .map_or(Duration::from_secs(10), |t| t.handshake_timeout);
+            (tokio_rustls::TlsAcceptor::from(server_config), timeout)
+        });
+        let admin = bind_admin(&config, tokens)
+            .await?
+            .map(|(socket, tokens)| (socket, tokens, admin_tls));
         let connections = if config.protect.max_connections.is_some() {
             ConnTable::new(&config.protect)
         } else {
@@ -270,7 +283,7 @@ impl Proxy {
 
     /// Where the admin API listens, if it is on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.admin.as_ref().and_then(|(l, _, _)| l.local_addr().ok())
     }
 
     /// The handle that applies changes (admin API, SIGHUP, tests).
@@ -330,7 +343,7 @@ impl Proxy {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
         let admin_stop = CancellationToken::new();
-        if let Some((listener, tokens)) = self.admin.take() {
+        if let Some((listener, tokens, tls)) = self.admin.take() {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "admin API listening");
             }
@@ -338,6 +351,7 @@ impl Proxy {
             tokio::spawn(admin::serve(
                 listener,
                 Arc::new(admin::Admin { control, tokens }),
+                tls,
                 admin_stop.clone(),
             ));
         }

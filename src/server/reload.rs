@@ -197,7 +197,12 @@ impl Reloader {
         context: Option<&super::listeners::Context>,
     ) {
         let running = self.certificates.stores();
-        let mut next = Vec::new();
+        // The admin API's certificates change only with a restart.
+        let mut next: Vec<Arc<tls::CertStore>> = running
+            .iter()
+            .filter(|s| s.listener == super::admin::CERTIFICATES)
+            .cloned()
+            .collect();
         for listener in new.listeners.iter().filter(|l| l.tls.is_some()) {
             let unchanged = old
                 .listeners
@@ -280,7 +285,11 @@ fn certificate_differences(plan: &mut Plan, old: &[Arc<tls::CertStore>], new: &[
             );
         }
     }
-    for store in old.iter().filter(|o| !new.iter().any(|n| n.listener == o.listener)) {
+    // The admin API's certificates are not the config's to change.
+    let gone = old
+        .iter()
+        .filter(|o| o.listener != super::admin::CERTIFICATES && !new.iter().any(|n| n.listener == o.listener));
+    for store in gone {
         for fingerprint in &store.current().fingerprints {
             plan.push(
                 Action::Remove,

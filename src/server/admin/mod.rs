@@ -30,6 +30,11 @@ use super::Control;
 use crate::change::{Change, ChangeError, Purge, Step};
 use crate::config::ProtectMode;
 
+/// The name the admin API's certificates go by (in the certificate
+/// reloader, `/v1/certificates` and the audit log); brackets keep it apart
+/// from any listener's name.
+pub const CERTIFICATES: &str = "[admin]";
+
 /// The most a request body may hold (a whole config for a reload).
 const MAX_BODY: usize = 1 << 20;
 /// The longest a ban may be asked for.
@@ -43,8 +48,13 @@ pub struct Admin {
 
 type Answer = Response<Full<Bytes>>;
 
-/// Serves the admin API on `listener` until `stop` fires.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+/// TLS termination for the admin API: the acceptor and the handshake
+/// timeout.
+pub type Tls = (tokio_rustls::TlsAcceptor, std::time::Duration);
+
+/// Serves the admin API on `listener` until `stop` fires (over TLS with
+/// `tls`).
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, tls: Option<Tls>, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -59,7 +69,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 }
             },
         };
-        let (admin, stop) = (admin.clone(), stop.clone());
+        let (admin, stop, tls) = (admin.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
@@ -70,10 +80,24 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10));
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = stop.cancelled() => {}
+            match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                Some((acceptor, timeout)) => {
+                    let Ok(Ok(stream)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
             }
         });
     }

@@ -212,6 +212,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             tokens_file: Some(file),
             tokens_env: None,
+            tls: None,
         })
     }
 
@@ -241,6 +242,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             tokens_file: None,
             tokens_env: Some("TOKENS".into()),
+            tls: None,
         };
         let t = Tokens::load_with(&config, |name| {
             (name == "TOKENS").then(|| "ci:read:0123456789abcdef, ops:operator:fedcba9876543210".to_owned())
