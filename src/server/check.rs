@@ -41,36 +41,7 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> R
         }
     };
     let warnings = uncovered_route_hosts(config, &stores);
-    let admin_tls = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
-        None => None,
-        Some(t) => match tls::CertStore::load(admin::CERTIFICATES, t) {
-            Ok(store) => {
-                let store = Arc::new(store);
-                match tls::server_config(store.clone(), t) {
-                    Ok(server_config) => Some((store, server_config)),
-                    Err(message) => {
-                        errors.push(ConfigError {
-                            path: "admin.tls".into(),
-                            message,
-                        });
-                        None
-                    }
-                }
-            }
-            Err(mut e) => {
-                errors.append(&mut e);
-                None
-            }
-        },
-    };
-    let tokens = match config.admin.as_ref().map(admin::Tokens::load) {
-        None => None,
-        Some(Ok(tokens)) => Some(tokens),
-        Some(Err(mut e)) => {
-            errors.append(&mut e);
-            None
-        }
-    };
+    let (tokens, admin_tls) = admin_parts(config, &mut errors);
     let mut server_configs = Vec::new();
     let mut next_store = stores.iter();
     for (i, listener) in config.listeners.iter().enumerate() {
@@ -111,4 +82,47 @@ pub async fn validate(config: &Config, observe: &Arc<Observe>, kept: &Kept) -> R
         }),
         _ => Err(ConfigErrors(errors)),
     }
+}
+
+/// The admin API's tokens and TLS material, when `[admin]` is on; every
+/// problem goes to `errors`.
+#[allow(clippy::type_complexity, reason = "a pair of optional parts, named at the one call")]
+fn admin_parts(
+    config: &Config,
+    errors: &mut Vec<ConfigError>,
+) -> (
+    Option<admin::Tokens>,
+    Option<(Arc<tls::CertStore>, Arc<rustls::ServerConfig>)>,
+) {
+    let admin_tls = match config.admin.as_ref().and_then(|a| a.tls.as_ref()) {
+        None => None,
+        Some(t) => match tls::CertStore::load(admin::CERTIFICATES, t) {
+            Ok(store) => {
+                let store = Arc::new(store);
+                match tls::server_config(store.clone(), t) {
+                    Ok(server_config) => Some((store, server_config)),
+                    Err(message) => {
+                        errors.push(ConfigError {
+                            path: "admin.tls".into(),
+                            message,
+                        });
+                        None
+                    }
+                }
+            }
+            Err(mut e) => {
+                errors.append(&mut e);
+                None
+            }
+        },
+    };
+    let tokens = match config.admin.as_ref().map(admin::Tokens::load) {
+        None => None,
+        Some(Ok(tokens)) => Some(tokens),
+        Some(Err(mut e)) => {
+            errors.append(&mut e);
+            None
+        }
+    };
+    (tokens, admin_tls)
 }
