@@ -499,6 +499,14 @@ async fn every_reload_is_audited_and_counted_good_or_bad() {
         text.contains("portcullis_reloads_total{kind=\"config\",result=\"error\"} 1"),
         "{text}"
     );
+    assert!(
+        text.contains("portcullis_config_reloads_total{result=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_config_reloads_total{result=\"error\"} 1"),
+        "{text}"
+    );
     proxy.shutdown().await;
     let events: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
         .unwrap()

@@ -42,6 +42,28 @@ fn ca() -> Ca {
     }
 }
 
+/// A leaf for `name` that expires in `days` days.
+fn leaf_expiring(
+    ca: &Ca,
+    dir: &Path,
+    file: &str,
+    name: &str,
+    days: i64,
+) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+    let key = KeyPair::generate().expect("leaf key");
+    let mut params = CertificateParams::new(vec![name.to_owned()]).expect("params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    // Half a day more, so the whole days left are `days` however long the
+    // test takes.
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days) + time::Duration::hours(12);
+    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
+    let cert_path = dir.join(format!("{file}.pem"));
+    let key_path = dir.join(format!("{file}.key"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (cert_path, key_path, cert.der().clone())
+}
+
 /// Writes a leaf for `names` signed by `ca` into `dir/<file>.pem` and
 /// `dir/<file>.key`; `expired` makes it end in 2021.
 fn leaf(ca: &Ca, dir: &Path, file: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf, CertificateDer<'static>) {
@@ -852,7 +874,16 @@ async fn a_config_reload_changes_a_listeners_certificates_and_adds_a_tls_listene
     let dir = tempfile::tempdir().expect("dir");
     let ca = ca();
     let (c1, k1, first) = leaf(&ca, dir.path(), "one", &["site.test"], false);
-    let (c2, k2, second) = leaf(&ca, dir.path(), "two", &["site.test"], false);
+    let (c2, k2, second) = leaf_expiring(&ca, dir.path(), "two", "site.test", 10);
+    // As logs show fingerprints: hex pairs joined by colons.
+    let fingerprint = |der: &CertificateDer<'_>| {
+        let hex = portcullis::secret::sha256_hex(der);
+        hex.as_bytes()
+            .chunks(2)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+            .join(":")
+    };
     let origin = echo_origin().await;
     let proxy = start_proxy(&tls_config(origin.addr, &[(&c1, &k1)], "")).await;
     let client = || client_config(&ca, &[b"http/1.1"]);
@@ -872,7 +903,18 @@ async fn a_config_reload_changes_a_listeners_certificates_and_adds_a_tls_listene
     ));
     let config = portcullis::Config::from_toml(&text, "test").expect("config");
     let plan = proxy.reloader.apply(config, "test").await.expect("reload");
-    assert!(plan.text().contains("add         listener \"more\""), "{}", plan.text());
+    let (one, two) = (fingerprint(&first), fingerprint(&second));
+    assert_eq!(
+        plan.text(),
+        format!(
+            "change      listener \"listeners[0]\": tls\n\
+             add         listener \"more\": bind 127.0.0.1:0\n\
+             add         certificate \"listeners[0]\" site.test: sha256 {two}\n\
+             change      certificate \"listeners[0]\" site.test: expires in 10 days\n\
+             remove      certificate \"listeners[0]\": sha256 {one}\n\
+             add         certificate \"more\" site.test: sha256 {one}\n6 changes\n"
+        )
+    );
     let addrs = proxy.reloader.local_addrs().await;
     assert_eq!(addrs[0], proxy.addr);
     assert_eq!(

@@ -78,7 +78,7 @@ pub struct CacheLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AdminLabels {
+pub struct ResultLabels {
     pub result: &'static str,
 }
 
@@ -133,7 +133,8 @@ pub struct Metrics {
     tls_handshakes: Family<TlsLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
-    admin_requests: Family<AdminLabels, Counter>,
+    admin_requests: Family<ResultLabels, Counter>,
+    config_reloads: Family<ResultLabels, Counter>,
     protection: Family<ActionLabels, Counter>,
     pub access_log_records: Counter,
     pub access_log_dropped: Counter,
@@ -245,7 +246,13 @@ impl Metrics {
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register("reloads", "Reloads by kind and result", reloads.clone());
-        let admin_requests = Family::<AdminLabels, Counter>::default();
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads by result (ok, error), from SIGHUP, the admin API or the file watch",
+            config_reloads.clone(),
+        );
+        let admin_requests = Family::<ResultLabels, Counter>::default();
         registry.register(
             "admin_requests",
             "Admin API requests by result (ok, unauthorized, forbidden, bad_request, not_found, conflict, invalid)",
@@ -329,6 +336,7 @@ impl Metrics {
             tls_failures,
             reloads,
             admin_requests,
+            config_reloads,
             protection,
             access_log_records,
             access_log_dropped,
@@ -388,10 +396,14 @@ impl Metrics {
     }
 
     pub fn admin_request(&self, result: &'static str) {
-        self.admin_requests.get_or_create(&AdminLabels { result }).inc();
+        self.admin_requests.get_or_create(&ResultLabels { result }).inc();
     }
 
     pub fn reload(&self, kind: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        if kind == "config" {
+            self.config_reloads.get_or_create(&ResultLabels { result }).inc();
+        }
         self.reloads
             .get_or_create(&ReloadLabels {
                 kind,
