@@ -382,10 +382,6 @@ impl Plan {
             ("protect.allow / protect.deny", a.ip_filter == b.ip_filter),
             ("protect.evict_idle_after", a.evict_idle_after == b.evict_idle_after),
             ("protect.ipv6_prefix", a.ipv6_prefix == b.ipv6_prefix),
-            (
-                "protect.h2_max_concurrent_streams",
-                a.h2_max_concurrent_streams == b.h2_max_concurrent_streams,
-            ),
         ];
         for (path, same) in restart_only {
             if !same {

@@ -138,6 +138,64 @@ async fn tokens_and_roles_are_enforced_and_failures_counted() {
 }
 
 #[tokio::test]
+async fn without_tokens_only_local_non_browser_callers_are_served() {
+    let origin = echo_origin().await;
+    let proxy = start_proxy(
+        &Template::new(&[origin.addr])
+            .extra("[admin]\nlisten = \"127.0.0.1:0\"\n")
+            .build(),
+    )
+    .await;
+    let admin = proxy.admin_addr.unwrap();
+    let ask = |host: &str, origin_header: Option<&str>| {
+        let mut req = Request::post(format!("/v1/upstreams/app/servers/{}/drain", origin.addr)).header("host", host);
+        if let Some(o) = origin_header {
+            req = req.header("origin", o);
+        }
+        req.body(empty()).unwrap()
+    };
+    let mut conn = h1(admin).await;
+    let page = read(
+        conn.send_ready(ask("127.0.0.1", Some("http://evil.example")))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        page.status,
+        StatusCode::FORBIDDEN,
+        "a cross-site form post from a browser"
+    );
+    let rebound = read(conn.send_ready(ask("evil.example", None)).await.unwrap()).await;
+    assert_eq!(rebound.status, StatusCode::FORBIDDEN, "DNS rebinding: a foreign Host");
+    assert!(
+        !proxy.snapshot.load().upstreams[0].servers[0]
+            .health
+            .draining
+            .load(Ordering::Relaxed)
+    );
+    let local = read(conn.send_ready(ask("localhost:9090", None)).await.unwrap()).await;
+    assert_eq!(local.status, StatusCode::OK, "curl on this host: {}", local.text());
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_config_text_needs_an_operator_token() {
+    let origin = echo_origin().await;
+    let a = admin_section();
+    let proxy = start_proxy(&Template::new(&[origin.addr]).extra(&a.section).build()).await;
+    assert_eq!(
+        call(&proxy, Method::GET, "/v1/config", Some(VIEW), "").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        call(&proxy, Method::GET, "/v1/config", Some(OPS), "").await.0,
+        StatusCode::OK
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_admin_api_speaks_http2() {
     let origin = echo_origin().await;
     let a = admin_section();

@@ -124,7 +124,7 @@ async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
     reload(&proxy, &with_servers(&listen, &two, "")).await.unwrap();
     let old = proxy.snapshot.load_full().upstreams[0].clone();
     old.servers[1].health.draining.store(true, Ordering::Relaxed);
-    old.servers[0].health.weight_override.store(7, Ordering::Relaxed);
+    old.servers[0].set_weight(Some(7));
     assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
     assert_eq!(a.connections.load(Ordering::SeqCst), 1, "served by a (b drains)");
 
@@ -140,7 +140,7 @@ async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
         assert!(Arc::ptr_eq(&old.servers[i].pool, &new.servers[i].pool), "server {i}");
     }
     assert!(new.servers[1].health.draining.load(Ordering::Relaxed), "b still drains");
-    assert_eq!(new.servers[0].health.weight_override.load(Ordering::Relaxed), 7);
+    assert_eq!(new.servers[0].weight(), 7);
     assert!(!new.servers[2].health.draining.load(Ordering::Relaxed), "c is new");
     drop((old, new));
 
@@ -155,7 +155,12 @@ async fn a_changed_group_keeps_the_live_state_and_pools_of_its_servers() {
     reload(&proxy, &text).await.unwrap();
     let after = proxy.snapshot.load_full().upstreams[0].clone();
     assert!(Arc::ptr_eq(&before.servers[0].health, &after.servers[0].health));
-    assert_eq!(after.servers[0].health.weight_override.load(Ordering::Relaxed), 0);
+    assert_eq!(after.servers[0].weight(), 3, "the file's new weight");
+    assert_eq!(
+        before.servers[0].weight(),
+        7,
+        "the old group, serving its last requests, is untouched"
+    );
     assert!(
         !Arc::ptr_eq(&before.servers[0].pool, &after.servers[0].pool),
         "new pool settings"
@@ -200,6 +205,15 @@ async fn bans_and_cache_entries_survive_a_reload_that_changes_their_settings() {
 
     // A budget of three entries evicts the least recently used (/c/1).
     let smaller = cached(&format!("{}", entry * 3 + 10), &format!("{}", entry + entry / 4), "2h");
+    // A dry run builds the same snapshot, and evicts nothing.
+    let dry = portcullis::Config::from_toml(&config(&listen, origin.addr, &smaller), "dry").unwrap();
+    let plan = proxy.reloader.dry_run(dry).await.unwrap();
+    assert!(plan.text().starts_with("flush       cache.memory:"), "{}", plan.text());
+    assert_eq!(
+        proxy.snapshot.load().cache.clone().unwrap().store().keys(),
+        4,
+        "a dry run changes nothing"
+    );
     reload(&proxy, &config(&listen, origin.addr, &smaller)).await.unwrap();
     let cache = proxy.snapshot.load().cache.clone().unwrap();
     assert_eq!(cache.store().keys(), 3, "shrunk in place");
@@ -289,6 +303,43 @@ async fn a_changed_listener_keeps_its_socket_and_new_connections_get_the_new_set
     assert!(
         sender.send_request(req()).await.is_err(),
         "a new connection is HTTP/1.1 only"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_renamed_listener_keeps_its_fixed_port_socket() {
+    let origin = echo_origin().await;
+    // A fixed port on an address no other test binds: free it, then name it.
+    let fixed = {
+        let probe = std::net::TcpListener::bind("127.0.0.77:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let named = |name: &str| {
+        config(&fixed.to_string(), origin.addr, "").replacen(
+            "[[listeners]]\n",
+            &format!("[[listeners]]\nname = \"{name}\"\n"),
+            1,
+        )
+    };
+    let proxy = start_proxy(&named("old")).await;
+    let mut open = h1(fixed).await;
+    let plan = reload(&proxy, &named("new"))
+        .await
+        .expect("the address moves with its socket");
+    assert_eq!(
+        plan.text(),
+        format!(
+            "add         listener \"new\": bind {fixed}\nremove      listener \"old\": release {fixed}\n2 changes\n"
+        )
+    );
+    assert_eq!(proxy.reloader.local_addrs().await, [fixed]);
+    assert_eq!(get(fixed, "/").await.status, StatusCode::OK, "still accepting");
+    let req = Request::get("/").header("host", "x").body(empty()).unwrap();
+    assert_eq!(
+        read(open.send_ready(req).await.unwrap()).await.status,
+        StatusCode::OK,
+        "and the open connection lives"
     );
     proxy.shutdown().await;
 }

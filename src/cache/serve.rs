@@ -243,18 +243,28 @@ impl Cache {
 
     /// The cache of `config` that takes over `old`'s store, flights and
     /// purge generations (a reload that changed `[cache]`): entries and
-    /// requests waiting on a fetch survive; a smaller `memory` evicts the
-    /// least recently used entries down to it at once.
+    /// requests waiting on a fetch survive. The store keeps its budget
+    /// until [`fit_store`](Self::fit_store), which the reload calls once
+    /// this cache is in use (a dry run builds one and changes nothing).
     pub fn carried_over(old: &Cache, config: &CacheConfig) -> Cache {
-        let evicted = old.store.resize(config.memory, config.max_object_size);
-        if evicted > 0 {
-            tracing::info!(evicted, memory = config.memory, "cache memory reduced: entries evicted");
-        }
         Cache {
             store: old.store.clone(),
             flights: old.flights.clone(),
             generations: old.generations.clone(),
             ..Cache::new(config)
+        }
+    }
+
+    /// Gives the (shared) store this cache's budget: a smaller `memory`
+    /// evicts the least recently used entries down to it at once.
+    pub fn fit_store(&self) {
+        let evicted = self.store.resize(self.buffering_limit, self.max_object);
+        if evicted > 0 {
+            tracing::info!(
+                evicted,
+                memory = self.buffering_limit,
+                "cache memory reduced: entries evicted"
+            );
         }
     }
 

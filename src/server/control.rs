@@ -98,7 +98,17 @@ impl Control {
 
     /// Applies `change` on behalf of `caller` (`SIGHUP`, `file-watch`,
     /// `admin:<token name>`); the result is what the admin API answers.
+    /// It runs on a task of its own, so a caller that goes away (a client
+    /// that resets its stream) cannot stop a change half-way.
     pub async fn apply(&self, change: Change, caller: &str) -> Result<Value, ChangeError> {
+        let (control, caller) = (self.clone(), caller.to_owned());
+        match tokio::spawn(async move { control.apply_whole(change, &caller).await }).await {
+            Ok(result) => result,
+            Err(e) => Err(ChangeError::Conflict(format!("the change did not finish: {e}"))),
+        }
+    }
+
+    async fn apply_whole(&self, change: Change, caller: &str) -> Result<Value, ChangeError> {
         if let Change::Reload { dry_run, text, .. } = &change {
             return self.reload(text.clone(), *dry_run, caller).await;
         }
@@ -167,7 +177,7 @@ impl Control {
                 weight,
             } => {
                 let s = find_server(&snapshot, upstream, server)?;
-                s.health.weight_override.store(weight.unwrap_or(0), Ordering::Relaxed);
+                s.set_weight(*weight);
                 Ok(json!({ "upstream": upstream, "server": server, "weight": s.weight() }))
             }
             Change::Purge(purge) => {

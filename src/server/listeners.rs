@@ -9,7 +9,7 @@
 //! settings from an `ArcSwap`.
 
 use super::*;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use crate::config::ConfigError;
 
@@ -30,13 +30,28 @@ struct Socket {
     local: SocketAddr,
     /// Ends this socket's accept loop and drains its connections.
     stop: CancellationToken,
+    /// The settings its accept loop reads per connection.
+    settings: Arc<ArcSwap<ListenerRuntime>>,
     /// Until the proxy runs: the socket itself.
     waiting: Option<TcpListener>,
 }
 
+impl Socket {
+    /// The same socket, for the next set of listeners.
+    fn kept(&self) -> Socket {
+        Socket {
+            configured: self.configured,
+            local: self.local,
+            stop: self.stop.clone(),
+            settings: self.settings.clone(),
+            waiting: None,
+        }
+    }
+}
+
 struct Live {
     config: ListenerConfig,
-    runtime: Arc<ArcSwap<ListenerRuntime>>,
+    runtime: Arc<ListenerRuntime>,
     sockets: Vec<Socket>,
 }
 
@@ -52,9 +67,8 @@ pub(super) struct Prepared {
     live: Vec<Live>,
     /// Sockets of the running listeners that the new config drops.
     released: Vec<CancellationToken>,
-    /// New settings for running listeners, stored at commit (the accept
-    /// loops hold these `ArcSwap`s).
-    updates: Vec<(Arc<ArcSwap<ListenerRuntime>>, ListenerRuntime)>,
+    /// New settings for running sockets, stored at commit.
+    updates: Vec<(Arc<ArcSwap<ListenerRuntime>>, Arc<ListenerRuntime>)>,
 }
 
 impl Listeners {
@@ -66,22 +80,21 @@ impl Listeners {
     ) -> Result<Listeners, StartError> {
         let mut live = Vec::new();
         for (listener, server_config) in config.listeners.iter().zip(server_configs) {
-            let runtime = ListenerRuntime::new(listener, config, observe).with_tls(listener, server_config);
+            let runtime = Arc::new(ListenerRuntime::new(listener, config, observe).with_tls(listener, server_config));
             let mut sockets = Vec::new();
             for addr in &listener.bind {
-                sockets.push(
-                    bind_socket(*addr, &listener.name)
-                        .await
-                        .map_err(|source| StartError::Bind {
-                            addr: *addr,
-                            listener: listener.name.clone(),
-                            source,
-                        })?,
-                );
+                let socket = bind_socket(*addr, &listener.name, &runtime)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: *addr,
+                        listener: listener.name.clone(),
+                        source,
+                    })?;
+                sockets.push(socket);
             }
             live.push(Live {
                 config: listener.clone(),
-                runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+                runtime,
                 sockets,
             });
         }
@@ -106,7 +119,7 @@ impl Listeners {
         for live in &mut self.live {
             for socket in &mut live.sockets {
                 if let Some(listener) = socket.waiting.take() {
-                    spawn_loop(&context, listener, live.runtime.clone(), socket.stop.clone());
+                    spawn_loop(&context, listener, socket.settings.clone(), socket.stop.clone());
                 }
             }
         }
@@ -115,7 +128,9 @@ impl Listeners {
 
     /// Binds what `config` adds and builds the settings it changes,
     /// without touching the running listeners; every bind failure is an
-    /// error with its path.
+    /// error with its path. A socket is kept by its listener's name and
+    /// address, or, for a fixed port, by its address alone (a listener
+    /// renamed, or an address moved to another listener).
     pub async fn prepare(
         &self,
         config: &Config,
@@ -125,44 +140,42 @@ impl Listeners {
     ) -> Result<Prepared, Vec<ConfigError>> {
         let rebuild_all = config.limits != old.limits
             || config.protect.h2_max_concurrent_streams != old.protect.h2_max_concurrent_streams;
-        let mut by_name: HashMap<&str, &Live> = self.live.iter().map(|l| (l.config.name.as_str(), l)).collect();
+        let mut claimed: HashSet<(usize, usize)> = HashSet::new();
         let mut live = Vec::new();
         let mut errors = Vec::new();
         let mut updates = Vec::new();
         for (i, listener) in config.listeners.iter().enumerate() {
-            let previous = by_name.remove(listener.name.as_str());
+            let previous = self.live.iter().position(|l| l.config.name == listener.name);
             let server_config = server_configs.get(i).cloned().flatten();
-            let runtime = match previous {
+            let runtime = match previous.map(|p| &self.live[p]) {
                 Some(p) if p.config == *listener && !rebuild_all => p.runtime.clone(),
-                Some(p) => {
-                    let next = ListenerRuntime::new(listener, config, observe);
-                    let next = match (p.config.tls == listener.tls, &p.runtime.load().tls) {
-                        // The same TLS settings: the same acceptor (its
-                        // certificate store and session keys).
-                        (true, Some(tls)) => ListenerRuntime {
-                            tls: Some(tls.clone()),
-                            ..next
-                        },
-                        _ => next.with_tls(listener, server_config),
-                    };
-                    updates.push((p.runtime.clone(), next));
-                    p.runtime.clone()
+                Some(p) if p.config.tls == listener.tls && p.runtime.tls.is_some() => {
+                    // The same TLS settings: the same acceptor (its
+                    // certificate store and session keys).
+                    Arc::new(ListenerRuntime {
+                        tls: p.runtime.tls.clone(),
+                        ..ListenerRuntime::new(listener, config, observe)
+                    })
                 }
-                None => Arc::new(ArcSwap::from_pointee(
-                    ListenerRuntime::new(listener, config, observe).with_tls(listener, server_config),
-                )),
+                _ => Arc::new(ListenerRuntime::new(listener, config, observe).with_tls(listener, server_config)),
             };
             let mut sockets = Vec::new();
             for addr in &listener.bind {
-                let kept = previous.and_then(|p| p.sockets.iter().find(|s| s.configured == *addr));
-                match kept {
-                    Some(s) => sockets.push(Socket {
-                        configured: s.configured,
-                        local: s.local,
-                        stop: s.stop.clone(),
-                        waiting: None,
-                    }),
-                    None => match bind_socket(*addr, &listener.name).await {
+                let same_listener = previous.and_then(|p| {
+                    let j = self.live[p].sockets.iter().position(|s| s.configured == *addr)?;
+                    Some((p, j))
+                });
+                let any_listener = || (addr.port() != 0).then(|| self.find(*addr, &claimed)).flatten();
+                match same_listener.filter(|k| !claimed.contains(k)).or_else(any_listener) {
+                    Some((p, j)) => {
+                        claimed.insert((p, j));
+                        let socket = self.live[p].sockets[j].kept();
+                        if !Arc::ptr_eq(&socket.settings.load(), &runtime) {
+                            updates.push((socket.settings.clone(), runtime.clone()));
+                        }
+                        sockets.push(socket);
+                    }
+                    None => match bind_socket(*addr, &listener.name, &runtime).await {
                         Ok(s) => sockets.push(s),
                         Err(e) => errors.push(ConfigError {
                             path: format!("listeners[{i}].bind"),
@@ -181,14 +194,11 @@ impl Listeners {
             // The sockets bound for it close as `live` drops.
             return Err(errors);
         }
-        let mut released: Vec<CancellationToken> = by_name
-            .values()
-            .flat_map(|l| l.sockets.iter().map(|s| s.stop.clone()))
-            .collect();
-        for old in &self.live {
-            if let Some(new) = live.iter().find(|l| l.config.name == old.config.name) {
-                for s in old.sockets.iter().filter(|s| !new.config.bind.contains(&s.configured)) {
-                    released.push(s.stop.clone());
+        let mut released = Vec::new();
+        for (p, old) in self.live.iter().enumerate() {
+            for (j, socket) in old.sockets.iter().enumerate() {
+                if !claimed.contains(&(p, j)) {
+                    released.push(socket.stop.clone());
                 }
             }
         }
@@ -199,34 +209,45 @@ impl Listeners {
         })
     }
 
+    /// A running socket configured with `addr` that no new listener has
+    /// claimed yet.
+    fn find(&self, addr: SocketAddr, claimed: &HashSet<(usize, usize)>) -> Option<(usize, usize)> {
+        self.live.iter().enumerate().find_map(|(p, l)| {
+            let j = l
+                .sockets
+                .iter()
+                .enumerate()
+                .position(|(j, s)| s.configured == addr && !claimed.contains(&(p, j)))?;
+            Some((p, j))
+        })
+    }
+
     /// Puts `prepared` in service: new sockets accept, released ones stop
     /// and drain their connections.
     pub fn commit(&mut self, mut prepared: Prepared) {
         // A kept socket that is not serving yet (the proxy has not started
-        // running) moves over with its listener.
-        for old in &mut self.live {
-            let Some(new) = prepared.live.iter_mut().find(|l| l.config.name == old.config.name) else {
-                continue;
-            };
-            for socket in &mut old.sockets {
-                if let Some(kept) = new.sockets.iter_mut().find(|s| s.configured == socket.configured) {
-                    if kept.waiting.is_none() {
-                        kept.waiting = socket.waiting.take();
-                    }
+        // running) moves over with its settings.
+        for old in self.live.iter_mut().flat_map(|l| l.sockets.iter_mut()) {
+            let next = prepared
+                .live
+                .iter_mut()
+                .flat_map(|l| l.sockets.iter_mut())
+                .find(|s| Arc::ptr_eq(&s.settings, &old.settings));
+            if let Some(next) = next {
+                if next.waiting.is_none() {
+                    next.waiting = old.waiting.take();
                 }
             }
         }
         if let Some(context) = &self.context {
-            for live in &mut prepared.live {
-                for socket in &mut live.sockets {
-                    if let Some(listener) = socket.waiting.take() {
-                        spawn_loop(context, listener, live.runtime.clone(), socket.stop.clone());
-                    }
+            for socket in prepared.live.iter_mut().flat_map(|l| l.sockets.iter_mut()) {
+                if let Some(listener) = socket.waiting.take() {
+                    spawn_loop(context, listener, socket.settings.clone(), socket.stop.clone());
                 }
             }
         }
         for (swap, runtime) in prepared.updates {
-            swap.store(Arc::new(runtime));
+            swap.store(runtime);
         }
         for stop in prepared.released {
             stop.cancel();
@@ -235,7 +256,7 @@ impl Listeners {
     }
 }
 
-async fn bind_socket(addr: SocketAddr, name: &str) -> std::io::Result<Socket> {
+async fn bind_socket(addr: SocketAddr, name: &str, runtime: &Arc<ListenerRuntime>) -> std::io::Result<Socket> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::debug!(listener = %name, %local, "bound");
@@ -243,6 +264,7 @@ async fn bind_socket(addr: SocketAddr, name: &str) -> std::io::Result<Socket> {
         configured: addr,
         local,
         stop: CancellationToken::new(),
+        settings: Arc::new(ArcSwap::new(runtime.clone())),
         waiting: Some(listener),
     })
 }

@@ -127,10 +127,16 @@ impl Reloader {
             }
         };
         let previous = self.snapshot.load_full();
-        self.snapshot.store(Arc::new(validated.snapshot));
+        // Taken before the swap: once the snapshot is in, nothing awaits
+        // until the listeners are committed too.
+        let mut running = self.listeners.lock().await;
+        let next = Arc::new(validated.snapshot);
+        self.snapshot.store(next.clone());
+        if let Some(cache) = &next.cache {
+            cache.fit_store();
+        }
         let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         *kept = validated.kept;
-        let mut running = self.listeners.lock().await;
         running.commit(listeners);
         self.replace_stores(&previous.config, &config, &validated.stores, running.context());
         drop(running);
@@ -182,13 +188,14 @@ impl Reloader {
             .prepare(config, &self.observe, &validated.server_configs, &current.config)
             .await
             .map_err(ConfigErrors)?;
-        certificate_differences(&mut plan, &self.certificates.stores(), &validated.stores);
+        let running = self.certificates.stores();
+        let serving = next_stores(&current.config, config, &running, &validated.stores);
+        certificate_differences(&mut plan, &running, &serving);
         Ok((plan, validated, listeners))
     }
 
-    /// The certificate store of each TLS listener after a reload: the
-    /// running one where the listener's TLS settings are unchanged (its
-    /// acceptor was kept), the new one otherwise (watched if it asks).
+    /// Puts in the certificate reloader the stores [`next_stores`] chose,
+    /// watching the new ones that ask for it.
     fn replace_stores(
         &self,
         old: &Config,
@@ -197,32 +204,16 @@ impl Reloader {
         context: Option<&super::listeners::Context>,
     ) {
         let running = self.certificates.stores();
-        // The admin API's certificates change only with a restart.
-        let mut next: Vec<Arc<tls::CertStore>> = running
-            .iter()
-            .filter(|s| s.listener == super::admin::CERTIFICATES)
-            .cloned()
-            .collect();
-        for listener in new.listeners.iter().filter(|l| l.tls.is_some()) {
-            let unchanged = old
-                .listeners
-                .iter()
-                .any(|o| o.name == listener.name && o.tls == listener.tls);
-            let from = if unchanged { &running[..] } else { loaded };
-            let Some(store) = from.iter().find(|s| s.listener == listener.name) else {
-                continue;
-            };
-            if !unchanged {
-                if let (Some(interval), Some(context)) = (store.watch_interval, context) {
-                    context.tasks.spawn(watch_certificates(
-                        store.clone(),
-                        interval,
-                        context.stop.clone(),
-                        self.observe.clone(),
-                    ));
-                }
+        let next = next_stores(old, new, &running, loaded);
+        for store in next.iter().filter(|n| !running.iter().any(|r| Arc::ptr_eq(r, n))) {
+            if let (Some(interval), Some(context)) = (store.watch_interval, context) {
+                context.tasks.spawn(watch_certificates(
+                    store.clone(),
+                    interval,
+                    context.stop.clone(),
+                    self.observe.clone(),
+                ));
             }
-            next.push(store.clone());
         }
         self.certificates.stores.store(Arc::new(next));
     }
@@ -250,6 +241,34 @@ impl Reloader {
             }
         }
     }
+}
+
+/// The certificate store of each TLS listener after a reload: the running
+/// one where the listener's TLS settings are unchanged (its acceptor is
+/// kept, so are its certificates until a certificate reload), the newly
+/// loaded one otherwise; the admin API's stays (a restart changes it).
+fn next_stores(
+    old: &Config,
+    new: &Config,
+    running: &[Arc<tls::CertStore>],
+    loaded: &[Arc<tls::CertStore>],
+) -> Vec<Arc<tls::CertStore>> {
+    let mut next: Vec<Arc<tls::CertStore>> = running
+        .iter()
+        .filter(|s| s.listener == super::admin::CERTIFICATES)
+        .cloned()
+        .collect();
+    for listener in new.listeners.iter().filter(|l| l.tls.is_some()) {
+        let unchanged = old
+            .listeners
+            .iter()
+            .any(|o| o.name == listener.name && o.tls == listener.tls);
+        let from = if unchanged { running } else { loaded };
+        if let Some(store) = from.iter().find(|s| s.listener == listener.name) {
+            next.push(store.clone());
+        }
+    }
+    next
 }
 
 /// Certificates added and removed (by fingerprint, per listener) and those
@@ -285,11 +304,7 @@ fn certificate_differences(plan: &mut Plan, old: &[Arc<tls::CertStore>], new: &[
             );
         }
     }
-    // The admin API's certificates are not the config's to change.
-    let gone = old
-        .iter()
-        .filter(|o| o.listener != super::admin::CERTIFICATES && !new.iter().any(|n| n.listener == o.listener));
-    for store in gone {
+    for store in old.iter().filter(|o| !new.iter().any(|n| n.listener == o.listener)) {
         for fingerprint in &store.current().fingerprints {
             plan.push(
                 Action::Remove,

@@ -48,8 +48,11 @@ pub struct ServerHealth {
     /// Set by the operator: no new requests, in-flight ones finish.
     pub draining: AtomicBool,
     /// A weight set by the operator (admin API) in place of the
-    /// configured one; 0 = none.
-    pub weight_override: AtomicU32,
+    /// configured one, with the configured weight it replaced:
+    /// `override << 32 | configured`; 0 = none. It applies only while the
+    /// configured weight is still that one, so a reload that changes the
+    /// file's weight ends it without anyone writing here.
+    weight_override: AtomicU64,
     /// Failed tries (connect errors, resets, timeouts, 5xx) since start.
     pub failures: AtomicU64,
 }
@@ -82,7 +85,7 @@ impl Default for ServerHealth {
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-            weight_override: AtomicU32::new(0),
+            weight_override: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
     }
@@ -139,10 +142,19 @@ impl ServerHealth {
 
     /// The weight in use: the operator's, else the configured one.
     pub fn weight(&self, settings: &ServerSettings) -> u32 {
-        match self.weight_override.load(Ordering::Relaxed) {
-            0 => settings.weight.max(1),
-            w => w,
+        let packed = self.weight_override.load(Ordering::Relaxed);
+        let (weight, replaced) = ((packed >> 32) as u32, packed as u32);
+        if weight > 0 && replaced == settings.weight {
+            weight
+        } else {
+            settings.weight.max(1)
         }
+    }
+
+    /// Sets the operator's weight in place of `configured` (`None`: none).
+    pub fn set_weight(&self, weight: Option<u32>, configured: u32) {
+        let packed = weight.map_or(0, |w| (u64::from(w) << 32) | u64::from(configured));
+        self.weight_override.store(packed, Ordering::Relaxed);
     }
 
     /// Marks the start of a slow-start ramp (server came back).

@@ -55,6 +55,12 @@ impl Server {
     pub fn weight(&self) -> u32 {
         self.health.weight(&self.settings)
     }
+
+    /// Balances with `weight` instead of the configured one (`None`: the
+    /// configured one again), until the file changes this server's weight.
+    pub fn set_weight(&self, weight: Option<u32>) {
+        self.health.set_weight(weight, self.settings.weight);
+    }
 }
 
 /// An upstream group of one snapshot.
@@ -159,13 +165,9 @@ impl Upstream {
             let sticky_id = format!("{:016x}", balance::hash64(format!("{}|{addr}", config.name).as_bytes()));
             let label = addr.to_string();
             let before = previous.and_then(|p| Some((p, p.servers.iter().find(|s| s.label == label)?)));
+            // Shared, never written here: a build may be a dry run.
             let health = match before {
-                Some((_, s)) => {
-                    if s.settings.weight != addr.weight {
-                        s.health.weight_override.store(0, Ordering::Relaxed);
-                    }
-                    s.health.clone()
-                }
+                Some((_, s)) => s.health.clone(),
                 None => Arc::new(ServerHealth::default()),
             };
             let pool = match before {

@@ -37,6 +37,8 @@ pub const CERTIFICATES: &str = "[admin]";
 
 /// The most a request body may hold (a whole config for a reload).
 const MAX_BODY: usize = 1 << 20;
+/// Connections the admin API serves at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
 /// The longest a ban may be asked for.
 const MAX_BAN_SECONDS: u64 = 30 * 86_400;
 
@@ -55,6 +57,7 @@ pub type Tls = (tokio_rustls::TlsAcceptor, std::time::Duration);
 /// Serves the admin API on `listener` until `stop` fires (over TLS with
 /// `tls`).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, tls: Option<Tls>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -69,17 +72,30 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, tls: Option<Tls>, s
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("admin API: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
         let (admin, stop, tls) = (admin.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&admin, req).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1: the header timer also ends idle keep-alive; HTTP/2:
+            // pings end a connection whose peer stopped answering.
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10));
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(16)
+                .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+                .keep_alive_timeout(std::time::Duration::from_secs(10));
             match tls {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -166,8 +182,15 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Answer {
         }
         return r;
     }
+    if admin.tokens.is_open() {
+        if let Err(message) = local_only(&req) {
+            return error(StatusCode::FORBIDDEN, message);
+        }
+    }
     let reading = method == Method::GET || method == Method::HEAD;
-    if !reading && caller.role < Role::Operator {
+    // The config text may hold header values such as upstream credentials.
+    let needs_operator = !reading || endpoint == Endpoint::Config;
+    if needs_operator && caller.role < Role::Operator {
         return error(
             StatusCode::FORBIDDEN,
             &format!(
@@ -188,7 +211,12 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Answer {
         Ok(change) => change,
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
-    match control.apply(change, &format!("admin:{}", caller.name)).await {
+    answer(control.apply(change, &format!("admin:{}", caller.name)).await)
+}
+
+/// The answer to an applied change.
+fn answer(result: Result<Value, ChangeError>) -> Answer {
+    match result {
         Ok(value) => reply(StatusCode::OK, &value),
         Err(ChangeError::NotFound(m)) => error(StatusCode::NOT_FOUND, &m),
         Err(ChangeError::Conflict(m)) => error(StatusCode::CONFLICT, &m),
@@ -226,6 +254,33 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("/v1/certificates", "GET"),
     ("/v1/certificates/reload", "POST"),
 ];
+
+/// Without tokens every local caller is an operator, so a web page open
+/// in a browser on this host must not be one: requests that carry the
+/// marks browsers add (`Origin`, `Sec-Fetch-Site`) are refused, and so is
+/// a `Host` other than a loopback name (DNS rebinding).
+fn local_only(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let headers = req.headers();
+    if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+        return Err("the admin API has no tokens: requests from a browser page are refused");
+    }
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| headers.get(header::HOST)?.to_str().ok().map(str::to_owned))
+        .unwrap_or_default();
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host.as_str(), |(name, _)| name),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        Ok(())
+    } else {
+        Err("the admin API has no tokens: only a loopback Host is served")
+    }
+}
 
 /// The endpoints, by path shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

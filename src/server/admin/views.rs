@@ -30,8 +30,9 @@ pub fn status(control: &Control) -> Value {
     })
 }
 
-/// The running config as the text it was read from: the file holds no
-/// secrets (keys and tokens are files it names), so nothing is redacted.
+/// The running config as the text it was read from. Keys and tokens are
+/// files it names, never its content, but header values it sets may be
+/// credentials: the endpoint needs an operator token.
 pub fn config(control: &Control) -> Value {
     let snapshot = control.snapshot();
     let source = snapshot.config.source.as_ref();
