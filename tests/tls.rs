@@ -42,7 +42,8 @@ fn ca() -> Ca {
     }
 }
 
-/// A leaf for `name` that expires in `days` days.
+/// A leaf for `name` that expires in `days` days (and half a day more, so
+/// the whole days left are `days` however long the test takes).
 fn leaf_expiring(
     ca: &Ca,
     dir: &Path,
@@ -50,29 +51,38 @@ fn leaf_expiring(
     name: &str,
     days: i64,
 ) -> (PathBuf, PathBuf, CertificateDer<'static>) {
-    let key = KeyPair::generate().expect("leaf key");
-    let mut params = CertificateParams::new(vec![name.to_owned()]).expect("params");
-    params.distinguished_name.push(DnType::CommonName, name);
-    // Half a day more, so the whole days left are `days` however long the
-    // test takes.
-    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days) + time::Duration::hours(12);
-    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
-    let cert_path = dir.join(format!("{file}.pem"));
-    let key_path = dir.join(format!("{file}.key"));
-    std::fs::write(&cert_path, cert.pem()).expect("write cert");
-    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-    (cert_path, key_path, cert.der().clone())
+    let not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days) + time::Duration::hours(12);
+    leaf_until(ca, dir, file, &[name], None, Some(not_after))
 }
 
 /// Writes a leaf for `names` signed by `ca` into `dir/<file>.pem` and
 /// `dir/<file>.key`; `expired` makes it end in 2021.
 fn leaf(ca: &Ca, dir: &Path, file: &str, names: &[&str], expired: bool) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+    if expired {
+        let (from, to) = (rcgen::date_time_ymd(2020, 1, 1), rcgen::date_time_ymd(2021, 1, 1));
+        leaf_until(ca, dir, file, names, Some(from), Some(to))
+    } else {
+        leaf_until(ca, dir, file, names, None, None)
+    }
+}
+
+/// [`leaf`] with the validity given (`None`: rcgen's default).
+fn leaf_until(
+    ca: &Ca,
+    dir: &Path,
+    file: &str,
+    names: &[&str],
+    not_before: Option<time::OffsetDateTime>,
+    not_after: Option<time::OffsetDateTime>,
+) -> (PathBuf, PathBuf, CertificateDer<'static>) {
     let key = KeyPair::generate().expect("leaf key");
     let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
     params.distinguished_name.push(DnType::CommonName, names[0]);
-    if expired {
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    if let Some(t) = not_before {
+        params.not_before = t;
+    }
+    if let Some(t) = not_after {
+        params.not_after = t;
     }
     let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
     let cert_path = dir.join(format!("{file}.pem"));

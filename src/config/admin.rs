@@ -31,25 +31,7 @@ impl AdminConfig {
 
 pub fn read_admin(table: Option<Table<'_>>) -> Option<AdminConfig> {
     let t = table?;
-    let listen = match t.str("listen") {
-        Some(text) => match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                t.error(
-                    "listen",
-                    format!("\"{text}\" is not an address such as \"127.0.0.1:9090\""),
-                );
-                None
-            }
-        },
-        None => {
-            t.error(
-                "listen",
-                "required: the admin API's address, such as \"127.0.0.1:9090\"",
-            );
-            None
-        }
-    };
+    let listen = t.listen("the admin API's address");
     let tokens_file = t.str("tokens_file").map(PathBuf::from);
     let tokens_env = t.str("tokens_env").map(str::to_owned);
     if let Some(name) = &tokens_env {

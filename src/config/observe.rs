@@ -329,25 +329,7 @@ pub fn read_audit_log(table: Option<Table<'_>>) -> Option<AuditLogConfig> {
 
 pub fn read_metrics(table: Option<Table<'_>>) -> Option<MetricsConfig> {
     let t = table?;
-    let listen = match t.str("listen") {
-        Some(text) => match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                t.error(
-                    "listen",
-                    format!("\"{text}\" is not an address such as \"127.0.0.1:9090\""),
-                );
-                None
-            }
-        },
-        None => {
-            t.error(
-                "listen",
-                "required: the address of the metrics endpoint, such as \"127.0.0.1:9090\"",
-            );
-            None
-        }
-    };
+    let listen = t.listen("the address of the metrics endpoint");
     let mut path = defaults::METRICS_PATH.to_owned();
     if let Some(p) = t.str("path") {
         if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) {

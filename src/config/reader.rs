@@ -163,6 +163,27 @@ impl<'a> Table<'a> {
         picked
     }
 
+    /// The required `listen` address of an endpoint (`what` names it in
+    /// the error when it is missing).
+    pub fn listen(&self, what: &str) -> Option<std::net::SocketAddr> {
+        match self.str("listen") {
+            Some(text) => match text.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    self.error(
+                        "listen",
+                        format!("\"{text}\" is not an address such as \"127.0.0.1:9090\""),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.error("listen", format!("required: {what}, such as \"127.0.0.1:9090\""));
+                None
+            }
+        }
+    }
+
     pub fn str(&self, key: &'static str) -> Option<&'a str> {
         self.typed(key, "a string", Value::as_str)
     }
