@@ -233,7 +233,10 @@ impl Snapshot {
                 kept.adaptive.as_ref(),
                 &mut next.adaptive,
                 (a.clone(), names),
-                |(a, names)| Adaptive::new(a, names.clone()),
+                |(a, names)| match &kept.adaptive {
+                    Some(old) => Adaptive::carried_over(&old.value, a, names.clone()),
+                    None => Adaptive::new(a, names.clone()),
+                },
             )
         });
         let shedders = config

@@ -333,7 +333,7 @@ fn flood_from_eight(
 
 fn adaptive_config(origin: SocketAddr, mode: &str, audit: &std::path::Path) -> String {
     format!(
-        "{}\n[protect.adaptive]\nmode = \"{mode}\"\nwindow = \"200ms\"\nmin_rate = 20\nenter_after = 2\nleave_after = 2\n[audit_log]\npath = {:?}\n",
+        "{}\n[protect.adaptive]\nmode = \"{mode}\"\nwindow = \"200ms\"\nlearn = \"1s\"\nmin_rate = 20\nenter_after = 2\nleave_after = 2\n[audit_log]\npath = {:?}\n",
         config(origin, "challenge = \"attack\""),
         audit.display().to_string()
     )
@@ -363,6 +363,7 @@ async fn attack_mode_refuses_the_flooding_sources_and_challenges_only_while_on()
     let dir = tempfile::tempdir().expect("tempdir");
     let audit = dir.path().join("audit.jsonl");
     let proxy = start_proxy(&adaptive_config(origin.addr, "enforce", &audit)).await;
+    let_the_detector_learn(&proxy).await;
     // Before any attack, the route does not challenge.
     assert_eq!(get_from(50, proxy.addr).await, Some(StatusCode::OK));
 
@@ -435,6 +436,7 @@ async fn shadow_mode_detects_but_changes_no_response() {
     let dir = tempfile::tempdir().expect("tempdir");
     let audit = dir.path().join("audit.jsonl");
     let proxy = start_proxy(&adaptive_config(origin.addr, "shadow", &audit)).await;
+    let_the_detector_learn(&proxy).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = flood_from_eight(proxy.addr, stop.clone());
     attack_mode_is(&proxy, true).await;
@@ -537,20 +539,29 @@ async fn a_flash_crowd_is_neither_throttled_nor_challenged_nor_banned() {
     // The background window is 5 minutes, so only this test closes
     // windows (by calling tick): no timing involved.
     let toml = format!(
-        "{}\n[protect.adaptive]\nmode = \"enforce\"\nwindow = \"5m\"\nmin_rate = 1\nenter_after = 1\n[protect.bans]\nstrikes = 3\n",
+        "{}\n[protect.adaptive]\nmode = \"enforce\"\nwindow = \"5m\"\nmin_rate = 1\nenter_after = 1\n[protect.bans]\nstrikes = 3\n[protect.load_shedding]\nmode = \"enforce\"\n",
         config(
             origin.addr,
             "challenge = \"attack\"\n[routes.rate_limit]\nrate = \"20/s\"\nburst = 40"
         )
     );
     let proxy = start_proxy(&toml).await;
-    // 200 visitors, each loading three pages with its cookies, like a
+    let adaptive = proxy.snapshot.load_full().adaptive.clone().expect("adaptive");
+    // One quiet window (5 requests) is what the detector learns from.
+    for i in 0..5 {
+        assert_eq!(get_from(40 + i, proxy.addr).await, Some(StatusCode::OK));
+    }
+    let (learned, _) = adaptive.tick().expect("tick");
+    assert!(learned.learning && learned.kind == portcullis::protect::detect::Kind::Normal);
+    // 300 new visitors, each loading three pages with its cookies, like a
     // browser: varied paths and agents.
-    let visitors: Vec<_> = (0..200u16)
+    let visitors: Vec<_> = (0..300u16)
         .map(|i| {
             let addr = proxy.addr;
             tokio::spawn(async move {
-                let mut c = h1_from_block(4, 1 + (i % 250) as u8, addr).await.expect("connect");
+                let mut c = h1_from_block(4 + (i / 250) as u8, 1 + (i % 250) as u8, addr)
+                    .await
+                    .expect("connect");
                 let mut statuses = Vec::new();
                 for page in 0..3 {
                     let req = Request::get(format!("/article/{}", (i * 3 + page) % 97))
@@ -569,7 +580,6 @@ async fn a_flash_crowd_is_neither_throttled_nor_challenged_nor_banned() {
         assert!(v.await.expect("visitor").iter().all(|s| *s == StatusCode::OK));
     }
     let snapshot = proxy.snapshot.load_full();
-    let adaptive = snapshot.adaptive.as_ref().expect("adaptive");
     let (verdict, transition) = adaptive.tick().expect("tick");
     assert_eq!(
         verdict.kind,
@@ -580,6 +590,6 @@ async fn a_flash_crowd_is_neither_throttled_nor_challenged_nor_banned() {
     assert!(transition.is_none() && !adaptive.in_attack());
     let bans = snapshot.bans.as_ref().expect("bans");
     assert!(bans.list(portcullis::upstream::health::now_ms()).is_empty());
-    assert_eq!(origin.requests(), 600);
+    assert_eq!(origin.requests(), 905);
     proxy.shutdown().await;
 }

@@ -90,6 +90,10 @@ pub mod defaults {
     pub const ADAPTIVE_MIN_RATE: f64 = 50.0;
     pub const ADAPTIVE_ENTER_AFTER: u32 = 2;
     pub const ADAPTIVE_LEAVE_AFTER: u32 = 6;
+    /// Traffic a scope learns from before it judges (docs/protection.md).
+    pub const ADAPTIVE_LEARN: Duration = Duration::from_secs(60);
+    /// Time between the two calm visits that earn a client trust.
+    pub const ADAPTIVE_TRUST_AFTER: Duration = Duration::from_secs(300);
     /// One request per second, no burst, for an attack's sources.
     pub const ADAPTIVE_SUSPECT_RATE: (u32, Duration, u32) = (1, Duration::from_secs(1), 1);
     pub const SHEDDING_INITIAL_LIMIT: u32 = 100;
@@ -102,6 +106,9 @@ pub mod defaults {
     pub const BAN_WINDOW: Duration = Duration::from_secs(60);
     pub const BAN_DURATION: Duration = Duration::from_secs(600);
     pub const BAN_MAX_TRACKED: usize = 100_000;
+    /// Automatic bans per minute at most: a wrong verdict cannot shut out
+    /// a whole population at once.
+    pub const BAN_MAX_PER_MINUTE: u32 = 100;
     /// The client certificate's subject and fingerprint fields.
     pub const CLIENT_CERT_SUBJECT_HEADER: &str = "x-client-cert-subject";
     pub const CLIENT_CERT_FINGERPRINT_HEADER: &str = "x-client-cert-sha256";

@@ -158,8 +158,9 @@ impl Default for LoadSheddingConfig {
 }
 
 /// `[protect.bans]`: a client that collects `strikes` (challenges it did
-/// not pass, requests refused by a rate limit or as an attack source)
-/// within `window` is banned for `duration`.
+/// not pass, requests refused by a route's rate limit) within `window` is
+/// banned for `duration`, at most `max_per_minute` clients a minute, never
+/// one in `never_ban`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BanConfig {
     pub mode: ProtectMode,
@@ -168,6 +169,10 @@ pub struct BanConfig {
     pub duration: Duration,
     /// Clients tracked at once (strike counters and bans together).
     pub max_tracked: usize,
+    /// Networks never banned (an API partner, an allowed crawler, a NAT).
+    pub never_ban: Vec<IpNet>,
+    /// Automatic bans made per minute at most.
+    pub max_per_minute: u32,
 }
 
 impl Default for BanConfig {
@@ -178,6 +183,8 @@ impl Default for BanConfig {
             window: defaults::BAN_WINDOW,
             duration: defaults::BAN_DURATION,
             max_tracked: defaults::BAN_MAX_TRACKED,
+            never_ban: Vec::new(),
+            max_per_minute: defaults::BAN_MAX_PER_MINUTE,
         }
     }
 }
@@ -205,6 +212,15 @@ pub struct AdaptiveConfig {
     /// The rate each heavy source of a few-source attack is held to while
     /// attack mode is on (ladder step 1: tighten, per offending key).
     pub suspect_rate: Rate,
+    /// Traffic each scope learns from before judging spikes (0: judge from
+    /// the first window).
+    pub learn: Duration,
+    /// An absolute ceiling (requests per second) that makes a spike
+    /// whatever the baseline, while learning too.
+    pub max_rate: Option<f64>,
+    /// How far apart two calm visits must be for a client to be trusted
+    /// by load shedding's reserve (the client memory's generation).
+    pub trust_after: Duration,
 }
 
 /// When a route challenges clients.
@@ -231,6 +247,9 @@ fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
             period: defaults::ADAPTIVE_SUSPECT_RATE.1,
             burst: defaults::ADAPTIVE_SUSPECT_RATE.2,
         },
+        learn: defaults::ADAPTIVE_LEARN,
+        max_rate: None,
+        trust_after: defaults::ADAPTIVE_TRUST_AFTER,
     };
     let mode = read_mode(&t, ProtectMode::Shadow);
     if let Some(w) = t.duration("window") {
@@ -254,6 +273,27 @@ fn read_adaptive(table: Option<Table<'_>>) -> Option<AdaptiveConfig> {
             } else {
                 t.error(key, format!("must be between 1 and 1000 windows, found {n}"));
             }
+        }
+    }
+    if let Some(d) = t.duration("learn") {
+        if d > Duration::from_secs(3600) {
+            t.error("learn", "must be at most 1h (0s judges from the first window)");
+        } else {
+            config.learn = d;
+        }
+    }
+    if let Some(n) = t.uint("max_rate") {
+        if n == 0 {
+            t.error("max_rate", "must be at least 1 request per second");
+        } else {
+            config.max_rate = Some(n as f64);
+        }
+    }
+    if let Some(d) = t.duration("trust_after") {
+        if d < config.window || d > Duration::from_secs(3600) {
+            t.error("trust_after", "must be between the window and 1h");
+        } else {
+            config.trust_after = d;
         }
     }
     if let Some(rate) = read_rate(&t, "suspect_rate", "suspect_burst") {
@@ -581,6 +621,8 @@ fn read_bans(table: Option<Table<'_>>) -> Option<BanConfig> {
             t.error("max_tracked", format!("must be between 100 and 10000000, found {n}"));
         }
     }
+    c.never_ban = cidrs(&t, "never_ban");
+    read_count(&t, "max_per_minute", 1, 1_000_000, &mut c.max_per_minute);
     t.finish();
     Some(BanConfig { mode: mode?, ..c })
 }

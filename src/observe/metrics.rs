@@ -142,6 +142,8 @@ pub struct Metrics {
     /// 1 while attack mode is on.
     pub attack_mode: Gauge,
     pub bans_total: Counter,
+    /// Bans not made because `max_per_minute` was reached.
+    pub bans_capped_total: Counter,
     bans_active: Gauge,
     concurrency_limit: Family<UpstreamLabels, Gauge>,
     cache_requests: Family<CacheLabels, Counter>,
@@ -290,6 +292,12 @@ impl Metrics {
             "Clients banned (or, in shadow mode, that would be)",
             bans_total.clone(),
         );
+        let bans_capped_total = Counter::default();
+        registry.register(
+            "bans_capped",
+            "Bans not made because protect.bans.max_per_minute was reached",
+            bans_capped_total.clone(),
+        );
         let bans_active = Gauge::default();
         registry.register("bans_active", "Bans in force", bans_active.clone());
         let concurrency_limit = Family::<UpstreamLabels, Gauge>::default();
@@ -343,6 +351,7 @@ impl Metrics {
             audit_records,
             attack_mode,
             bans_total,
+            bans_capped_total,
             bans_active,
             concurrency_limit,
             cache_requests,

@@ -12,11 +12,14 @@
 //! - [`audit`]: the hash-chained audit log and its verifier;
 //! - [`metrics`]: Prometheus families and the metrics endpoint;
 //! - [`request_id`]: UUIDv7 request ids and `traceparent`;
-//! - [`clock`]: timestamp formats.
+//! - [`clock`]: timestamp formats;
+//! - [`diag`]: the proxy's own log lines under load, one per kind and
+//!   second.
 
 pub mod access;
 pub mod audit;
 pub mod clock;
+pub mod diag;
 pub mod metrics;
 pub mod request_id;
 

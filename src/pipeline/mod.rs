@@ -144,8 +144,12 @@ async fn handle_inner(
         Ok(response) => (response, None),
         Err(error) => {
             let phase = trace.phase.as_str();
-            if error.is_upstream() {
-                tracing::warn!(phase, peer = %conn.peer, %method, %error, "request failed upstream");
+            if matches!(error, ProxyError::Overloaded { .. }) {
+                // Logged (one line a second) where it was shed.
+            } else if error.is_upstream() {
+                if let Some(left_out) = crate::observe::diag::UPSTREAM_FAILED.admit_now() {
+                    tracing::warn!(phase, peer = %conn.peer, %method, %error, left_out, "request failed upstream");
+                }
             } else {
                 tracing::debug!(phase, peer = %conn.peer, %method, %error, "request refused");
             }

@@ -12,6 +12,8 @@ use super::ConnInfo;
 use crate::body::ProxyBody;
 use crate::config::ChallengeWhen;
 use crate::error::ProxyError;
+use crate::observe::diag;
+use crate::protect::bans::StrikeKind;
 use crate::protect::detect::Sample;
 use crate::protect::{Strike, adaptive, network, shedding};
 use crate::state::Snapshot;
@@ -21,7 +23,9 @@ use crate::upstream::balance;
 /// lists (403), attack mode (a tightened rate for the flooding sources,
 /// 429 beyond it), the route's rate limit (429) and the challenge (a 307
 /// answer). `Ok(None)`: the request goes on. Challenges sent and requests
-/// refused by a rate are strikes toward a ban.
+/// refused by the route's own rate limit are strikes toward a ban;
+/// refusals by attack mode's tightened rate are not (a verdict is not
+/// evidence).
 pub fn check_request(
     req: &Request<Incoming>,
     conn: &ConnInfo,
@@ -48,6 +52,9 @@ pub fn check_request(
         if bans.is_banned(client, now_ms) {
             if bans.enforced() {
                 *protection = Some("banned");
+                if let Some(left_out) = diag::BANNED.admit_now() {
+                    tracing::info!(phase = "protect", client = %bans.shown(client), left_out, "request of a banned client refused");
+                }
                 // Over HTTP/2 too, the connection ends (GOAWAY): the next
                 // one meets the ban at accept.
                 conn.close.notify_one();
@@ -71,7 +78,10 @@ pub fn check_request(
             // Only a limit of the address itself is the address's doing;
             // a shared prefix, API key or cookie could strike neighbours.
             if limit.config_key() == &crate::config::RateKey::ClientIp {
-                strike(snapshot, client, now_ms);
+                strike(snapshot, client, now_ms, StrikeKind::RateLimited);
+            }
+            if let Some(left_out) = diag::REFUSED.admit_now() {
+                tracing::info!(phase = "protect", %client, route = %route.name, left_out, "request refused by the route's rate limit");
             }
             return Err(ProxyError::RateLimited {
                 retry_after: retry_after(wait),
@@ -80,7 +90,10 @@ pub fn check_request(
     }
     if challenge && !has_valid_cookie(req.headers(), snapshot, client) {
         *protection = Some("challenged");
-        strike(snapshot, client, now_ms);
+        strike(snapshot, client, now_ms, StrikeKind::Challenged);
+        if let Some(left_out) = diag::CHALLENGED.admit_now() {
+            tracing::info!(phase = "protect", %client, route = %route.name, left_out, "challenge sent");
+        }
         let now = crate::state::unix_now();
         return Ok(Some(challenge_response(
             req,
@@ -93,8 +106,8 @@ pub fn check_request(
 }
 
 /// Attack mode's part of `protect`: the request is counted by the
-/// detector; while an attack is on, a flooding source over its tightened
-/// rate is refused (429, a strike), and routes with `challenge = "attack"`
+/// detector; while an attack is on, a suspect over its tightened rate is
+/// refused (429, not a strike), and routes with `challenge = "attack"`
 /// challenge. Returns whether to challenge; in shadow mode only the
 /// `protection` word says what would have been done.
 fn attack_mode(
@@ -121,7 +134,9 @@ fn attack_mode(
         if let Err(wait) = adaptive.check_suspect(client_key) {
             if enforce {
                 *protection = Some("attack_source_limited");
-                strike(snapshot, client, crate::upstream::health::now_ms());
+                if let Some(left_out) = diag::REFUSED.admit_now() {
+                    tracing::info!(phase = "protect", %client, left_out, "attack source held to suspect_rate");
+                }
                 return Err(ProxyError::RateLimited {
                     retry_after: retry_after(wait),
                 });
@@ -129,7 +144,9 @@ fn attack_mode(
             *protection = Some("shadow_attack_source");
         }
     }
-    if snapshot.config.routes[route_index].challenge != ChallengeWhen::DuringAttack {
+    if snapshot.config.routes[route_index].challenge != ChallengeWhen::DuringAttack || adaptive.is_known(client_key) {
+        // Known clients (trusted, or heavy with a calm history) are not
+        // challenged by attack mode.
         return Ok(false);
     }
     if !enforce && protection.is_none() {
@@ -141,8 +158,8 @@ fn attack_mode(
 /// The `admit` phase's load shedding: when the upstream group has as
 /// many requests waiting for response headers as its adaptive concurrency
 /// limit allows, untrusted clients are answered `503` at once; trusted
-/// ones (seen before the spike, or with a valid challenge cookie) may use
-/// the reserve. Only past the untrusted share of the limit is the client
+/// ones (a valid challenge cookie, or a calm history the detector has seen
+/// over two generations and never in a spike) may use the reserve. Only past the untrusted share of the limit is the client
 /// looked at, so a calm proxy pays two atomic loads. An admitted request
 /// counts as waiting until the returned guard is dropped.
 pub fn check_load(
@@ -170,7 +187,7 @@ pub fn check_load(
     let can_tell = snapshot.adaptive.is_some() || route.challenge != ChallengeWhen::Never;
     let trusted = !can_tell
         || snapshot.adaptive.as_ref().is_some_and(|a| {
-            a.is_returning(adaptive::client_hash(network(
+            a.is_trusted(adaptive::client_hash(network(
                 client,
                 snapshot.config.protect.ipv6_prefix,
             )))
@@ -183,6 +200,9 @@ pub fn check_load(
     }
     if shedder.mode.enforced() {
         *protection = Some("shed");
+        if let Some(left_out) = diag::SHED.admit_now() {
+            tracing::warn!(phase = "admit", %client, route = %route.name, limit = shedder.limit(), left_out, "request shed: the upstream group is at its concurrency limit");
+        }
         return Err(ProxyError::Overloaded {
             retry_after: shedder.retry_after,
         });
@@ -217,18 +237,30 @@ fn retry_after(wait: std::time::Duration) -> u32 {
         .max(1)
 }
 
-/// Counts a strike toward a ban; logs, audits and counts a new ban.
-fn strike(snapshot: &Snapshot, client: std::net::IpAddr, now_ms: u64) {
+/// Counts a strike toward a ban; logs (one line a second), audits and
+/// counts a new ban with its evidence.
+fn strike(snapshot: &Snapshot, client: std::net::IpAddr, now_ms: u64, kind: StrikeKind) {
     let Some(bans) = &snapshot.bans else { return };
-    if bans.strike(client, now_ms) == Strike::Banned {
+    let tally = match bans.strike(client, now_ms, kind) {
+        Strike::Banned(tally) => tally,
+        Strike::Capped => {
+            if let Some(m) = &snapshot.observe.metrics {
+                m.bans_capped_total.inc();
+            }
+            if let Some(left_out) = diag::BANS.admit_now() {
+                tracing::warn!(phase = "protect", client = %bans.shown(client), max_per_minute = bans.config.max_per_minute, left_out, "ban not made: max_per_minute reached");
+            }
+            return;
+        }
+        Strike::Counted | Strike::Ignored => return,
+    };
+    {
         let mode = if bans.enforced() { "enforce" } else { "shadow" };
         let seconds = bans.config.duration.as_secs();
-        let reason = format!(
-            "{} strikes (challenges or refused requests) within {}s",
-            bans.config.strikes,
-            bans.config.window.as_secs()
-        );
-        tracing::warn!(phase = "protect", client = %bans.shown(client), %mode, seconds, %reason, "client banned");
+        let reason = tally.reasons(bans.config.window);
+        if let Some(left_out) = diag::BANS.admit_now() {
+            tracing::warn!(phase = "protect", client = %bans.shown(client), %mode, seconds, %reason, left_out, "client banned");
+        }
         if let Some(m) = &snapshot.observe.metrics {
             m.bans_total.inc();
         }

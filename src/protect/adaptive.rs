@@ -29,6 +29,8 @@ pub struct Adaptive {
     suspects: ArcSwap<Vec<u64>>,
     /// Follows attack mode, for whoever waits on a change (admin API, tests).
     mode: tokio::sync::watch::Sender<bool>,
+    /// Windows closed so far, for whoever waits on a verdict (tests).
+    windows: tokio::sync::watch::Sender<u64>,
     /// The tightened rate of each suspect (ladder step 1).
     suspect_limiter: Limiter,
 }
@@ -50,6 +52,9 @@ impl Adaptive {
             min_rate: config.min_rate,
             enter_after: config.enter_after,
             leave_after: config.leave_after,
+            learn: config.learn.as_secs_f64(),
+            max_rate: config.max_rate,
+            trust_generation: (config.trust_after.as_secs_f64() / config.window.as_secs_f64()).ceil() as u32,
             ..Settings::default()
         };
         Adaptive {
@@ -59,6 +64,7 @@ impl Adaptive {
             attack: AtomicBool::new(false),
             suspects: ArcSwap::from_pointee(Vec::new()),
             mode: tokio::sync::watch::Sender::new(false),
+            windows: tokio::sync::watch::Sender::new(0),
             suspect_limiter: Limiter::new(config.suspect_rate),
         }
     }
@@ -69,10 +75,44 @@ impl Adaptive {
         self.suspect_limiter.check(client)
     }
 
-    /// Whether `client` was seen in a calm window before now (a returning
-    /// client, trusted by load shedding).
-    pub fn is_returning(&self, client: u64) -> bool {
-        self.detector.lock().is_ok_and(|d| d.is_returning(client))
+    /// Attack mode of `config` that takes over what `old` learned
+    /// (baselines, heavy clients' histories, the client memory, attack
+    /// mode and its suspects): a reload that rebuilt it. `old` is only
+    /// read, so a dry run changes nothing.
+    pub fn carried_over(old: &Adaptive, config: &AdaptiveConfig, routes: Vec<String>) -> Adaptive {
+        let next = Adaptive::new(config, routes);
+        if let (Ok(mut detector), Ok(before)) = (next.detector.lock(), old.detector.lock()) {
+            detector.carry_over(&before);
+        }
+        let attack = old.in_attack();
+        next.attack.store(attack, Ordering::Relaxed);
+        next.mode.send_replace(attack);
+        next.suspects.store(old.suspects.load_full());
+        next
+    }
+
+    /// Whether `client` has earned trust for load shedding's reserve: seen
+    /// in calm windows of two generations (`trust_after` apart), never
+    /// part of a spike before that.
+    pub fn is_trusted(&self, client: u64) -> bool {
+        self.detector.lock().is_ok_and(|d| d.is_trusted(client))
+    }
+
+    /// Whether attack mode leaves `client` alone when it challenges: a
+    /// client the detector trusts, or a heavy client with a calm history
+    /// (an API partner that keeps no cookies would otherwise be shut
+    /// out). A suspect is never known: its rate changed.
+    pub fn is_known(&self, client: u64) -> bool {
+        !self.is_suspect(client)
+            && self
+                .detector
+                .lock()
+                .is_ok_and(|d| d.is_trusted(client) || d.is_known_heavy(client))
+    }
+
+    /// A receiver of the count of windows closed.
+    pub fn windows(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.windows.subscribe()
     }
 
     /// Forgets idle suspect keys.
@@ -96,6 +136,7 @@ impl Adaptive {
         };
         self.attack.store(attack, Ordering::Relaxed);
         self.mode.send_if_modified(|on| std::mem::replace(on, attack) != attack);
+        self.windows.send_modify(|n| *n += 1);
         let few_sources = verdict.kind == Kind::Attack && verdict.reasons.iter().any(|r| r.contains("few sources"));
         let suspects = if attack && few_sources {
             verdict.top_sources.clone()

@@ -30,8 +30,58 @@ const SHARDS: usize = 16;
 
 #[derive(Debug, Clone, Copy)]
 enum Entry {
-    Striking { since: u64, strikes: u32 },
+    Striking { since: u64, tally: Tally },
     Banned { until: u64 },
+}
+
+/// What a strike was: the evidence a ban rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrikeKind {
+    /// A request refused by a route's own `rate_limit` (keyed by the
+    /// client address): the operator's limit, not attack mode's.
+    RateLimited,
+    /// A challenge sent to a client without a valid cookie.
+    Challenged,
+}
+
+/// The strikes of one client within the window, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub rate_limited: u32,
+    pub challenged: u32,
+}
+
+impl Tally {
+    pub fn total(&self) -> u32 {
+        self.rate_limited.saturating_add(self.challenged)
+    }
+
+    fn add(&mut self, kind: StrikeKind) {
+        match kind {
+            StrikeKind::RateLimited => self.rate_limited = self.rate_limited.saturating_add(1),
+            StrikeKind::Challenged => self.challenged = self.challenged.saturating_add(1),
+        }
+    }
+
+    /// The reasons of a ban, for the logs.
+    pub fn reasons(&self, window: std::time::Duration) -> String {
+        let mut parts = Vec::new();
+        if self.rate_limited > 0 {
+            parts.push(format!(
+                "{} requests refused by the route's rate limit",
+                self.rate_limited
+            ));
+        }
+        if self.challenged > 0 {
+            parts.push(format!("{} challenges not passed", self.challenged));
+        }
+        format!(
+            "{} strikes within {}s: {}",
+            self.total(),
+            window.as_secs(),
+            parts.join(", ")
+        )
+    }
 }
 
 /// A ban as the admin API lists it.
@@ -47,8 +97,12 @@ pub struct BanInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strike {
     Counted,
-    /// This strike started a ban.
-    Banned,
+    /// This strike started a ban, on this evidence.
+    Banned(Tally),
+    /// This strike would have started a ban, but `max_per_minute`
+    /// automatic bans were already made this minute (the strikes stay
+    /// counted: the next one tries again).
+    Capped,
     /// Not tracked: exempt, already banned, or the table is full.
     Ignored,
 }
@@ -66,6 +120,8 @@ pub struct Bans {
     banned: AtomicUsize,
     /// IPv6 prefix length of a banned unit.
     v6_bits: u8,
+    /// Automatic bans of the current minute: (minute, count).
+    this_minute: Mutex<(u64, u32)>,
 }
 
 impl Bans {
@@ -92,15 +148,20 @@ impl Bans {
 }
 
 impl Bans {
+    /// Bans of `config`; `exempt` (the trusted proxies) and the config's
+    /// `never_ban` networks are never banned.
     pub fn new(config: &BanConfig, exempt: &[IpNet]) -> Bans {
+        let mut exempt = exempt.to_vec();
+        exempt.extend(config.never_ban.iter().copied());
         Bans {
             config: config.clone(),
             mode: super::StepMode::new(config.mode),
-            exempt: exempt.to_vec(),
+            exempt,
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             tracked: AtomicUsize::new(0),
             banned: AtomicUsize::new(0),
             v6_bits: 64,
+            this_minute: Mutex::new((0, 0)),
         }
     }
 
@@ -147,8 +208,8 @@ impl Bans {
         matches!(shard.get(&key), Some(Entry::Banned { until }) if *until > now)
     }
 
-    /// Counts one strike against `ip` at `now`.
-    pub fn strike(&self, ip: IpAddr, now: u64) -> Strike {
+    /// Counts one strike of `kind` against `ip` at `now`.
+    pub fn strike(&self, ip: IpAddr, now: u64, kind: StrikeKind) -> Strike {
         let ip = ip.to_canonical();
         if self.exempt(ip) {
             return Strike::Ignored;
@@ -176,21 +237,26 @@ impl Bans {
                 self.tracked.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let entry = shard.entry(key).or_insert(Entry::Striking { since: now, strikes: 0 });
+        let entry = shard.entry(key).or_insert(Entry::Striking {
+            since: now,
+            tally: Tally::default(),
+        });
         match entry {
             Entry::Banned { until } if *until > now => Strike::Ignored,
             Entry::Banned { .. } => {
                 // An expired ban: start counting afresh.
                 self.banned.fetch_sub(1, Ordering::Relaxed);
-                *entry = Entry::Striking { since: now, strikes: 1 };
+                let mut tally = Tally::default();
+                tally.add(kind);
+                *entry = Entry::Striking { since: now, tally };
                 self.check(entry, now)
             }
-            Entry::Striking { since, strikes } => {
+            Entry::Striking { since, tally } => {
                 if now.saturating_sub(*since) > window {
                     *since = now;
-                    *strikes = 0;
+                    *tally = Tally::default();
                 }
-                *strikes += 1;
+                tally.add(kind);
                 self.check(entry, now)
             }
         }
@@ -198,15 +264,34 @@ impl Bans {
 
     fn check(&self, entry: &mut Entry, now: u64) -> Strike {
         match *entry {
-            Entry::Striking { strikes, .. } if strikes >= self.config.strikes => {
+            Entry::Striking { tally, .. } if tally.total() >= self.config.strikes => {
+                if !self.spend_ban(now) {
+                    return Strike::Capped;
+                }
                 *entry = Entry::Banned {
                     until: now + self.config.duration.as_millis() as u64,
                 };
                 self.banned.fetch_add(1, Ordering::Relaxed);
-                Strike::Banned
+                Strike::Banned(tally)
             }
             _ => Strike::Counted,
         }
+    }
+
+    /// Takes one of this minute's `max_per_minute` automatic bans.
+    fn spend_ban(&self, now: u64) -> bool {
+        let minute = now / 60_000;
+        let Ok(mut spent) = self.this_minute.lock() else {
+            return false;
+        };
+        if spent.0 != minute {
+            *spent = (minute, 0);
+        }
+        if spent.1 >= self.config.max_per_minute {
+            return false;
+        }
+        spent.1 += 1;
+        true
     }
 
     /// Bans `ip` until `until` (admin API).
@@ -340,10 +425,10 @@ mod tests {
     fn strikes_within_the_window_ban_until_the_duration_ends() {
         let b = bans(3);
         let a = ip("192.0.2.1");
-        assert_eq!(b.strike(a, 0), Strike::Counted);
-        assert_eq!(b.strike(a, 1000), Strike::Counted);
+        assert_eq!(b.strike(a, 0, StrikeKind::RateLimited), Strike::Counted);
+        assert_eq!(b.strike(a, 1000, StrikeKind::RateLimited), Strike::Counted);
         assert!(!b.is_banned(a, 1000));
-        assert_eq!(b.strike(a, 2000), Strike::Banned);
+        assert!(matches!(b.strike(a, 2000, StrikeKind::RateLimited), Strike::Banned(_)));
         assert!(b.is_banned(a, 2000));
         assert!(b.is_banned(a, 61_999));
         assert!(!b.is_banned(a, 62_000), "bans expire");
@@ -363,7 +448,7 @@ mod tests {
         let a = ip("192.0.2.1");
         for i in 0..100u64 {
             // Two strikes per 11 s window: always under three.
-            b.strike(a, i * 5_500);
+            b.strike(a, i * 5_500, StrikeKind::RateLimited);
         }
         assert!(!b.is_banned(a, 550_000));
     }
@@ -371,21 +456,24 @@ mod tests {
     #[test]
     fn trusted_proxies_are_never_banned() {
         let b = bans(1);
-        assert_eq!(b.strike(ip("10.1.2.3"), 0), Strike::Ignored);
+        assert_eq!(b.strike(ip("10.1.2.3"), 0, StrikeKind::RateLimited), Strike::Ignored);
         assert!(!b.is_banned(ip("10.1.2.3"), 0));
     }
 
     #[test]
     fn ipv6_clients_are_banned_by_64() {
         let b = bans(2);
-        b.strike(ip("2001:db8:1:2::1"), 0);
-        assert_eq!(b.strike(ip("2001:db8:1:2::ffff"), 0), Strike::Banned);
+        b.strike(ip("2001:db8:1:2::1"), 0, StrikeKind::RateLimited);
+        assert!(matches!(
+            b.strike(ip("2001:db8:1:2::ffff"), 0, StrikeKind::RateLimited),
+            Strike::Banned(_)
+        ));
         assert!(b.is_banned(ip("2001:db8:1:2:abcd::9"), 1));
         assert!(!b.is_banned(ip("2001:db8:1:3::1"), 1));
         assert_eq!(b.shown(ip("2001:db8:1:2::1")), "2001:db8:1:2::/64");
         let mapped = ip("::ffff:192.0.2.7");
-        b.strike(mapped, 0);
-        b.strike(ip("192.0.2.7"), 0);
+        b.strike(mapped, 0, StrikeKind::RateLimited);
+        b.strike(ip("192.0.2.7"), 0, StrikeKind::RateLimited);
         assert!(b.is_banned(ip("192.0.2.7"), 1), "IPv4-mapped counts as IPv4");
     }
 
@@ -393,12 +481,16 @@ mod tests {
     fn memory_is_bounded_and_housekeeping_frees_it() {
         let b = bans(5);
         for i in 0..5000u32 {
-            b.strike(IpAddr::from((0xC000_0000u32 + i).to_be_bytes()), 0);
+            b.strike(
+                IpAddr::from((0xC000_0000u32 + i).to_be_bytes()),
+                0,
+                StrikeKind::RateLimited,
+            );
         }
         assert!(b.tracked() <= 1000, "never more than max_tracked: {}", b.tracked());
         b.housekeeping(20_000);
         assert_eq!(b.tracked(), 0, "stale strike counts are dropped");
-        b.strike(ip("192.0.2.1"), 20_000);
+        b.strike(ip("192.0.2.1"), 20_000, StrikeKind::RateLimited);
         assert_eq!(b.tracked(), 1);
     }
 
@@ -407,11 +499,15 @@ mod tests {
         let b = bans(3);
         // One strike each from 100,000 addresses fills every shard.
         for i in 0..100_000u32 {
-            b.strike(IpAddr::from((0xC000_0000u32 + i).to_be_bytes()), 0);
+            b.strike(
+                IpAddr::from((0xC000_0000u32 + i).to_be_bytes()),
+                0,
+                StrikeKind::RateLimited,
+            );
         }
         let flooder = ip("198.51.100.9");
         for _ in 0..3 {
-            b.strike(flooder, 1);
+            b.strike(flooder, 1, StrikeKind::RateLimited);
         }
         assert!(b.is_banned(flooder, 2), "a full table does not stop a ban");
         assert!(b.tracked() <= 1000);
@@ -426,10 +522,79 @@ mod tests {
             },
             &["2001:db8::10/128".parse().expect("net")],
         );
-        assert_eq!(b.strike(ip("2001:db8::99"), 0), Strike::Banned);
+        assert!(matches!(
+            b.strike(ip("2001:db8::99"), 0, StrikeKind::RateLimited),
+            Strike::Banned(_)
+        ));
         assert!(b.is_banned(ip("2001:db8::98"), 1), "the /64 is banned");
         assert!(!b.is_banned(ip("2001:db8::10"), 1), "but not the trusted proxy in it");
         assert_eq!(b.active_count(1), 1);
+    }
+
+    #[test]
+    fn never_ban_networks_are_never_banned_and_bans_carry_their_evidence() {
+        let b = Bans::new(
+            &BanConfig {
+                strikes: 3,
+                never_ban: vec!["203.0.113.0/24".parse().expect("net")],
+                ..BanConfig::default()
+            },
+            &[],
+        );
+        let partner = ip("203.0.113.8");
+        for i in 0..10 {
+            assert_eq!(b.strike(partner, i, StrikeKind::RateLimited), Strike::Ignored);
+        }
+        assert!(!b.is_banned(partner, 10));
+        let a = ip("198.51.100.1");
+        b.strike(a, 0, StrikeKind::RateLimited);
+        b.strike(a, 1, StrikeKind::Challenged);
+        let Strike::Banned(tally) = b.strike(a, 2, StrikeKind::RateLimited) else {
+            panic!("the third strike bans");
+        };
+        assert_eq!(
+            tally,
+            Tally {
+                rate_limited: 2,
+                challenged: 1
+            }
+        );
+        assert_eq!(
+            tally.reasons(Duration::from_secs(60)),
+            "3 strikes within 60s: 2 requests refused by the route's rate limit, 1 challenges not passed"
+        );
+    }
+
+    #[test]
+    fn automatic_bans_are_capped_per_minute() {
+        let b = Bans::new(
+            &BanConfig {
+                strikes: 1,
+                max_per_minute: 5,
+                ..BanConfig::default()
+            },
+            &[],
+        );
+        let results: Vec<Strike> = (0..8u32)
+            .map(|i| {
+                b.strike(
+                    IpAddr::from((0xC633_6400u32 + i).to_be_bytes()),
+                    1_000,
+                    StrikeKind::Challenged,
+                )
+            })
+            .collect();
+        assert_eq!(results.iter().filter(|r| matches!(r, Strike::Banned(_))).count(), 5);
+        assert_eq!(results.iter().filter(|r| **r == Strike::Capped).count(), 3);
+        let late = IpAddr::from((0xC633_6400u32 + 7).to_be_bytes());
+        assert!(!b.is_banned(late, 1_001), "capped: not banned");
+        assert!(
+            matches!(b.strike(late, 60_000, StrikeKind::Challenged), Strike::Banned(_)),
+            "the next minute bans it: its strikes stayed counted"
+        );
+        // The operator's bans are never capped.
+        b.ban(ip("192.0.2.50"), 100_000);
+        assert!(b.is_banned(ip("192.0.2.50"), 60_001));
     }
 
     #[test]

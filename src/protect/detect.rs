@@ -3,9 +3,12 @@
 //! Every request is reduced to a [`Sample`] (hashes of its client and of its
 //! signature, whether it carries cookies) and counted into the current
 //! window. When a window closes ([`Detector::tick`]), its rate is compared
-//! with a long-term baseline (EWMA); a spike is then classified by what it
-//! is made of:
-//! - **few sources**: the top 8 clients send most of it;
+//! with a long-term baseline (EWMA), once the scope has learned its
+//! traffic (`learn`: before that, only an operator's `max_rate` makes a
+//! spike); a spike is then classified by what it is made of:
+//! - **few sources**: heavy clients whose rate changed against their own
+//!   history (or that have none) send most of it: a heavy client sending
+//!   what it always sent is never a sign;
 //! - **one signature**: most requests share one signature (method, path,
 //!   header names in order, user agent) across many clients;
 //! - **new cookieless clients on one signature**: nearly all requests come
@@ -17,216 +20,14 @@
 //! carries its reasons with their numbers.
 //!
 //! Memory is bounded whatever the number of clients: heavy hitters by
-//! space-saving top-k, distinct clients by HyperLogLog, "seen before" by two
-//! generations of a Bloom filter. Nothing here reads a clock or does I/O.
+//! space-saving top-k, distinct clients by HyperLogLog, "seen before" and
+//! "trusted" by generations of Bloom filters ([`Memory`]), heavy clients'
+//! own histories by a capped table. Nothing here reads a clock or does I/O.
 
 use std::collections::HashMap;
 
-/// An exponentially weighted moving average with time constant `tau`.
-#[derive(Debug, Clone)]
-pub struct Ewma {
-    tau: f64,
-    value: Option<f64>,
-}
-
-impl Ewma {
-    pub fn new(tau_secs: f64) -> Ewma {
-        Ewma {
-            tau: tau_secs.max(1e-9),
-            value: None,
-        }
-    }
-
-    /// Folds in `sample`, observed over `dt` seconds.
-    pub fn update(&mut self, sample: f64, dt: f64) {
-        let alpha = 1.0 - (-dt / self.tau).exp();
-        self.value = Some(match self.value {
-            None => sample,
-            Some(v) => v + alpha * (sample - v),
-        });
-    }
-
-    pub fn value(&self) -> f64 {
-        self.value.unwrap_or(0.0)
-    }
-
-    pub fn is_warm(&self) -> bool {
-        self.value.is_some()
-    }
-}
-
-/// Space-saving top-k (Metwally et al.): at most `capacity` counters; a
-/// new key replaces the smallest counter and inherits its count, so every
-/// key with more than `total / capacity` occurrences is kept.
-#[derive(Debug, Clone)]
-pub struct SpaceSaving {
-    capacity: usize,
-    counts: HashMap<u64, u64>,
-    total: u64,
-}
-
-impl SpaceSaving {
-    pub fn new(capacity: usize) -> SpaceSaving {
-        SpaceSaving {
-            capacity: capacity.max(1),
-            counts: HashMap::with_capacity(capacity.max(1)),
-            total: 0,
-        }
-    }
-
-    pub fn observe(&mut self, key: u64) {
-        self.total += 1;
-        if let Some(c) = self.counts.get_mut(&key) {
-            *c += 1;
-            return;
-        }
-        if self.counts.len() < self.capacity {
-            self.counts.insert(key, 1);
-            return;
-        }
-        // Replace the smallest counter (a linear scan: capacity is small).
-        if let Some((&min_key, &min)) = self.counts.iter().min_by_key(|(_, c)| **c) {
-            self.counts.remove(&min_key);
-            self.counts.insert(key, min + 1);
-        }
-    }
-
-    /// The `n` largest counters, largest first (counts may overestimate by
-    /// at most `total / capacity`).
-    pub fn top(&self, n: usize) -> Vec<(u64, u64)> {
-        let mut all: Vec<(u64, u64)> = self.counts.iter().map(|(k, c)| (*k, *c)).collect();
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        all.truncate(n);
-        all
-    }
-
-    pub fn total(&self) -> u64 {
-        self.total
-    }
-
-    /// Counters in use (never more than the capacity).
-    pub fn len(&self) -> usize {
-        self.counts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.counts.clear();
-        self.total = 0;
-    }
-}
-
-/// HyperLogLog with 2^10 registers (about 3% standard error, 1 KiB).
-#[derive(Debug, Clone)]
-pub struct Hll {
-    registers: Vec<u8>,
-}
-
-const HLL_BITS: u32 = 10;
-
-impl Default for Hll {
-    fn default() -> Self {
-        Hll {
-            registers: vec![0; 1 << HLL_BITS],
-        }
-    }
-}
-
-impl Hll {
-    /// Adds a well-mixed 64-bit hash.
-    pub fn add(&mut self, hash: u64) {
-        let index = (hash >> (64 - HLL_BITS)) as usize;
-        let rest = hash << HLL_BITS | (1 << (HLL_BITS - 1));
-        let rank = rest.leading_zeros() as u8 + 1;
-        if let Some(r) = self.registers.get_mut(index) {
-            *r = (*r).max(rank);
-        }
-    }
-
-    pub fn estimate(&self) -> f64 {
-        let m = self.registers.len() as f64;
-        let sum: f64 = self.registers.iter().map(|r| 2f64.powi(-i32::from(*r))).sum();
-        let raw = 0.7213 / (1.0 + 1.079 / m) * m * m / sum;
-        let zeros = self.registers.iter().filter(|r| **r == 0).count();
-        if raw <= 2.5 * m && zeros > 0 {
-            // Small range: linear counting.
-            m * (m / zeros as f64).ln()
-        } else {
-            raw
-        }
-    }
-
-    pub fn clear(&mut self) {
-        self.registers.iter_mut().for_each(|r| *r = 0);
-    }
-}
-
-/// Two generations of a Bloom filter: "seen within the last one or two
-/// periods", in fixed memory. Clients of the current window go into a
-/// pending filter, merged when the window closes ([`SeenFilter::commit`]),
-/// so a client is "new" for its whole first window.
-#[derive(Debug, Clone)]
-pub struct SeenFilter {
-    current: Vec<u64>,
-    previous: Vec<u64>,
-    pending: Vec<u64>,
-}
-
-const BLOOM_WORDS: usize = 1 << 14; // 2^20 bits = 128 KiB per generation
-
-impl Default for SeenFilter {
-    fn default() -> Self {
-        SeenFilter {
-            current: vec![0; BLOOM_WORDS],
-            previous: vec![0; BLOOM_WORDS],
-            pending: vec![0; BLOOM_WORDS],
-        }
-    }
-}
-
-impl SeenFilter {
-    fn positions(hash: u64) -> [usize; 3] {
-        let bits = (BLOOM_WORDS * 64) as u64;
-        let h2 = hash.rotate_left(21) ^ 0x9E37_79B9_7F4A_7C15;
-        [0u64, 1, 2].map(|i| (hash.wrapping_add(i.wrapping_mul(h2)) % bits) as usize)
-    }
-
-    /// Notes a client of the current window (seen from the next one on).
-    pub fn insert(&mut self, hash: u64) {
-        for p in Self::positions(hash) {
-            self.pending[p / 64] |= 1 << (p % 64);
-        }
-    }
-
-    /// Ends the window: its clients count as seen from now on if `keep`
-    /// (clients of an attack window are not remembered as returning).
-    pub fn commit(&mut self, keep: bool) {
-        if keep {
-            for (c, p) in self.current.iter_mut().zip(&self.pending) {
-                *c |= *p;
-            }
-        }
-        self.pending.iter_mut().for_each(|w| *w = 0);
-    }
-
-    pub fn contains(&self, hash: u64) -> bool {
-        let has = |words: &[u64]| {
-            Self::positions(hash)
-                .iter()
-                .all(|p| words[p / 64] & (1 << (p % 64)) != 0)
-        };
-        has(&self.current) || has(&self.previous)
-    }
-
-    /// Starts a new generation; the oldest is forgotten.
-    pub fn rotate(&mut self) {
-        std::mem::swap(&mut self.current, &mut self.previous);
-        self.current.iter_mut().for_each(|w| *w = 0);
-    }
-}
+mod sketches;
+pub use sketches::{Bloom, Ewma, Hll, Memory, SpaceSaving, TRUST_GENERATIONS, TRUST_SEEN_IN};
 
 /// One request, as the detector sees it.
 #[derive(Debug, Clone, Copy)]
@@ -259,8 +60,16 @@ pub struct Settings {
     /// Windows in a row to enter / leave attack mode.
     pub enter_after: u32,
     pub leave_after: u32,
-    /// Windows per generation of the "seen before" filter.
-    pub seen_generation: u32,
+    /// Windows per generation of the client memory ([`Memory`]): trust
+    /// takes at least one generation to earn.
+    pub trust_generation: u32,
+    /// Seconds of traffic (windows with at least one request) a scope
+    /// learns from before it judges spikes against its baseline; until
+    /// then only `max_rate` makes a spike.
+    pub learn: f64,
+    /// An absolute ceiling (requests per second): a window above it is a
+    /// spike whatever the baseline, learned or not.
+    pub max_rate: Option<f64>,
 }
 
 impl Default for Settings {
@@ -274,7 +83,9 @@ impl Default for Settings {
             one_signature_share: 0.8,
             enter_after: 2,
             leave_after: 6,
-            seen_generation: 360,
+            trust_generation: 60,
+            learn: 60.0,
+            max_rate: None,
         }
     }
 }
@@ -299,10 +110,15 @@ pub struct Verdict {
     pub top_signature_share: f64,
     pub new_client_share: f64,
     pub cookieless_share: f64,
-    /// The heaviest clients of the window (hashes), largest first: only
-    /// those sending at least 5 times what a typical client sent in calm
-    /// windows, so an ordinary client is never among them.
+    /// The suspects of the window (hashes), largest first: heavy clients
+    /// (at least 5 times what a typical client sent in calm windows) whose
+    /// rate changed against their own history (`spike_factor` times what
+    /// they sent in calm windows, or new). An ordinary client, or a heavy
+    /// one sending what it always sent, is never among them.
     pub top_sources: Vec<u64>,
+    /// The whole proxy's traffic is still being learned (no verdict but
+    /// `max_rate`).
+    pub learning: bool,
 }
 
 /// A change of attack mode.
@@ -328,7 +144,15 @@ struct Scope {
     requests: u64,
     new_clients: u64,
     cookieless: u64,
+    /// Windows with traffic so far, until the scope has learned.
+    active_windows: u32,
+    /// Heavy clients of calm windows: requests per window (EWMA), at most
+    /// [`HEAVY_CAP`] of them.
+    heavy: HashMap<u64, f64>,
 }
+
+/// Heavy clients whose own history is kept, per scope.
+pub const HEAVY_CAP: usize = 1024;
 
 /// What one scope's window was.
 struct ScopeVerdict {
@@ -342,6 +166,7 @@ struct ScopeVerdict {
     new_client_share: f64,
     cookieless_share: f64,
     top_sources: Vec<u64>,
+    learning: bool,
 }
 
 impl Scope {
@@ -356,6 +181,51 @@ impl Scope {
             requests: 0,
             new_clients: 0,
             cookieless: 0,
+            active_windows: 0,
+            heavy: HashMap::new(),
+        }
+    }
+
+    fn learned(&self, s: &Settings) -> bool {
+        f64::from(self.active_windows) * s.window >= s.learn
+    }
+
+    /// Takes over what `old` learned (a reload that rebuilt the detector).
+    fn carry_over(&mut self, old: &Scope, scale: f64) {
+        self.baseline.carry(&old.baseline);
+        self.baseline_clients.carry(&old.baseline_clients);
+        self.active_windows = (f64::from(old.active_windows) / scale).round() as u32;
+        self.heavy = old.heavy.iter().map(|(k, v)| (*k, v * scale)).collect();
+    }
+
+    /// Folds a calm window's heavy clients into their own history: every
+    /// known one (absent: 0 this window), and the new ones sending at
+    /// least `heavy` requests. The smallest histories go first when full.
+    fn learn_heavy(&mut self, top: &[(u64, u64)], heavy: f64, s: &Settings) {
+        let alpha = 1.0 - (-s.window / s.baseline_tau.max(1e-9)).exp();
+        let counts: HashMap<u64, u64> = top.iter().copied().collect();
+        self.heavy.retain(|client, value| {
+            let count = counts.get(client).copied().unwrap_or(0) as f64;
+            *value += alpha * (count - *value);
+            *value >= 0.5
+        });
+        for &(client, count) in top {
+            if count as f64 >= heavy && !self.heavy.contains_key(&client) {
+                if self.heavy.len() >= HEAVY_CAP {
+                    let smallest = self
+                        .heavy
+                        .iter()
+                        .min_by(|a, b| a.1.total_cmp(b.1))
+                        .map(|(k, v)| (*k, *v));
+                    match smallest {
+                        Some((k, v)) if v < count as f64 => {
+                            self.heavy.remove(&k);
+                        }
+                        _ => continue,
+                    }
+                }
+                self.heavy.insert(client, count as f64);
+            }
         }
     }
 
@@ -387,17 +257,44 @@ impl Scope {
         let distinct_clients = self.distinct.estimate();
         let new_client_share = self.new_clients as f64 / n;
         let cookieless_share = self.cookieless as f64 / n;
-        // Before the baseline has learned anything, any rate over
-        // `min_rate` is judged by what it is made of.
-        let spike = rate >= s.min_rate && (!self.baseline.is_warm() || rate > s.spike_factor * baseline);
+        let learning = !self.learned(s);
+        let over_ceiling = s.max_rate.is_some_and(|max| rate > max);
+        // A scope that has not learned its traffic judges nothing but the
+        // operator's ceiling; once learned, a spike is a rate over
+        // `spike_factor` x baseline and `min_rate` (with `learn = 0`, any
+        // rate over `min_rate` until a baseline exists).
+        let spike = over_ceiling
+            || (!learning && rate >= s.min_rate && (!self.baseline.is_warm() || rate > s.spike_factor * baseline));
+
+        // What one client typically sends per second in calm windows
+        // (before any: a tenth of min_rate); heavy sources are 5x that.
+        let typical = if self.baseline.is_warm() && self.baseline_clients.value() >= 1.0 {
+            self.baseline.value() / self.baseline_clients.value()
+        } else {
+            s.min_rate / 10.0
+        };
+        let heavy = (5.0 * typical * s.window).max(1.0);
+        // Suspects: heavy sources whose rate changed against their own
+        // history (new ones have none). A heavy client sending what it
+        // always sent is not a suspect, however large its share.
+        let suspects: Vec<(u64, u64)> = top
+            .iter()
+            .filter(|(client, count)| {
+                let own = self.heavy.get(client).copied().unwrap_or(0.0);
+                let count = *count as f64;
+                count >= heavy && count > s.spike_factor * own.max(typical * s.window)
+            })
+            .copied()
+            .collect();
+        let suspect_share = suspects.iter().map(|(_, c)| *c as f64).sum::<f64>() / n;
 
         // What the window is made of, spike or not.
         let mut signs = Vec::new();
-        if top_sources_share >= s.few_sources_share {
+        if suspect_share >= s.few_sources_share {
             signs.push(format!(
-                "few sources: the top {} clients sent {:.0}% of requests",
-                top.len(),
-                top_sources_share * 100.0
+                "few sources: {} new or changed clients sent {:.0}% of requests",
+                suspects.len(),
+                suspect_share * 100.0
             ));
         }
         if top_signature_share >= s.one_signature_share && distinct_clients >= 50.0 {
@@ -420,7 +317,14 @@ impl Scope {
         let kind = if !spike {
             Kind::Normal
         } else {
-            reasons.push(if self.baseline.is_warm() {
+            reasons.push(if learning {
+                format!(
+                    "rate {rate:.0}/s above max_rate {:.0}/s while learning",
+                    s.max_rate.unwrap_or(0.0)
+                )
+            } else if over_ceiling {
+                format!("rate {rate:.0}/s above max_rate {:.0}/s", s.max_rate.unwrap_or(0.0))
+            } else if self.baseline.is_warm() {
                 format!("rate {rate:.0}/s against a baseline of {baseline:.0}/s")
             } else {
                 format!("rate {rate:.0}/s with no baseline yet")
@@ -443,26 +347,25 @@ impl Scope {
             }
         }
 
-        // The baseline learns only from windows that look legitimate and
-        // only outside attack mode, so an attack never becomes the new
-        // normal (a lasting flash crowd slowly does).
-        if clean && !attack {
+        // The baseline and the heavy clients' histories learn from calm
+        // windows only and only outside attack mode, so an attack never
+        // becomes the new normal (a lasting flash crowd slowly does).
+        // While learning, every window under the ceiling teaches.
+        if learning && self.requests > 0 && !over_ceiling {
+            self.active_windows = self.active_windows.saturating_add(1);
+        }
+        let teaches = if learning { !over_ceiling } else { clean && !attack };
+        if teaches {
             self.baseline.update(rate, s.window);
             self.baseline_clients.update(distinct_clients, s.window);
+            let known = self.sources.top(64);
+            self.learn_heavy(&known, heavy, s);
         }
-        // What one client typically sends per second in calm windows
-        // (before any: a tenth of min_rate); heavy sources are 5x that.
-        let typical = if self.baseline.is_warm() && self.baseline_clients.value() >= 1.0 {
-            self.baseline.value() / self.baseline_clients.value()
+        let top_sources = if kind == Kind::Attack {
+            suspects.iter().map(|(k, _)| *k).collect()
         } else {
-            s.min_rate / 10.0
+            Vec::new()
         };
-        let heavy = (5.0 * typical * s.window).max(1.0);
-        let top_sources = top
-            .iter()
-            .filter(|(_, count)| *count as f64 >= heavy)
-            .map(|(k, _)| *k)
-            .collect();
         self.requests = 0;
         self.new_clients = 0;
         self.cookieless = 0;
@@ -480,6 +383,7 @@ impl Scope {
             new_client_share,
             cookieless_share,
             top_sources,
+            learning,
         }
     }
 }
@@ -492,8 +396,7 @@ pub struct Detector {
     settings: Settings,
     global: Scope,
     routes: Vec<Scope>,
-    seen: SeenFilter,
-    windows: u64,
+    memory: Memory,
     attack: bool,
     attack_windows: u32,
     calm_windows: u32,
@@ -512,9 +415,8 @@ impl Detector {
         Detector {
             global: Scope::new(None, &settings),
             routes: routes.into_iter().map(|r| Scope::new(Some(r), &settings)).collect(),
+            memory: Memory::new(settings.trust_generation),
             settings,
-            seen: SeenFilter::default(),
-            windows: 0,
             attack: false,
             attack_windows: 0,
             calm_windows: 0,
@@ -523,22 +425,57 @@ impl Detector {
     }
 
     pub fn observe(&mut self, sample: Sample) {
-        let new = !self.seen.contains(sample.client);
+        let new = !self.memory.is_returning(sample.client);
         self.global.observe(&sample, new);
         if let Some(route) = sample.route.and_then(|r| self.routes.get_mut(r)) {
             route.observe(&sample, new);
         }
-        self.seen.insert(sample.client);
+        self.memory.insert(sample.client);
     }
 
     pub fn in_attack(&self) -> bool {
         self.attack
     }
 
-    /// Whether `client` was seen in a calm window of the last one or two
-    /// periods (not counting the current window).
+    /// Whether `client` was seen in a calm window of the kept generations
+    /// (not counting the current window).
     pub fn is_returning(&self, client: u64) -> bool {
-        self.seen.contains(client)
+        self.memory.is_returning(client)
+    }
+
+    /// Whether `client` has earned trust ([`Memory`]): seen in calm
+    /// windows of two generations or more, never part of a spike before.
+    pub fn is_trusted(&self, client: u64) -> bool {
+        self.memory.is_trusted(client)
+    }
+
+    /// Whether `client` is a heavy client the whole proxy's traffic has a
+    /// calm history of (an API partner, a crawler, a NAT).
+    pub fn is_known_heavy(&self, client: u64) -> bool {
+        self.global.heavy.contains_key(&client)
+    }
+
+    /// Takes over what `old` learned: the baselines and heavy clients of
+    /// the whole proxy and of each route of the same name, the client
+    /// memory and attack mode (a reload that rebuilt the detector, for
+    /// instance because routes changed). A route `old` did not know
+    /// learns from scratch.
+    pub fn carry_over(&mut self, old: &Detector) {
+        // Per-window numbers are rescaled when the window changed.
+        let scale = self.settings.window / old.settings.window.max(1e-9);
+        self.global.carry_over(&old.global, scale);
+        for scope in &mut self.routes {
+            if let Some(before) = old.routes.iter().find(|r| r.name == scope.name) {
+                scope.carry_over(before, scale);
+            }
+        }
+        let generation = self.settings.trust_generation;
+        self.memory = old.memory.clone();
+        self.memory.set_generation(generation);
+        self.attack = old.attack;
+        self.attack_windows = old.attack_windows;
+        self.calm_windows = old.calm_windows;
+        self.last = old.last.clone();
     }
 
     pub fn last_verdict(&self) -> Option<&Verdict> {
@@ -612,13 +549,11 @@ impl Detector {
             new_client_share: global.new_client_share,
             cookieless_share: global.cookieless_share,
             top_sources,
+            learning: global.learning,
         };
-        // Clients of attack windows are not remembered as returning.
-        self.seen.commit(kind != Kind::Attack && !self.attack);
-        self.windows += 1;
-        if self.windows % u64::from(s.seen_generation.max(1)) == 0 {
-            self.seen.rotate();
-        }
+        // Clients of spikes and of attack mode are not remembered as
+        // returning, and cannot earn trust from them.
+        self.memory.commit(kind == Kind::Normal && !self.attack);
         self.last = Some(verdict.clone());
         (verdict, transition)
     }

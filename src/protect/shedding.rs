@@ -58,6 +58,8 @@ pub struct Gradient {
     window_start: f64,
     window_sum: f64,
     window_count: u32,
+    /// A request timed out since the last sample.
+    timed_out_last: bool,
 }
 
 /// How far each sample moves the limit toward its target.
@@ -70,6 +72,9 @@ const TIMEOUT_BACKOFF: f64 = 0.9;
 pub const BASELINE_WINDOWS: usize = 60;
 /// Samples a window needs to count.
 const WINDOW_MIN_SAMPLES: u32 = 10;
+/// Requests waiting with no response head for this long (milliseconds):
+/// the group is stalled, which is overload whatever the last latency.
+const STALL_MS: u64 = 1000;
 /// Latency within this much of the baseline is never overload, whatever
 /// the ratio: against a baseline of 0.1 ms, a context switch would
 /// otherwise look like a tripled latency.
@@ -88,11 +93,25 @@ impl Gradient {
             window_start: 0.0,
             window_sum: 0.0,
             window_count: 0,
+            timed_out_last: false,
         }
     }
 
     pub fn limit(&self) -> u32 {
         self.limit as u32
+    }
+
+    /// Whether the last sample showed overload: latency past `tolerance`
+    /// (or the noise floor) above the baseline, or a timeout since. No
+    /// sample yet is no evidence either way, counted as overload (the
+    /// limit holds until the group has answered once).
+    pub fn congested(&self) -> bool {
+        let Some(short) = self.short else { return true };
+        if self.timed_out_last {
+            return true;
+        }
+        let baseline = self.baseline().unwrap_or(short);
+        short > (self.tolerance * baseline).max(baseline + NOISE_FLOOR)
     }
 
     /// The no-load latency estimate, if any window has closed.
@@ -108,6 +127,7 @@ impl Gradient {
             return self.limit();
         }
         let latency = latency.max(1e-6);
+        self.timed_out_last = false;
         let short = match self.short {
             None => latency,
             Some(s) => s + SHORT_WEIGHT * (latency - s),
@@ -142,6 +162,7 @@ impl Gradient {
 
     /// A request that got no answer in time: the origin is past its limit.
     pub fn timed_out(&mut self) -> u32 {
+        self.timed_out_last = true;
         self.limit = (self.limit * TIMEOUT_BACKOFF).clamp(self.min, self.max);
         self.limit()
     }
@@ -162,6 +183,13 @@ pub struct Shedder {
     gradient: Mutex<Gradient>,
     /// Share of the limit only trusted clients may use.
     reserve: f64,
+    /// The estimator saw overload at its last sample ([`Gradient::congested`]).
+    congested: std::sync::atomic::AtomicBool,
+    /// Milliseconds (on `clock`) of the last response head sampled, and
+    /// of the last time the group went from idle to busy: a group busy
+    /// for `STALL_MS` without an answer is stalled.
+    last_sample_ms: std::sync::atomic::AtomicU64,
+    busy_since_ms: std::sync::atomic::AtomicU64,
     pub retry_after: u32,
 }
 
@@ -180,6 +208,9 @@ impl Shedder {
             clock: std::time::Instant::now(),
             gradient: Mutex::new(gradient),
             reserve: config.reserve,
+            congested: std::sync::atomic::AtomicBool::new(true),
+            last_sample_ms: std::sync::atomic::AtomicU64::new(0),
+            busy_since_ms: std::sync::atomic::AtomicU64::new(0),
             retry_after: config.retry_after.as_secs().max(1) as u32,
         }
     }
@@ -203,13 +234,45 @@ impl Shedder {
 
     /// Counts a request as waiting if fewer than the limit (`trusted`) or
     /// its open share are waiting, in one atomic step: concurrent arrivals
-    /// cannot all see room and overshoot together.
+    /// cannot all see room and overshoot together. The limit holds only
+    /// while the group shows overload (its latency past tolerance, a
+    /// timeout, no answer yet, or no answer for a second while requests
+    /// wait): a group that answers at its usual speed is never shed, so
+    /// a flash crowd the origin can serve is served.
     pub fn try_wait(self: &std::sync::Arc<Self>, trusted: bool) -> Option<Waiting> {
         let cap = if trusted { self.limit() } else { self.open_limit() };
-        self.waiting
+        if let Ok(before) = self
+            .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |w| (w < cap).then_some(w + 1))
-            .ok()
-            .map(|_| Waiting(self.clone()))
+        {
+            self.busy_from(before);
+            return Some(Waiting(self.clone()));
+        }
+        if self.overloaded() {
+            return None;
+        }
+        Some(self.wait())
+    }
+
+    /// Whether the group shows overload now.
+    pub fn overloaded(&self) -> bool {
+        if self.congested.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.clock.elapsed().as_millis() as u64;
+        let since = self
+            .last_sample_ms
+            .load(Ordering::Relaxed)
+            .max(self.busy_since_ms.load(Ordering::Relaxed));
+        now.saturating_sub(since) > STALL_MS
+    }
+
+    /// Notes when the group went from idle to busy (`before` waiting).
+    fn busy_from(&self, before: u32) {
+        if before == 0 {
+            self.busy_since_ms
+                .store(self.clock.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
     }
 
     /// Requests waiting for their response headers now.
@@ -220,7 +283,8 @@ impl Shedder {
     /// Counts an admitted request as waiting until the guard is dropped
     /// (when its response headers arrived or it failed).
     pub fn wait(self: &std::sync::Arc<Self>) -> Waiting {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let before = self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.busy_from(before);
         Waiting(self.clone())
     }
 
@@ -230,17 +294,20 @@ impl Shedder {
         if !(200..400).contains(&status) {
             return;
         }
-        let now = self.clock.elapsed().as_secs_f64();
+        let elapsed = self.clock.elapsed();
         if let Ok(mut g) = self.gradient.lock() {
-            let limit = g.sample(latency.as_secs_f64(), self.waiting(), now);
+            let limit = g.sample(latency.as_secs_f64(), self.waiting(), elapsed.as_secs_f64());
             self.limit.store(limit, Ordering::Relaxed);
+            self.congested.store(g.congested(), Ordering::Relaxed);
         }
+        self.last_sample_ms.store(elapsed.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn timed_out(&self) {
         if let Ok(mut g) = self.gradient.lock() {
             let limit = g.timed_out();
             self.limit.store(limit, Ordering::Relaxed);
+            self.congested.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -407,5 +474,56 @@ mod tests {
         assert!(!shedder.admits(75, false));
         assert!(shedder.admits(99, true));
         assert!(!shedder.admits(100, true));
+    }
+
+    #[test]
+    fn a_group_answering_at_its_usual_speed_is_never_shed() {
+        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
+            initial_limit: 10,
+            min_limit: 10,
+            max_limit: 10,
+            reserve: 0.5,
+            ..LoadSheddingConfig::default()
+        }));
+        // No answer yet: no evidence, the limit holds.
+        let held: Vec<_> = (0..5).map(|_| shedder.try_wait(false).expect("open share")).collect();
+        assert!(shedder.try_wait(false).is_none());
+        drop(held);
+        // Answers at 1 ms: a flash crowd of 50 at once is admitted whole.
+        for _ in 0..20 {
+            shedder.sample(Duration::from_millis(1), 200);
+        }
+        assert!(!shedder.overloaded());
+        let crowd: Vec<_> = (0..50).filter_map(|_| shedder.try_wait(false)).collect();
+        assert_eq!(crowd.len(), 50, "nothing is shed while latency is usual");
+        drop(crowd);
+        // (Latency past tolerance is overload: `Gradient::congested`,
+        // tested with time below.)
+        // A timeout is overload too.
+        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig::default()));
+        shedder.sample(Duration::from_millis(1), 200);
+        assert!(!shedder.overloaded());
+        shedder.timed_out();
+        assert!(shedder.overloaded());
+    }
+
+    #[test]
+    fn latency_past_tolerance_is_congestion() {
+        let mut g = Gradient::new(10, 10, 10, 2.0);
+        assert!(g.congested(), "no sample: no evidence");
+        for _ in 0..300 {
+            tick(&mut g, 0.001, 5);
+        }
+        assert!(!g.congested(), "at the baseline");
+        for _ in 0..100 {
+            tick(&mut g, 0.040, 10);
+        }
+        assert!(g.congested(), "40 ms against 1 ms");
+        for _ in 0..100 {
+            tick(&mut g, 0.001, 5);
+        }
+        assert!(!g.congested(), "back at the baseline");
+        g.timed_out();
+        assert!(g.congested(), "a timeout");
     }
 }

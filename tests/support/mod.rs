@@ -602,3 +602,38 @@ pub async fn metrics(proxy: &TestProxy) -> String {
         .expect("request");
     read(m.send_ready(req).await.expect("scrape")).await.text()
 }
+
+/// Waits for the next window of the proxy's attack detector to close
+/// (on its own notification: no polling, bounded).
+pub async fn next_window(proxy: &TestProxy) {
+    let snapshot = proxy.snapshot.load_full();
+    let adaptive = snapshot.adaptive.as_ref().expect("adaptive");
+    let mut windows = adaptive.windows();
+    let seen = *windows.borrow_and_update();
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), windows.wait_for(|n| *n > seen)).await;
+    assert!(matches!(waited, Ok(Ok(_))), "no detector window closed within 10 s");
+}
+
+/// Gives the detector the quiet traffic it learns from (two requests a
+/// window from a few addresses, 127.0.9.x) until it has learned.
+pub async fn let_the_detector_learn(proxy: &TestProxy) {
+    for i in 0..200u8 {
+        let learning = proxy
+            .snapshot
+            .load()
+            .adaptive
+            .as_ref()
+            .expect("adaptive")
+            .state()
+            .last
+            .is_none_or(|v| v.learning);
+        if !learning {
+            return;
+        }
+        for k in 0..2 {
+            get_from_block(9, 1 + (i + k) % 3, proxy.addr).await;
+        }
+        next_window(proxy).await;
+    }
+    panic!("the detector never finished learning");
+}

@@ -23,6 +23,8 @@ fn settings() -> Settings {
     Settings {
         window: 1.0,
         baseline_tau: 30.0,
+        learn: 10.0,
+        trust_generation: 5,
         ..Settings::default()
     }
 }
@@ -104,28 +106,60 @@ fn hyperloglog_estimates_distinct_counts_within_a_few_percent() {
 }
 
 #[test]
-fn the_seen_filter_remembers_two_generations() {
-    let mut f = SeenFilter::default();
-    f.insert(h(1));
-    assert!(!f.contains(h(1)), "new for the whole window it first appears in");
-    f.commit(true);
-    assert!(f.contains(h(1)));
-    assert!(!f.contains(h(2)));
-    f.rotate();
-    assert!(f.contains(h(1)), "still in the previous generation");
-    f.rotate();
-    assert!(!f.contains(h(1)), "forgotten after two rotations");
-    f.insert(h(3));
-    f.commit(false);
-    assert!(!f.contains(h(3)), "an attack window's clients are not remembered");
+fn the_memory_trusts_only_calm_visits_of_two_generations_never_a_spike() {
+    let mut m = Memory::new(3);
+    m.insert(h(1));
+    assert!(!m.is_returning(h(1)), "new for the whole window it first appears in");
+    m.commit(true);
+    assert!(m.is_returning(h(1)));
+    assert!(!m.is_trusted(h(1)), "one visit earns no trust");
+    assert!(!m.is_returning(h(2)));
+    // Two more calm windows: the same generation, still no trust.
+    for _ in 0..2 {
+        m.insert(h(1));
+        m.commit(true);
+    }
+    assert!(!m.is_trusted(h(1)), "visits within one generation earn no trust");
+    m.insert(h(1));
+    m.commit(true);
+    assert!(m.is_trusted(h(1)), "seen again a generation later: trusted");
+
+    // A client seen once in calm, then part of a spike, then calm again a
+    // generation later: tainted, never trusted.
+    let mut m = Memory::new(1);
+    m.insert(h(5));
+    m.commit(true);
+    m.insert(h(5));
+    m.commit(false);
+    m.insert(h(5));
+    m.commit(true);
+    assert!(m.is_returning(h(5)));
+    assert!(!m.is_trusted(h(5)), "a spike's client earns no trust");
+    // A client trusted before the spike keeps its trust.
+    let mut m = Memory::new(1);
+    for _ in 0..2 {
+        m.insert(h(6));
+        m.commit(true);
+    }
+    assert!(m.is_trusted(h(6)));
+    m.insert(h(6));
+    m.commit(false);
+    assert!(m.is_trusted(h(6)), "trust earned before a spike is kept");
+
+    // Trust decays: after TRUST_GENERATIONS generations without a visit.
+    for _ in 0..TRUST_GENERATIONS {
+        m.commit(true);
+    }
+    assert!(!m.is_trusted(h(6)) && !m.is_returning(h(6)), "forgotten");
+
     // False positives at 100k entries: 3 hashes in 2^20 bits give about
     // (1 - e^(-0.3))^3 = 1.7%, a small bias in the "new clients" share.
-    let mut g = SeenFilter::default();
+    let mut g = Memory::new(100);
     for i in 0..100_000 {
         g.insert(h(i));
     }
     g.commit(true);
-    let false_positives = (1_000_000..1_010_000).filter(|i| g.contains(h(*i))).count();
+    let false_positives = (1_000_000..1_010_000).filter(|i| g.is_returning(h(*i))).count();
     assert!(false_positives < 250, "{false_positives} false positives in 10,000");
 }
 
@@ -429,4 +463,179 @@ fn a_flash_crowd_on_one_route_is_not_an_attack() {
     let (v, t) = d.tick();
     assert_eq!(v.kind, Kind::FlashCrowd, "{:?}", v.reasons);
     assert!(t.is_none());
+}
+
+/// One window of the cold start: 55 requests/s from six clients,
+/// 45 of them from one browser-like client with a cookie.
+fn heavy_client_window(d: &mut Detector) {
+    for i in 0..55u64 {
+        d.observe(Sample {
+            client: if i < 45 { h(500) } else { h(501 + i % 5) },
+            signature: h(600 + i % 7),
+            has_cookie: true,
+            route: None,
+        });
+    }
+}
+
+#[test]
+fn a_cold_start_under_steady_traffic_learns_and_is_never_an_attack() {
+    let mut d = Detector::new(Settings {
+        learn: 10.0,
+        ..settings()
+    });
+    for w in 0..60 {
+        heavy_client_window(&mut d);
+        let (v, t) = d.tick();
+        assert_eq!(v.kind, Kind::Normal, "window {w}: {v:?}");
+        assert!(t.is_none());
+        assert_eq!(
+            v.learning,
+            w < 10,
+            "the first 10 windows are learned from, not judged (window {w})"
+        );
+    }
+    assert!(!d.in_attack());
+}
+
+#[test]
+fn learn_zero_judges_from_the_first_window_and_max_rate_judges_while_learning() {
+    // With learn = 0 the same cold start is judged at once (the old
+    // behaviour, which the operator must ask for).
+    let mut d = Detector::new(Settings {
+        learn: 0.0,
+        ..settings()
+    });
+    for i in 0..200u64 {
+        d.observe(Sample {
+            client: h(i % 4),
+            signature: h(9),
+            has_cookie: false,
+            route: None,
+        });
+    }
+    assert_eq!(d.tick().0.kind, Kind::Attack);
+    // While learning, only the ceiling makes a spike.
+    let mut d = Detector::new(Settings {
+        learn: 100.0,
+        max_rate: Some(150.0),
+        ..settings()
+    });
+    for i in 0..140u64 {
+        d.observe(Sample {
+            client: h(i % 4),
+            signature: h(9),
+            has_cookie: false,
+            route: None,
+        });
+    }
+    assert_eq!(d.tick().0.kind, Kind::Normal, "under the ceiling: learned");
+    for i in 0..2_000u64 {
+        d.observe(Sample {
+            client: h(100 + i % 4),
+            signature: h(9),
+            has_cookie: false,
+            route: None,
+        });
+    }
+    let (v, _) = d.tick();
+    assert_eq!(v.kind, Kind::Attack, "{v:?}");
+    assert!(
+        v.reasons[0].contains("above max_rate 150/s while learning"),
+        "{:?}",
+        v.reasons
+    );
+}
+
+#[test]
+fn a_heavy_client_seen_before_a_flood_is_never_a_suspect() {
+    let mut d = Detector::new(settings());
+    // Learned: 200 ordinary clients plus one heavy client (an API partner)
+    // sending 60 requests a window.
+    for w in 0..30 {
+        normal_window(&mut d, 100, w);
+        for _ in 0..60 {
+            d.observe(Sample {
+                client: h(777),
+                signature: h(778),
+                has_cookie: false,
+                route: None,
+            });
+        }
+        let (v, _) = d.tick();
+        assert_eq!(v.kind, Kind::Normal, "window {w}: {v:?}");
+    }
+    // The partner alone sending what it always sent is never a sign, even
+    // when the rest of the traffic is quiet and its share is 100%.
+    for _ in 0..5 {
+        for _ in 0..60 {
+            d.observe(Sample {
+                client: h(777),
+                signature: h(778),
+                has_cookie: false,
+                route: None,
+            });
+        }
+        let (v, _) = d.tick();
+        assert_ne!(v.kind, Kind::Attack, "{v:?}");
+    }
+    // A flood from 8 new sources: an attack, and the partner, still at
+    // its usual rate, is not among the suspects.
+    let mut entered = false;
+    for w in 0..3 {
+        normal_window(&mut d, 100, w);
+        for _ in 0..60 {
+            d.observe(Sample {
+                client: h(777),
+                signature: h(778),
+                has_cookie: false,
+                route: None,
+            });
+        }
+        for i in 0..2000u64 {
+            d.observe(Sample {
+                client: h(7_000_000 + i % 8),
+                signature: h(8_000_000 + i % 20),
+                has_cookie: false,
+                route: None,
+            });
+        }
+        let (v, t) = d.tick();
+        assert_eq!(v.kind, Kind::Attack, "{v:?}");
+        assert!(!v.top_sources.contains(&h(777)), "the partner is no suspect: {v:?}");
+        assert_eq!(v.top_sources.len(), 8, "{v:?}");
+        entered |= t.is_some();
+    }
+    assert!(entered);
+    // The same partner sending ten times its usual rate is a suspect.
+    for _ in 0..600 {
+        d.observe(Sample {
+            client: h(777),
+            signature: h(778),
+            has_cookie: false,
+            route: None,
+        });
+    }
+    normal_window(&mut d, 100, 0);
+    let (v, _) = d.tick();
+    assert!(v.top_sources.contains(&h(777)), "a changed client is a suspect: {v:?}");
+}
+
+#[test]
+fn a_rebuilt_detector_keeps_what_the_old_one_learned() {
+    let old = {
+        let mut d = Detector::with_routes(settings(), vec!["a".into(), "b".into()]);
+        for w in 0..20 {
+            normal_window(&mut d, 100, w);
+            d.tick();
+        }
+        d
+    };
+    let mut d = Detector::with_routes(settings(), vec!["b".into(), "c".into()]);
+    d.carry_over(&old);
+    assert!(d.global.learned(&d.settings), "the whole proxy's traffic stays learned");
+    assert!((d.global.baseline.value() - old.global.baseline.value()).abs() < 1e-9);
+    assert!(d.routes[0].learned(&d.settings) == old.routes[1].learned(&old.settings));
+    assert!(!d.routes[1].learned(&d.settings), "a new route learns from scratch");
+    assert!(d.is_returning(h(1_000_000)), "returning clients are remembered");
 }
