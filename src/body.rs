@@ -69,8 +69,19 @@ pin_project_lite::pin_project! {
         owned: Option<Arc<[http::HeaderName]>>,
         // Set once the whole body has been read (for the upstream: sent).
         sent: Option<Arc<std::sync::atomic::AtomicBool>>,
+        // Frames read ahead by `prefetch`, given out first.
+        buffered: std::collections::VecDeque<Frame<Bytes>>,
+        // The client's body has ended (all of it is in `buffered`).
+        inner_done: bool,
+        // The share of the buffer memory budget the read-ahead holds.
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     }
 }
+
+/// The buffer memory for read-ahead request bodies was all in use.
+#[derive(Debug, thiserror::Error)]
+#[error("request buffer memory exhausted")]
+pub struct BufferFull;
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> Self {
@@ -84,6 +95,49 @@ impl RequestBody {
             slow: None,
             owned: None,
             sent: None,
+            buffered: std::collections::VecDeque::new(),
+            inner_done: false,
+            permit: None,
+        }
+    }
+
+    /// Reads the body ahead, up to `max` bytes, holding memory from
+    /// `budget` for what it read (one permit per byte, taken as bytes
+    /// arrive, so a client trickling its body holds only what it sent).
+    /// `Ok(true)`: the whole body is here; `Ok(false)`: it is longer, the
+    /// read part is given out first and the rest streams. The minimum
+    /// rate and the size limit apply as they do when streaming. Errors:
+    /// [`BufferFull`], [`BodyTooSlow`], [`BodyTooLarge`], or the client's.
+    pub async fn prefetch(&mut self, max: u64, budget: &Arc<tokio::sync::Semaphore>) -> Result<bool, BoxError> {
+        let mut read = 0u64;
+        loop {
+            let polled = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_inner(cx)).await;
+            let Some(frame) = polled else {
+                self.inner_done = true;
+                return Ok(true);
+            };
+            let frame = frame?;
+            let bytes = frame.data_ref().map_or(0, Bytes::len);
+            if bytes > 0 {
+                let wanted = u32::try_from(bytes).map_err(|_| Box::new(BufferFull) as BoxError)?;
+                let permit = budget
+                    .clone()
+                    .try_acquire_many_owned(wanted)
+                    .map_err(|_| Box::new(BufferFull) as BoxError)?;
+                match &mut self.permit {
+                    Some(held) => held.merge(permit),
+                    None => self.permit = Some(permit),
+                }
+            }
+            read += bytes as u64;
+            self.buffered.push_back(frame);
+            if self.inner.as_ref().is_none_or(Body::is_end_stream) {
+                self.inner_done = true;
+                return Ok(true);
+            }
+            if read >= max {
+                return Ok(false);
+            }
         }
     }
 
@@ -127,15 +181,15 @@ impl RequestBody {
             slow: None,
             owned: None,
             sent: None,
+            buffered: std::collections::VecDeque::new(),
+            inner_done: false,
+            permit: None,
         }
     }
-}
 
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// The client's body as it arrives: counted, limited, timed, its
+    /// trailers cleaned.
+    fn poll_inner(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let Some(mut inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(None);
@@ -189,12 +243,44 @@ impl Body for RequestBody {
             None => Poll::Ready(None),
         }
     }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.buffered.pop_front() {
+            if self.buffered.is_empty() && self.inner_done {
+                if let Some(sent) = &self.sent {
+                    sent.store(true, Ordering::Relaxed);
+                }
+                // The memory is given back once the read-ahead is out.
+                self.permit = None;
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        self.permit = None;
+        if self.inner_done {
+            return Poll::Ready(None);
+        }
+        self.poll_inner(cx)
+    }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.buffered.is_empty() && (self.inner_done || self.inner.as_ref().is_none_or(Body::is_end_stream))
     }
 
     fn size_hint(&self) -> SizeHint {
+        // With trailers the length stays unknown: they go only in a
+        // chunked body.
+        if self.inner_done && !self.buffered.iter().any(Frame::is_trailers) {
+            let bytes: usize = self.buffered.iter().filter_map(Frame::data_ref).map(Bytes::len).sum();
+            return SizeHint::with_exact(bytes as u64);
+        }
+        if self.inner_done {
+            return SizeHint::default();
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)

@@ -69,6 +69,9 @@ pub struct Snapshot {
     /// Fields only the proxy sets (identity fields, the request id):
     /// removed from request trailers too.
     pub owned_fields: Arc<[http::HeaderName]>,
+    /// The memory read-ahead request bodies may hold, one permit a byte
+    /// (`limits.request_buffer_memory`; kept while it is unchanged).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// A part of the runtime state and the settings it was built from.
@@ -109,6 +112,7 @@ pub struct Kept {
     challenge: Option<Part<ChallengeSettings, Challenge>>,
     adaptive: Option<Part<AdaptiveSettings, Adaptive>>,
     cache: Option<Part<CacheConfig, Cache>>,
+    body_budget: Option<Part<u64, tokio::sync::Semaphore>>,
 }
 
 /// The part in `old` if it was built from `settings`, else a new one; the
@@ -295,7 +299,20 @@ impl Snapshot {
         }
         let mut owned_fields = identity_headers.clone();
         owned_fields.extend(config.request_id.header.clone());
+        let body_budget = keep(
+            kept.body_budget.as_ref(),
+            &mut next.body_budget,
+            config.limits.request_buffer_memory,
+            |bytes| {
+                tokio::sync::Semaphore::new(
+                    usize::try_from(*bytes)
+                        .unwrap_or(usize::MAX)
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )
+            },
+        );
         let snapshot = Snapshot {
+            body_budget,
             identity_headers,
             owned_fields: owned_fields.into(),
             cache,

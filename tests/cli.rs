@@ -46,6 +46,20 @@ servers = ["127.0.0.1:9"]
 /// Each broken config and the exact error lines `check` must print.
 const CASES: &[(&str, &str, &[&str])] = &[
     (
+        "false-positive defences (issue 18)",
+        "[limits]\nbuffer_request_body = \"100MiB\"\nrequest_buffer_memory = \"1KiB\"\n[timeouts]\nbody_read = \"0s\"\n[protect.adaptive]\nlearn = \"2h\"\nmax_rate = 0\ntrust_after = \"1ms\"\n[protect.bans]\nnever_ban = [\"nope\"]\nmax_per_minute = 0\n",
+        &[
+            "limits.buffer_request_body: must be at most 64MiB (larger bodies stream)",
+            "limits.request_buffer_memory: must be at least buffer_request_body and at most 1TiB",
+            "protect.adaptive.learn: must be at most 1h (0s judges from the first window)",
+            "protect.adaptive.max_rate: must be at least 1 request per second",
+            "protect.adaptive.trust_after: must be between the window and 1h",
+            "protect.bans.max_per_minute: must be between 1 and 1000000, found 0",
+            "protect.bans.never_ban[0]: invalid IP address or CIDR \"nope\"",
+            "timeouts.body_read: must be at least 1ms",
+        ],
+    ),
+    (
         "protection sections",
         "[protect]\nmax_connections = 0\nmax_connections_per_ip = 2000000\nnew_connections_per_ip = \"fast\"\ndeny = [\"not-an-ip\"]\nallow = \"10.0.0.0/33\"\nmin_body_rate = \"fast\"\nmax_requests_per_connection = 0\n[protect.challenge]\ncookie = \"bad name\"\nlifetime = \"1s\"\n[protect.adaptive]\nmode = \"auto\"\nwindow = \"1ms\"\n[[routes]]\nupstream = \"app\"\nchallenge = \"sometimes\"\ndeny = [\"1.2.3.4/40\"]\n[routes.rate_limit]\nburst = 0\nkey = \"ip_prefix:99\"\n[[routes]]\npath = \"/x\"\nupstream = \"app\"\n[routes.rate_limit]\nrate = \"10/fortnight\"\n",
         &[

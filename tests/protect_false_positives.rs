@@ -204,3 +204,107 @@ async fn a_heavy_client_seen_before_a_flood_is_never_tightened_or_banned() {
     assert!(text.contains("action=\"attack_source_limited\""), "{text}");
     proxy.shutdown().await;
 }
+
+/// Opens a connection from `127.0.<third>.<last>` that declares a
+/// `declared`-byte body and sends `sent` bytes of it, then nothing.
+async fn slow_upload(third: u8, last: u8, addr: SocketAddr, declared: usize, sent: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tcp_from(std::net::IpAddr::from([127, 0, third, last]), addr).await;
+    let head = format!("POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {declared}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream.write_all(&vec![b'x'; sent]).await.expect("body");
+    stream
+}
+
+#[tokio::test]
+async fn a_slow_upload_flood_never_reaches_the_origin_and_a_client_keeps_being_served() {
+    // An origin that counts what reaches it, and reads every body whole.
+    let origin = origin(|req: Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let _ = req.into_body().collect().await;
+        text(200, "ok")
+    })
+    .await;
+    let proxy = start_proxy(&protected(origin.addr, "", "learn = \"1s\"")).await;
+    // 300 connections from 30 addresses, each declaring a 2 KB body and
+    // sending one byte of it.
+    let mut slow = Vec::new();
+    for i in 0..300u16 {
+        slow.push(slow_upload(22, 1 + (i % 30) as u8, proxy.addr, 2_000, 1).await);
+    }
+    // A legitimate client: GETs and small POSTs, all served.
+    let mut c = h1_from_block(23, 1, proxy.addr).await.expect("connect");
+    let mut ok = 0;
+    for i in 0..100 {
+        let req = if i % 2 == 0 {
+            Request::get("/").header("host", "a").body(empty()).expect("request")
+        } else {
+            Request::post("/form")
+                .header("host", "a")
+                .body(full(vec![b'f'; 1_500]))
+                .expect("request")
+        };
+        if read(c.send_ready(req).await.expect("send")).await.status == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 100, "the legitimate client is served");
+    assert_eq!(origin.requests(), 100, "no slow body reached the origin");
+    drop(slow);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn buffered_bodies_are_bounded_in_memory_and_by_time() {
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&format!(
+        "{}\n[limits]\nbuffer_request_body = \"1KiB\"\nrequest_buffer_memory = \"1KiB\"\n[timeouts]\nbody_read = \"300ms\"\n",
+        Template::new(&[origin.addr]).listener("name = \"web\"").route("name = \"main\"").build()
+    ))
+    .await;
+    // Three uploads hold 900 of the 1,024 bytes.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(slow_upload(24, 1 + i, proxy.addr, 1_000, 300).await);
+    }
+    // Wait until the proxy holds them (it reads as they arrive): a fourth
+    // upload of 300 bytes then finds the memory full: 503 at once.
+    let mut refused = None;
+    let mut passed = 0;
+    for attempt in 0..50u8 {
+        let mut c = h1_from_block(25, 1 + attempt, proxy.addr).await.expect("connect");
+        let req = Request::post("/x")
+            .header("host", "a")
+            .body(full(vec![b'y'; 300]))
+            .expect("request");
+        let got = read(c.send_ready(req).await.expect("send")).await;
+        if got.status == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(got);
+            break;
+        }
+        assert_eq!(got.status, StatusCode::OK);
+        passed += 1;
+    }
+    let refused = refused.expect("the buffer memory is bounded");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // A request without a body needs no buffer.
+    assert_eq!(get_from_block(25, 200, proxy.addr).await, Some(StatusCode::OK));
+    // The held uploads are cut by body_read (408) and give their memory back.
+    for mut stream in held {
+        use tokio::io::AsyncReadExt;
+        let mut out = vec![0u8; 12];
+        stream.read_exact(&mut out).await.expect("an answer");
+        assert_eq!(&out, b"HTTP/1.1 408");
+    }
+    let mut c = h1_from_block(25, 201, proxy.addr).await.expect("connect");
+    let req = Request::post("/x")
+        .header("host", "a")
+        .body(full(vec![b'y'; 1_000]))
+        .expect("request");
+    assert_eq!(
+        read(c.send_ready(req).await.expect("send")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(origin.requests(), passed + 2, "no held upload reached the origin");
+    proxy.shutdown().await;
+}

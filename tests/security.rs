@@ -1103,11 +1103,20 @@ async fn errors_a_client_causes_do_not_eject_servers() {
 // Review: a slow upload made the per-try timeout blame the server.
 #[tokio::test]
 async fn a_slow_upload_does_not_eject_servers() {
+    // Without read-ahead (bodies stream): the origin waits for the body
+    // and its response header timeout fires (504), not the server's fault.
+    slow_uploads_eject_nothing(0, b"HTTP/1.1 504").await;
+    // With read-ahead (the default): the body never reaches an origin; the
+    // proxy's own body_read timer answers 408.
+    slow_uploads_eject_nothing(65_536, b"HTTP/1.1 408").await;
+}
+
+async fn slow_uploads_eject_nothing(buffered: u64, answer: &[u8; 12]) {
     let a = echo_origin().await;
     let b = echo_origin().await;
     let proxy = start_proxy(&format!(
-        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{}\", \"{}\"]\nalgorithm = \"round_robin\"\nresponse_header_timeout = \"200ms\"\n",
-        a.addr, b.addr
+        "[[listeners]]\nbind = \"127.0.0.1:0\"\n[[routes]]\nupstream = \"app\"\n[upstreams.app]\nservers = [\"{}\", \"{}\"]\nalgorithm = \"round_robin\"\nresponse_header_timeout = \"200ms\"\n[limits]\nbuffer_request_body = {}\n[timeouts]\nbody_read = \"200ms\"\n",
+        a.addr, b.addr, buffered
     ))
     .await;
     for _ in 0..12 {
@@ -1118,7 +1127,10 @@ async fn a_slow_upload_does_not_eject_servers() {
             .expect("write");
         let mut out = vec![0u8; 12];
         stream.read_exact(&mut out).await.expect("an answer");
-        assert_eq!(&out, b"HTTP/1.1 504");
+        assert_eq!(&out, answer);
+    }
+    if buffered > 0 {
+        assert_eq!(a.requests() + b.requests(), 0, "no slow body reached an origin");
     }
     let snapshot = proxy.snapshot.load();
     for server in &snapshot.upstreams[0].servers {

@@ -24,6 +24,9 @@ pub mod defaults {
     pub const UPGRADE_PROTOCOLS: &[&str] = &["websocket"];
     pub const CONNECT: Duration = Duration::from_secs(5);
     pub const HEADER_READ: Duration = Duration::from_secs(15);
+    /// A body read whole (at most 64 KiB by default) must be in within
+    /// this: 2 KiB/s for a full buffer, far below any real client.
+    pub const BODY_READ: Duration = Duration::from_secs(30);
     pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
     pub const UPSTREAM_RESPONSE_HEADER: Duration = Duration::from_secs(60);
     pub const REQUEST: Duration = Duration::from_secs(15 * 60);
@@ -34,6 +37,12 @@ pub mod defaults {
     pub const MAX_REQUEST_HEADER_BYTES: u64 = 32 << 10;
     pub const MAX_HEADER_COUNT: u64 = 100;
     pub const MAX_REQUEST_BODY_BYTES: u64 = 100 << 20;
+    /// Request bodies read whole before an upstream is chosen: forms and
+    /// API payloads (nginx reads every body before it connects upstream;
+    /// 64 KiB keeps uploads streaming and memory small).
+    pub const BUFFER_REQUEST_BODY: u64 = 64 << 10;
+    /// All buffered request bodies together: 1,024 full buffers.
+    pub const REQUEST_BUFFER_MEMORY: u64 = 64 << 20;
     pub const MAX_URI_LENGTH: u64 = 8 << 10;
     pub const POOL_SIZE: u64 = 64;
     pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

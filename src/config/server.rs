@@ -44,6 +44,9 @@ pub struct Timeouts {
     pub connect: Duration,
     /// From the first byte of a request to its last header byte.
     pub header_read: Duration,
+    /// From the request head to the last byte of a body read whole
+    /// (`limits.buffer_request_body`) before the request goes on.
+    pub body_read: Duration,
     /// How long an idle downstream keep-alive connection is kept.
     pub keepalive_idle: Duration,
     /// From the request being sent upstream to the response headers.
@@ -66,6 +69,11 @@ pub struct Limits {
     /// `None` means unlimited.
     pub max_request_body_bytes: Option<u64>,
     pub max_uri_length: usize,
+    /// Request bodies up to this size are read whole before an upstream
+    /// is chosen (0: never); larger ones stream.
+    pub buffer_request_body: u64,
+    /// Memory all buffered request bodies may hold together.
+    pub request_buffer_memory: u64,
 }
 
 #[allow(
@@ -183,6 +191,7 @@ pub(super) fn read_timeouts(table: Option<Table<'_>>) -> Timeouts {
     let mut timeouts = Timeouts {
         connect: defaults::CONNECT,
         header_read: defaults::HEADER_READ,
+        body_read: defaults::BODY_READ,
         keepalive_idle: defaults::KEEPALIVE_IDLE,
         upstream_response_header: defaults::UPSTREAM_RESPONSE_HEADER,
         request: defaults::REQUEST,
@@ -192,6 +201,7 @@ pub(super) fn read_timeouts(table: Option<Table<'_>>) -> Timeouts {
     let Some(t) = table else { return timeouts };
     timeouts.connect = positive_duration(&t, "connect", timeouts.connect);
     timeouts.header_read = positive_duration(&t, "header_read", timeouts.header_read);
+    timeouts.body_read = positive_duration(&t, "body_read", timeouts.body_read);
     timeouts.keepalive_idle = positive_duration(&t, "keepalive_idle", timeouts.keepalive_idle);
     timeouts.upstream_response_header =
         positive_duration(&t, "upstream_response_header", timeouts.upstream_response_header);
@@ -208,6 +218,8 @@ pub(super) fn read_limits(table: Option<Table<'_>>) -> Limits {
         max_header_count: defaults::MAX_HEADER_COUNT as usize,
         max_request_body_bytes: Some(defaults::MAX_REQUEST_BODY_BYTES),
         max_uri_length: defaults::MAX_URI_LENGTH as usize,
+        buffer_request_body: defaults::BUFFER_REQUEST_BODY,
+        request_buffer_memory: defaults::REQUEST_BUFFER_MEMORY,
     };
     let Some(t) = table else { return limits };
     limits.max_request_header_bytes = bounded(
@@ -228,6 +240,23 @@ pub(super) fn read_limits(table: Option<Table<'_>>) -> Limits {
     }
     // The http crate refuses URIs over 64 KiB whatever we configure.
     limits.max_uri_length = bounded(&t, "max_uri_length", defaults::MAX_URI_LENGTH, 16, 65_534) as usize;
+    if let Some(n) = t.size("buffer_request_body") {
+        if n > 64 << 20 {
+            t.error("buffer_request_body", "must be at most 64MiB (larger bodies stream)");
+        } else {
+            limits.buffer_request_body = n;
+        }
+    }
+    if let Some(n) = t.size("request_buffer_memory") {
+        if n < limits.buffer_request_body || n > 1 << 40 {
+            t.error(
+                "request_buffer_memory",
+                "must be at least buffer_request_body and at most 1TiB",
+            );
+        } else {
+            limits.request_buffer_memory = n;
+        }
+    }
     t.finish();
     limits
 }

@@ -1,8 +1,11 @@
 //! admit: what a request may bring. A declared body over the limit is
 //! refused (413) before a byte of it is read (and before `100 Continue`);
 //! an upgrade to an HTTP/2 group is refused (502); the body that goes on is
-//! counted against the limit and the minimum rate. Load shedding, the
-//! other half of the phase, is `protect::check_load`.
+//! counted against the limit and the minimum rate, and a small one is read
+//! whole ([`buffer`]) before load shedding and the choice of an upstream,
+//! so a slow client costs the proxy a buffer and a timer, never an origin
+//! connection. Load shedding, the other half of the phase, is
+//! `protect::check_load`.
 
 use http::Request;
 use hyper::body::Incoming;
@@ -54,4 +57,52 @@ pub(super) fn request_body(body: Incoming, snapshot: &Snapshot, kind: Exchange, 
                 .min_body_rate
                 .map(|rate| (rate, config.protect.body_rate_grace)),
         )
+}
+
+/// Reads a request body of at most `limits.buffer_request_body` bytes
+/// (declared, or for a chunked body: as it turns out) whole before the
+/// request goes on, against the process's buffer memory
+/// (`limits.request_buffer_memory`) and by `deadline`. A longer chunked
+/// body streams the rest after what was read. Refusals: 408 for a body too
+/// slow (`min_body_rate`) or not complete by the deadline, 413 over the
+/// size limit, 503 when the buffer memory is all in use, 400 when the
+/// client went away.
+pub(super) async fn buffer(
+    body: &mut RequestBody,
+    parts: &http::request::Parts,
+    snapshot: &Snapshot,
+    kind: Exchange,
+    deadline: tokio::time::Instant,
+) -> Result<(), ProxyError> {
+    let max = snapshot.config.limits.buffer_request_body;
+    if max == 0 || kind.is_upgrade() || http_body::Body::is_end_stream(body) {
+        return Ok(());
+    }
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Ok(());
+    }
+    match tokio::time::timeout_at(deadline, body.prefetch(max, &snapshot.body_budget)).await {
+        Err(_) => Err(ProxyError::RequestTimeout),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(if error.is::<crate::body::BufferFull>() {
+            if let Some(left_out) = crate::observe::diag::SHED.admit_now() {
+                tracing::warn!(
+                    phase = "admit",
+                    left_out,
+                    "request refused: the request buffer memory is all in use"
+                );
+            }
+            ProxyError::Overloaded { retry_after: 1 }
+        } else if error.is::<crate::body::BodyTooSlow>() {
+            ProxyError::RequestTimeout
+        } else if error.is::<crate::body::BodyTooLarge>() {
+            ProxyError::BodyTooLarge
+        } else {
+            ProxyError::BadRequest
+        }),
+    }
 }

@@ -200,9 +200,23 @@ async fn forward(
     if let Some(answer) = plan.lookup(&mut req, conn, snapshot, route_index, host, trace).await {
         return Ok(answer);
     }
+    // A small body is read whole here, before load shedding and the
+    // choice of an upstream: a slow upload holds neither.
+    trace.phase = Phase::Admit;
+    let client_upgrade: Option<OnUpgrade> = checked.kind.is_upgrade().then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut body = admit::request_body(body, snapshot, checked.kind, trace);
+    admit::buffer(
+        &mut body,
+        &parts,
+        snapshot,
+        checked.kind,
+        (started + snapshot.config.timeouts.body_read).min(started + snapshot.config.timeouts.request),
+    )
+    .await?;
+    let mut req = Request::from_parts(parts, body);
     // Held until the response head arrives (or the exchange fails).
     let headers = as_sent.as_ref().unwrap_or(req.headers());
-    trace.phase = Phase::Admit;
     let shed_wait = protect::check_load(
         headers,
         conn,
@@ -214,9 +228,7 @@ async fn forward(
     if !plan.caching() {
         rewrite::fields(req.headers_mut(), version, checked.kind, conn, snapshot, route, host);
     }
-    let client_upgrade: Option<OnUpgrade> = checked.kind.is_upgrade().then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = admit::request_body(body, snapshot, checked.kind, trace);
     let outbound = Outbound {
         route_index,
         host,

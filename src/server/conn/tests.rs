@@ -7,6 +7,7 @@ fn timeouts() -> Timeouts {
     Timeouts {
         connect: Duration::from_secs(5),
         header_read: Duration::from_secs(10),
+        body_read: Duration::from_secs(30),
         keepalive_idle: Duration::from_secs(60),
         upstream_response_header: Duration::from_secs(30),
         request: Duration::from_secs(300),
