@@ -259,6 +259,11 @@ const CASES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "unknown framing choice",
+        "[server]\nconflicting_framing = \"lenient\"\n",
+        &["server.conflicting_framing: unknown value \"lenient\", expected one of \"reject\", \"chunked\""],
+    ),
+    (
         "untrusted proxy list",
         "[server]\ntrusted_proxies = [\"10.0.0.0/33\", \"::1\", 7]\n",
         &[

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use http::{Request, StatusCode};
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 fn assert_proxy_error(got: &Got, status: u16, kind: &str) {
@@ -370,9 +371,84 @@ async fn methods_outside_the_allow_list_are_501_and_never_forwarded() {
 }
 
 #[tokio::test]
-async fn both_framings_cannot_smuggle_a_second_request() {
+async fn both_framings_are_refused_with_400_by_default() {
     let origin = echo_origin().await;
     let proxy = proxy_to(origin.addr).await;
+    for head in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+        "transfer-encoding: chunked\r\ncontent-length: 5",
+    ] {
+        let attack = format!(
+            "POST /first HTTP/1.1\r\nHost: a\r\n{head}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let out = raw(proxy.addr, attack.as_bytes()).await;
+        assert_eq!(status_of(&out), 400, "{out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "one answer, then closed: {out}");
+    }
+    // On a keep-alive connection too, after normal requests (each sent
+    // once the answer to the one before is in); a request with one
+    // framing is not touched.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut statuses = Vec::new();
+    for request in [
+        &b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"[..],
+        b"POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"POST /both HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        stream.write_all(request).await.expect("write");
+        statuses.push(read_one_response(&mut stream).await);
+    }
+    assert_eq!(statuses, vec![200, 200, 400]);
+    assert_eq!(
+        origin.requests(),
+        2,
+        "only the requests with one framing reached the origin"
+    );
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` from `stream`;
+/// its status.
+async fn read_one_response(stream: &mut tokio::net::TcpStream) -> u16 {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before a whole response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return status_of(&text);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_lenient_reading_of_both_framings_cannot_smuggle_a_second_request() {
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&format!(
+        "{}\n[server]\nconflicting_framing = \"chunked\"\n",
+        basic_config(origin.addr)
+    ))
+    .await;
     for head in [
         "Content-Length: 5\r\nTransfer-Encoding: chunked",
         "Transfer-Encoding: chunked\r\nContent-Length: 5",

@@ -35,6 +35,10 @@ pub struct ServerSettings {
     /// `Upgrade` protocols passed to upstreams (lower case); a request
     /// asking for another is forwarded as a plain request.
     pub upgrade_protocols: Vec<String>,
+    /// An HTTP/1.1 request with both `Content-Length` and
+    /// `Transfer-Encoding` is refused with 400 (`true`, the default), or
+    /// read as chunked with the connection closed after it (RFC 9112 6.1).
+    pub reject_conflicting_framing: bool,
 }
 
 /// Timeouts (`[timeouts]`); each has a safe default.
@@ -94,6 +98,7 @@ pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSe
         encoded_slash: crate::target::EncodedSlash::Refuse,
         path_case_insensitive: false,
         upgrade_protocols: defaults::UPGRADE_PROTOCOLS.iter().map(|p| (*p).to_owned()).collect(),
+        reject_conflicting_framing: true,
     };
     let Some(t) = table else { return server };
     if let Some(list) = t.str_or_strs("allowed_methods") {
@@ -146,6 +151,9 @@ pub(super) fn read_server(table: Option<Table<'_>>, errors: &Errors) -> ServerSe
     }
     if let Some(insensitive) = t.choice("path_case", &[("sensitive", false), ("insensitive", true)]) {
         server.path_case_insensitive = insensitive;
+    }
+    if let Some(reject) = t.choice("conflicting_framing", &[("reject", true), ("chunked", false)]) {
+        server.reject_conflicting_framing = reject;
     }
     if let Some(list) = t.str_or_strs("upgrade_protocols") {
         let mut protocols = Vec::new();

@@ -35,6 +35,7 @@ mod rewrite;
 mod route;
 mod tunnel;
 mod validate;
+pub use validate::ConflictingFraming;
 
 use std::sync::Arc;
 

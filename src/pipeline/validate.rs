@@ -19,9 +19,20 @@ use crate::config::{Config, Limits};
 use crate::error::ProxyError;
 use crate::forwarding;
 
+/// Marks an HTTP/1.1 request whose head had both `Content-Length` and
+/// `Transfer-Encoding` (hyper keeps only the latter, so the connection
+/// sees it in the raw bytes and marks the request).
+#[derive(Debug, Clone, Copy)]
+pub struct ConflictingFraming;
+
 /// The `validate` phase: refuses what must not go further, normalises the
 /// path, and says what the request is.
 pub(super) fn request(req: &mut Request<Incoming>, config: &Config) -> Result<Checked, ProxyError> {
+    if req.extensions().get::<ConflictingFraming>().is_some() {
+        // RFC 9112 6.1 allows refusing it: a proxy should (hyper has
+        // already marked the connection to close after this response).
+        return Err(ProxyError::BadRequest);
+    }
     if !config.server.allowed_methods.contains(req.method()) {
         return Err(ProxyError::MethodNotImplemented);
     }

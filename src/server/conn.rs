@@ -98,6 +98,12 @@ pub struct ConnState {
     /// Milliseconds since `start` since which a write to the client has
     /// been waiting (the client is not reading), or `NONE`.
     write_stalled: AtomicU64,
+    /// Requests handed to the service so far (the head scanner re-arms
+    /// after each).
+    heads: AtomicU64,
+    /// The head just read had both `Content-Length` and
+    /// `Transfer-Encoding` (taken by the next HTTP/1.1 request).
+    framing_conflict: AtomicBool,
 }
 
 impl ConnState {
@@ -109,6 +115,8 @@ impl ConnState {
             request_ms: timeouts.request.as_millis() as u64,
             send_ms: timeouts.send.as_millis() as u64,
             write_stalled: AtomicU64::new(NONE),
+            heads: AtomicU64::new(0),
+            framing_conflict: AtomicBool::new(false),
             start: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since: AtomicU64::new(0),
@@ -314,8 +322,11 @@ fn request_service(
     Error = std::convert::Infallible,
     Future = impl Future<Output = Result<http::Response<crate::body::ProxyBody>, std::convert::Infallible>> + Send,
 > + Clone {
-    service_fn(move |req: Request<Incoming>| {
+    service_fn(move |mut req: Request<Incoming>| {
         let h2 = req.version() == http::Version::HTTP_2;
+        if !h2 && state.framing_conflict.swap(false, Ordering::Relaxed) {
+            req.extensions_mut().insert(crate::pipeline::ConflictingFraming);
+        }
         let guard = InFlight::new(&state, h2);
         let snapshot = snapshot.load_full();
         let last = snapshot
@@ -461,6 +472,7 @@ impl InFlight {
         }
         state.awaiting_head.store(false, Ordering::Relaxed);
         state.head_started.store(NONE, Ordering::Relaxed);
+        state.heads.fetch_add(1, Ordering::Relaxed);
         if state.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
             if let Some(a) = &state.activity {
                 a.busy();
@@ -533,6 +545,8 @@ pin_project_lite::pin_project! {
         #[pin]
         stream: S,
         state: Arc<ConnState>,
+        // Looks for both framings in HTTP/1.1 heads, when refused.
+        scan: Option<HeadScan>,
     }
 }
 
@@ -543,8 +557,81 @@ impl<S: AsyncRead> AsyncRead for WatchedIo<S> {
         let result = this.stream.poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.state.on_read();
+            if let Some(scan) = this.scan {
+                scan.read(&buf.filled()[before..], this.state);
+            }
         }
         result
+    }
+}
+
+/// The connection's look at raw HTTP/1.1 request heads for a
+/// `Content-Length` beside a `Transfer-Encoding` (hyper drops the former
+/// before the request is seen). It is not a parser: it follows line starts
+/// from the first byte read while the connection awaits a head to the
+/// head's empty line, compares each line's first 18 bytes with the two
+/// names, and then sleeps until the request was handed on. A head read in
+/// the same buffer as the request before it (pipelining) is not looked at:
+/// that request gets the lenient reading (chunked, connection closed),
+/// which is safe too.
+#[derive(Debug, Default)]
+struct HeadScan {
+    in_head: bool,
+    /// Requests handed on when the last head ended: scanning re-arms once
+    /// there are more.
+    heads_at_end: Option<u64>,
+    /// The current line's first bytes, lower-cased.
+    line: [u8; 18],
+    line_len: usize,
+    lines: u32,
+    content_length: bool,
+    transfer_encoding: bool,
+}
+
+impl HeadScan {
+    fn read(&mut self, bytes: &[u8], state: &ConnState) {
+        if state.is_h2.load(Ordering::Relaxed) {
+            return;
+        }
+        if !self.in_head {
+            let handed_on = self
+                .heads_at_end
+                .is_none_or(|at| state.heads.load(Ordering::Relaxed) > at);
+            if !(handed_on && state.awaiting_head.load(Ordering::Relaxed)) {
+                return;
+            }
+            *self = HeadScan {
+                in_head: true,
+                ..HeadScan::default()
+            };
+        }
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line_len < self.line.len() {
+                    self.line[self.line_len] = b.to_ascii_lowercase();
+                    self.line_len += 1;
+                }
+                continue;
+            }
+            let line = &self.line[..self.line_len];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                // Empty lines before the request line are allowed.
+                if self.lines > 0 {
+                    if self.content_length && self.transfer_encoding {
+                        state.framing_conflict.store(true, Ordering::Relaxed);
+                    }
+                    self.in_head = false;
+                    self.heads_at_end = Some(state.heads.load(Ordering::Relaxed));
+                    return;
+                }
+            } else {
+                self.lines += 1;
+                self.content_length |= line.starts_with(b"content-length:");
+                self.transfer_encoding |= line.starts_with(b"transfer-encoding:");
+            }
+            self.line_len = 0;
+        }
     }
 }
 
@@ -617,9 +704,11 @@ pub(super) async fn serve<S>(
         (current.config.timeouts, current.config.protect.h2_max_resets_per_second)
     };
     let state = ConnState::new(info.activity.clone(), &timeouts);
+    let strict_framing = snapshot.load().config.server.reject_conflicting_framing;
     let io = TokioIo::new(WatchedIo {
         stream,
         state: state.clone(),
+        scan: (strict_framing && protocol != ListenerProtocol::H2c).then(HeadScan::default),
     });
     let service = request_service(state.clone(), info.clone(), snapshot, max_resets);
     // What can end or drain the connection besides the client: shutdown,
