@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Attack scenarios against a release build (examples/attack.rs): a few-source
-# flood, slowloris, slow POST and a flash crowd, each beside a legitimate
-# client at 10 requests/s, all from distinct loopback addresses. Prints the
-# legitimate client's success rate and latency and how many attack requests
-# reached the origin. Every scenario stops by itself after SECONDS.
+# Attack scenarios against a release build (examples/attack.rs), with every
+# step of the mitigation ladder enforced: a cold start under steady traffic
+# above min_rate, an 8-source flood, a distributed flood (and the same flood
+# returning later), slowloris, slow uploads of small and of large bodies and
+# a flash crowd, each beside legitimate traffic of 55 requests/s from six
+# addresses (most from one browser-like client with a session cookie), all
+# from distinct loopback addresses, against an origin that serves 4 requests
+# at once. Prints the legitimate traffic's success rate and latency, how many
+# attack requests reached the origin, what the proxy did and how much it
+# logged. Every scenario stops by itself after SECONDS.
 #
 #   bench/attack.sh [SECONDS]      (default 10 per scenario; the README's figures use 30)
-#   ATTACK_SHEDDING=off            without load shedding, for comparison
+#   ATTACK_MODE=shadow             every ladder step in shadow mode, for comparison
+#   ATTACK_SHEDDING=off            without load shedding
 #   ATTACK_ORIGIN_MS=0             an origin that answers at once (default: 2 ms, 4 at a time)
+#   ATTACK_TRACE=20                print each legitimate request slower than 20 ms
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin portcullis --example attack >/dev/null

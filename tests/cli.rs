@@ -259,6 +259,11 @@ const CASES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "trusted line too long",
+        "[protect.load_shedding]\ntrusted_wait = \"2m\"\n",
+        &["protect.load_shedding.trusted_wait: must be at most 1m"],
+    ),
+    (
         "unknown framing choice",
         "[server]\nconflicting_framing = \"lenient\"\n",
         &["server.conflicting_framing: unknown value \"lenient\", expected one of \"reject\", \"chunked\""],

@@ -1,5 +1,6 @@
 //! The real `portcullis` binary: bodies stream with bounded memory (2 GiB up
-//! and 2 GiB down, peak RSS under 64 MiB) and SIGTERM drains, then exits 0.
+//! and 2 GiB down, peak RSS under 64 MiB), SIGTERM drains, then exits 0,
+//! and a shed flood writes a log line a second, not one a request.
 
 #![allow(
     clippy::unwrap_used,
@@ -570,6 +571,69 @@ async fn the_demo_serves_logs_counts_and_audits() {
     );
     if let Some(dir) = audit.parent() {
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[tokio::test]
+async fn a_shed_flood_writes_a_line_a_second_not_a_line_a_request() {
+    // An origin that never answers: the two requests it holds fill the
+    // group's limit of 2 (no answer yet is overload), so every request
+    // after them is shed.
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let hanging = origin(move |_req| {
+        let arrived = arrived.clone();
+        async move {
+            let _ = arrived.send(());
+            std::future::pending::<()>().await;
+            text(200, "never")
+        }
+    })
+    .await;
+    let closed = closed_port();
+    let config = Template::new(&[hanging.addr])
+        .extra(&format!(
+            "[[routes]]\npath = \"/down\"\nupstream = \"down\"\n[upstreams.down]\nservers = [\"{}\"]\n[protect.load_shedding]\nmode = \"enforce\"\nmin_limit = 2\nmax_limit = 2\ninitial_limit = 2\ntrusted_wait = \"0s\"\n",
+            closed.addr
+        ))
+        .build();
+    let mut proxy = ProxyProcess::start(&config);
+    let addr = proxy.addr;
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { get(addr, "/held").await }))
+        .collect();
+    for _ in 0..2 {
+        arrivals.recv().await.expect("a held request at the origin");
+    }
+    let started = std::time::Instant::now();
+    let mut c = h1(addr).await;
+    let mut shed = 0;
+    for _ in 0..1_000 {
+        let req = Request::get("/").header("host", "a").body(empty()).expect("request");
+        if read(c.send_ready(req).await.expect("send")).await.status == StatusCode::SERVICE_UNAVAILABLE {
+            shed += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs();
+    assert_eq!(shed, 1_000, "the flood is shed");
+    // A failure of another kind, logged after every shed line.
+    assert_eq!(get(addr, "/down").await.status, StatusCode::BAD_GATEWAY);
+    let mut shed_lines = 0;
+    loop {
+        let line = next_line(&mut proxy.log).await;
+        if line.contains("request shed") {
+            shed_lines += 1;
+        }
+        if line.contains("request failed upstream") {
+            break;
+        }
+    }
+    assert!(shed_lines >= 1, "shedding is logged");
+    assert!(
+        shed_lines <= seconds + 2,
+        "{shed_lines} shed lines for 1,000 shed requests in {seconds} s: at most one a second"
+    );
+    for h in held {
+        h.abort();
     }
 }
 

@@ -308,3 +308,46 @@ async fn buffered_bodies_are_bounded_in_memory_and_by_time() {
     assert_eq!(origin.requests(), passed + 2, "no held upload reached the origin");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_large_body_reaches_the_origin_only_after_its_first_part_has_arrived() {
+    let origin = echo_origin().await;
+    let proxy = start_proxy(&format!(
+        "{}\n[limits]\nbuffer_request_body = \"4KiB\"\n[timeouts]\nbody_read = \"300ms\"\n",
+        Template::new(&[origin.addr])
+            .listener("name = \"web\"")
+            .route("name = \"main\"")
+            .build()
+    ))
+    .await;
+    // Twenty uploads declare 1 MB, longer than what is read ahead, and
+    // send 3 KB of it: the proxy holds them, not the origin.
+    let mut held = Vec::new();
+    for i in 0..20 {
+        held.push(slow_upload(26, 1 + i, proxy.addr, 1_000_000, 3_000).await);
+    }
+    // A 200 KB upload at full speed is read ahead in part, then streams:
+    // it arrives whole.
+    let mut c = h1_from_block(27, 1, proxy.addr).await.expect("connect");
+    let body: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let req = Request::post("/big")
+        .header("host", "a")
+        .body(full(body.clone()))
+        .expect("request");
+    let got = read(c.send_ready(req).await.expect("send")).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.body.ends_with(&body), "the whole body reached the origin, in order");
+    // The held uploads are cut at body_read with 408, never forwarded.
+    for mut stream in held {
+        use tokio::io::AsyncReadExt;
+        let mut out = vec![0u8; 12];
+        stream.read_exact(&mut out).await.expect("an answer");
+        assert_eq!(&out, b"HTTP/1.1 408");
+    }
+    assert_eq!(
+        origin.requests(),
+        1,
+        "only the upload that arrived in time reached the origin"
+    );
+    proxy.shutdown().await;
+}

@@ -111,6 +111,7 @@ pub mod defaults {
     pub const SHEDDING_TOLERANCE: f64 = 2.0;
     pub const SHEDDING_RESERVE: f64 = 0.25;
     pub const SHEDDING_RETRY_AFTER: Duration = Duration::from_secs(1);
+    pub const SHEDDING_TRUSTED_WAIT: Duration = Duration::from_secs(1);
     pub const BAN_STRIKES: u32 = 100;
     pub const BAN_WINDOW: Duration = Duration::from_secs(60);
     pub const BAN_DURATION: Duration = Duration::from_secs(600);

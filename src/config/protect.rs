@@ -141,6 +141,9 @@ pub struct LoadSheddingConfig {
     /// spike, or with a valid challenge cookie).
     pub reserve: f64,
     pub retry_after: Duration,
+    /// How long a trusted client's request may wait for room when the
+    /// limit is reached (zero: never waits).
+    pub trusted_wait: Duration,
 }
 
 impl Default for LoadSheddingConfig {
@@ -153,6 +156,7 @@ impl Default for LoadSheddingConfig {
             tolerance: defaults::SHEDDING_TOLERANCE,
             reserve: defaults::SHEDDING_RESERVE,
             retry_after: defaults::SHEDDING_RETRY_AFTER,
+            trusted_wait: defaults::SHEDDING_TRUSTED_WAIT,
         }
     }
 }
@@ -594,6 +598,13 @@ fn read_load_shedding(table: Option<Table<'_>>) -> Option<LoadSheddingConfig> {
             t.error("retry_after", "must be between 1s and 1h");
         } else {
             c.retry_after = d;
+        }
+    }
+    if let Some(d) = t.duration("trusted_wait") {
+        if d > Duration::from_secs(60) {
+            t.error("trusted_wait", "must be at most 1m");
+        } else {
+            c.trusted_wait = d;
         }
     }
     t.finish();

@@ -60,29 +60,22 @@ pub(super) fn request_body(body: Incoming, snapshot: &Snapshot, kind: Exchange, 
 }
 
 /// Reads a request body of at most `limits.buffer_request_body` bytes
-/// (declared, or for a chunked body: as it turns out) whole before the
-/// request goes on, against the process's buffer memory
-/// (`limits.request_buffer_memory`) and by `deadline`. A longer chunked
-/// body streams the rest after what was read. Refusals: 408 for a body too
+/// whole before the request goes on, and the first
+/// `buffer_request_body` bytes of a longer one (which streams the rest
+/// after them), against the process's buffer memory
+/// (`limits.request_buffer_memory`) and by `deadline`: a body that
+/// trickles never reaches an origin. Refusals: 408 for a body too
 /// slow (`min_body_rate`) or not complete by the deadline, 413 over the
 /// size limit, 503 when the buffer memory is all in use, 400 when the
 /// client went away.
 pub(super) async fn buffer(
     body: &mut RequestBody,
-    parts: &http::request::Parts,
     snapshot: &Snapshot,
     kind: Exchange,
     deadline: tokio::time::Instant,
 ) -> Result<(), ProxyError> {
     let max = snapshot.config.limits.buffer_request_body;
     if max == 0 || kind.is_upgrade() || http_body::Body::is_end_stream(body) {
-        return Ok(());
-    }
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
         return Ok(());
     }
     match tokio::time::timeout_at(deadline, body.prefetch(max, &snapshot.body_budget)).await {

@@ -209,7 +209,6 @@ async fn forward(
     let mut body = admit::request_body(body, snapshot, checked.kind, trace);
     admit::buffer(
         &mut body,
-        &parts,
         snapshot,
         checked.kind,
         (started + snapshot.config.timeouts.body_read).min(started + snapshot.config.timeouts.request),
@@ -225,7 +224,8 @@ async fn forward(
         route.upstream,
         route_index,
         &mut trace.protection,
-    )?;
+    )
+    .await?;
     if !plan.caching() {
         rewrite::fields(req.headers_mut(), version, checked.kind, conn, snapshot, route, host);
     }

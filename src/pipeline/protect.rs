@@ -162,7 +162,7 @@ fn attack_mode(
 /// over two generations and never in a spike) may use the reserve. Only past the untrusted share of the limit is the client
 /// looked at, so a calm proxy pays two atomic loads. An admitted request
 /// counts as waiting until the returned guard is dropped.
-pub fn check_load(
+pub async fn check_load(
     headers: &http::HeaderMap,
     conn: &ConnInfo,
     snapshot: &Snapshot,
@@ -196,6 +196,11 @@ pub fn check_load(
     if trusted {
         if let Some(waiting) = shedder.try_wait(true) {
             return Ok(Some(waiting));
+        }
+        if shedder.mode.enforced() {
+            if let Some(waiting) = shedder.queue().await {
+                return Ok(Some(waiting));
+            }
         }
     }
     if shedder.mode.enforced() {

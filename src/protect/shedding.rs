@@ -75,6 +75,15 @@ const WINDOW_MIN_SAMPLES: u32 = 10;
 /// Requests waiting with no response head for this long (milliseconds):
 /// the group is stalled, which is overload whatever the last latency.
 const STALL_MS: u64 = 1000;
+/// Once overload was seen, the limit holds this long (milliseconds) after
+/// the last sign of it: a flood held at the limit brings latency back to
+/// normal, and letting everyone in at that moment would refill the
+/// origin's queue at once, over and over.
+const HOLD_MS: u64 = 3000;
+/// Trusted requests that may wait in line at once, whatever the limit:
+/// each is a request the proxy holds anyway, and a limit of a few must
+/// not turn a handful of regular clients away.
+const MIN_LINE: u32 = 64;
 /// Latency within this much of the baseline is never overload, whatever
 /// the ratio: against a baseline of 0.1 ms, a context switch would
 /// otherwise look like a tripled latency.
@@ -185,12 +194,21 @@ pub struct Shedder {
     reserve: f64,
     /// The estimator saw overload at its last sample ([`Gradient::congested`]).
     congested: std::sync::atomic::AtomicBool,
+    /// Milliseconds (on `clock`) until which the limit holds after the
+    /// last sample that showed overload ([`HOLD_MS`]).
+    held_until_ms: std::sync::atomic::AtomicU64,
     /// Milliseconds (on `clock`) of the last response head sampled, and
     /// of the last time the group went from idle to busy: a group busy
     /// for `STALL_MS` without an answer is stalled.
     last_sample_ms: std::sync::atomic::AtomicU64,
     busy_since_ms: std::sync::atomic::AtomicU64,
     pub retry_after: u32,
+    /// Trusted requests waiting for room ([`Shedder::queue`]): while there
+    /// are any, untrusted clients get none, and each request that leaves
+    /// wakes one of them.
+    queued: AtomicU32,
+    freed: tokio::sync::Notify,
+    trusted_wait: Duration,
 }
 
 impl Shedder {
@@ -209,9 +227,13 @@ impl Shedder {
             gradient: Mutex::new(gradient),
             reserve: config.reserve,
             congested: std::sync::atomic::AtomicBool::new(true),
+            held_until_ms: std::sync::atomic::AtomicU64::new(0),
             last_sample_ms: std::sync::atomic::AtomicU64::new(0),
             busy_since_ms: std::sync::atomic::AtomicU64::new(0),
             retry_after: config.retry_after.as_secs().max(1) as u32,
+            queued: AtomicU32::new(0),
+            freed: tokio::sync::Notify::new(),
+            trusted_wait: config.trusted_wait,
         }
     }
 
@@ -240,7 +262,14 @@ impl Shedder {
     /// wait): a group that answers at its usual speed is never shed, so
     /// a flash crowd the origin can serve is served.
     pub fn try_wait(self: &std::sync::Arc<Self>, trusted: bool) -> Option<Waiting> {
-        let cap = if trusted { self.limit() } else { self.open_limit() };
+        let cap = if trusted {
+            self.limit()
+        } else if self.queued.load(Ordering::Relaxed) > 0 {
+            // Trusted requests wait for room: none for the others.
+            0
+        } else {
+            self.open_limit()
+        };
         if let Ok(before) = self
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |w| (w < cap).then_some(w + 1))
@@ -254,12 +283,54 @@ impl Shedder {
         Some(self.wait())
     }
 
+    /// A trusted request that found no room waits for it, in line, up to
+    /// `trusted_wait`: each request that leaves wakes the next, and no
+    /// untrusted client is admitted while one waits. At most `limit` (or
+    /// `MIN_LINE`) wait at once; `None` when the line is full or the wait
+    /// is over.
+    pub async fn queue(self: &std::sync::Arc<Self>) -> Option<Waiting> {
+        if self.trusted_wait.is_zero() {
+            return None;
+        }
+        let limit = self.limit().max(MIN_LINE);
+        if self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |q| (q < limit).then_some(q + 1))
+            .is_err()
+        {
+            return None;
+        }
+        let _in_line = InLine(self);
+        let deadline = tokio::time::Instant::now() + self.trusted_wait;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before looking, so a slot freed in between wakes
+            // this waiter.
+            freed.as_mut().enable();
+            if let Some(waiting) = self.try_wait(true) {
+                return Some(waiting);
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Trusted requests waiting for room now.
+    pub fn queued(&self) -> u32 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Whether the group shows overload now.
     pub fn overloaded(&self) -> bool {
         if self.congested.load(Ordering::Relaxed) {
             return true;
         }
         let now = self.clock.elapsed().as_millis() as u64;
+        if now < self.held_until_ms.load(Ordering::Relaxed) {
+            return true;
+        }
         let since = self
             .last_sample_ms
             .load(Ordering::Relaxed)
@@ -298,7 +369,12 @@ impl Shedder {
         if let Ok(mut g) = self.gradient.lock() {
             let limit = g.sample(latency.as_secs_f64(), self.waiting(), elapsed.as_secs_f64());
             self.limit.store(limit, Ordering::Relaxed);
-            self.congested.store(g.congested(), Ordering::Relaxed);
+            let congested = g.congested();
+            self.congested.store(congested, Ordering::Relaxed);
+            if congested {
+                self.held_until_ms
+                    .store(elapsed.as_millis() as u64 + HOLD_MS, Ordering::Relaxed);
+            }
         }
         self.last_sample_ms.store(elapsed.as_millis() as u64, Ordering::Relaxed);
     }
@@ -308,6 +384,8 @@ impl Shedder {
             let limit = g.timed_out();
             self.limit.store(limit, Ordering::Relaxed);
             self.congested.store(true, Ordering::Relaxed);
+            self.held_until_ms
+                .store(self.clock.elapsed().as_millis() as u64 + HOLD_MS, Ordering::Relaxed);
         }
     }
 }
@@ -317,7 +395,19 @@ pub struct Waiting(std::sync::Arc<Shedder>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.0.waiting.fetch_sub(1, Ordering::Release);
+        if self.0.queued.load(Ordering::Acquire) > 0 {
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+/// A place in the trusted line, given up when dropped.
+struct InLine<'a>(&'a Shedder);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -505,6 +595,86 @@ mod tests {
         assert!(!shedder.overloaded());
         shedder.timed_out();
         assert!(shedder.overloaded());
+    }
+
+    #[test]
+    fn overload_holds_the_limit_for_a_while_after_latency_recovers() {
+        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
+            initial_limit: 10,
+            min_limit: 10,
+            max_limit: 10,
+            reserve: 0.5,
+            ..LoadSheddingConfig::default()
+        }));
+        for _ in 0..20 {
+            shedder.sample(Duration::from_millis(1), 200);
+        }
+        assert!(!shedder.overloaded());
+        shedder.timed_out();
+        // Answers at the usual speed again: the limit still holds, so the
+        // flood it holds back is not let in at once.
+        shedder.sample(Duration::from_millis(1), 200);
+        assert!(!shedder.congested.load(Ordering::Relaxed));
+        assert!(shedder.overloaded(), "held after overload");
+        let held: Vec<_> = (0..5).map(|_| shedder.try_wait(false).expect("open share")).collect();
+        assert!(shedder.try_wait(false).is_none(), "the limit holds");
+        drop(held);
+        // HOLD_MS after the last sign of overload, everyone is let in.
+        let now = shedder.clock.elapsed().as_millis() as u64;
+        shedder.held_until_ms.store(now, Ordering::Relaxed);
+        shedder.last_sample_ms.store(now, Ordering::Relaxed);
+        assert!(!shedder.overloaded());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trusted_requests_wait_in_line_for_room_and_untrusted_ones_get_none() {
+        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
+            initial_limit: 4,
+            min_limit: 4,
+            max_limit: 4,
+            reserve: 0.25,
+            trusted_wait: Duration::from_secs(1),
+            ..LoadSheddingConfig::default()
+        }));
+        // No answer yet: the limit holds.
+        let mut held: Vec<_> = (0..4).map(|_| shedder.try_wait(true).expect("room")).collect();
+        assert!(shedder.try_wait(true).is_none());
+        let (s, t) = (shedder.clone(), shedder.clone());
+        let first = tokio::spawn(async move { s.queue().await });
+        let second = tokio::spawn(async move { t.queue().await });
+        while shedder.queued() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // A request leaves: its room goes to a trusted waiter, not to an
+        // untrusted newcomer, although the open share has room now.
+        drop(held.pop());
+        assert!(
+            shedder.try_wait(false).is_none(),
+            "none for untrusted clients while trusted ones wait"
+        );
+        while shedder.queued() > 1 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(shedder.waiting(), 4, "the freed room was taken in line");
+        // The other waits no longer than trusted_wait.
+        let (first, second) = (first.await.expect("task"), second.await.expect("task"));
+        assert!(first.is_some() ^ second.is_some(), "one got room, one gave up");
+        assert_eq!(shedder.queued(), 0);
+        drop((held, first, second));
+        assert!(
+            shedder.try_wait(false).is_some(),
+            "room again for untrusted clients once nobody waits"
+        );
+        // Off with trusted_wait = 0.
+        let none = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
+            initial_limit: 1,
+            min_limit: 1,
+            max_limit: 1,
+            trusted_wait: Duration::ZERO,
+            ..LoadSheddingConfig::default()
+        }));
+        let _full = none.try_wait(true).expect("room");
+        assert!(none.queue().await.is_none());
     }
 
     #[test]
