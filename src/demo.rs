@@ -121,16 +121,28 @@ fn escape(text: &str) -> String {
         .collect()
 }
 
-/// Writes a fresh self-signed certificate for `localhost` and `127.0.0.1`
-/// into `dir`; returns the certificate and key paths.
+/// Days the demo's certificate is valid: short-lived like the
+/// certificates ACME brings (rcgen's default lasts until the year 4096,
+/// which scanners rightly report), and past the 30 days under which
+/// `plan` warns of an expiry, so the demo's plans show only real changes.
+pub const DEMO_CERT_DAYS: i64 = 45;
+
+/// Writes a fresh self-signed certificate for `localhost` and `127.0.0.1`,
+/// valid from an hour ago for [`DEMO_CERT_DAYS`], into `dir`; returns the
+/// certificate and key paths.
 pub fn self_signed_certificate(dir: &std::path::Path) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
         .map_err(std::io::Error::other)?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(DEMO_CERT_DAYS);
+    let signing_key = rcgen::KeyPair::generate().map_err(std::io::Error::other)?;
+    let generated = params.self_signed(&signing_key).map_err(std::io::Error::other)?;
     std::fs::create_dir_all(dir)?;
     let cert = dir.join("demo-cert.pem");
     let key = dir.join("demo-key.pem");
-    std::fs::write(&cert, generated.cert.pem())?;
-    std::fs::write(&key, generated.signing_key.serialize_pem())?;
+    std::fs::write(&cert, generated.pem())?;
+    std::fs::write(&key, signing_key.serialize_pem())?;
     Ok((cert, key))
 }
 
@@ -210,4 +222,22 @@ servers = ["{api}"]
 "#,
         app[0], app[1]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_demo_certificate_is_short_lived_and_valid_now() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = super::self_signed_certificate(dir.path()).expect("certificate");
+        let loaded = crate::tls::load_cert(&cert, &key).expect("the proxy loads it");
+        let now = crate::state::unix_now() as i64;
+        let days_left = (loaded.not_after - now) as f64 / 86_400.0;
+        assert!(
+            days_left > super::DEMO_CERT_DAYS as f64 - 0.1 && days_left <= super::DEMO_CERT_DAYS as f64,
+            "valid for {} days, found {days_left:.2}",
+            super::DEMO_CERT_DAYS
+        );
+        assert!(loaded.names.contains(&"localhost".to_owned()), "{:?}", loaded.names);
+    }
 }
