@@ -272,7 +272,7 @@ impl Shedder {
         };
         if let Ok(before) = self
             .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |w| (w < cap).then_some(w + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::Relaxed, |w| (w < cap).then_some(w + 1))
         {
             self.busy_from(before);
             return Some(Waiting(self.clone()));
@@ -285,17 +285,20 @@ impl Shedder {
 
     /// A trusted request that found no room waits for it, in line, up to
     /// `trusted_wait`: each request that leaves wakes the next, and no
-    /// untrusted client is admitted while one waits. At most `limit` (or
-    /// `MIN_LINE`) wait at once; `None` when the line is full or the wait
-    /// is over.
+    /// untrusted client is admitted while one waits. At most the limit,
+    /// or `MIN_LINE` if that is more, wait at once; `None` when the line
+    /// is full or the wait is over.
     pub async fn queue(self: &std::sync::Arc<Self>) -> Option<Waiting> {
         if self.trusted_wait.is_zero() {
             return None;
         }
         let limit = self.limit().max(MIN_LINE);
+        // SeqCst here, on the waiting count and in `Waiting::drop`: a
+        // request that leaves must see this waiter, or this waiter the
+        // room it left (a store-buffer handshake).
         if self
             .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |q| (q < limit).then_some(q + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < limit).then_some(q + 1))
             .is_err()
         {
             return None;
@@ -312,7 +315,7 @@ impl Shedder {
                 return Some(waiting);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return None;
+                return self.try_wait(true);
             }
         }
     }
@@ -395,8 +398,8 @@ pub struct Waiting(std::sync::Arc<Shedder>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Release);
-        if self.0.queued.load(Ordering::Acquire) > 0 {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        if self.0.queued.load(Ordering::SeqCst) > 0 {
             self.0.freed.notify_one();
         }
     }
@@ -542,6 +545,18 @@ mod tests {
         assert_eq!(g.sample(0.001, 100, f64::NAN), 100);
     }
 
+    /// A shedder whose limit stays at `limit`.
+    fn fixed(limit: u32, reserve: f64, trusted_wait: Duration) -> std::sync::Arc<Shedder> {
+        std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
+            initial_limit: limit,
+            min_limit: limit,
+            max_limit: limit,
+            reserve,
+            trusted_wait,
+            ..LoadSheddingConfig::default()
+        }))
+    }
+
     #[test]
     fn trusted_clients_keep_the_reserve() {
         let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
@@ -568,13 +583,7 @@ mod tests {
 
     #[test]
     fn a_group_answering_at_its_usual_speed_is_never_shed() {
-        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
-            initial_limit: 10,
-            min_limit: 10,
-            max_limit: 10,
-            reserve: 0.5,
-            ..LoadSheddingConfig::default()
-        }));
+        let shedder = fixed(10, 0.5, Duration::from_secs(1));
         // No answer yet: no evidence, the limit holds.
         let held: Vec<_> = (0..5).map(|_| shedder.try_wait(false).expect("open share")).collect();
         assert!(shedder.try_wait(false).is_none());
@@ -599,13 +608,7 @@ mod tests {
 
     #[test]
     fn overload_holds_the_limit_for_a_while_after_latency_recovers() {
-        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
-            initial_limit: 10,
-            min_limit: 10,
-            max_limit: 10,
-            reserve: 0.5,
-            ..LoadSheddingConfig::default()
-        }));
+        let shedder = fixed(10, 0.5, Duration::from_secs(1));
         for _ in 0..20 {
             shedder.sample(Duration::from_millis(1), 200);
         }
@@ -628,14 +631,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn trusted_requests_wait_in_line_for_room_and_untrusted_ones_get_none() {
-        let shedder = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
-            initial_limit: 4,
-            min_limit: 4,
-            max_limit: 4,
-            reserve: 0.25,
-            trusted_wait: Duration::from_secs(1),
-            ..LoadSheddingConfig::default()
-        }));
+        let shedder = fixed(4, 0.25, Duration::from_secs(1));
         // No answer yet: the limit holds.
         let mut held: Vec<_> = (0..4).map(|_| shedder.try_wait(true).expect("room")).collect();
         assert!(shedder.try_wait(true).is_none());
@@ -666,13 +662,7 @@ mod tests {
             "room again for untrusted clients once nobody waits"
         );
         // Off with trusted_wait = 0.
-        let none = std::sync::Arc::new(Shedder::new(&LoadSheddingConfig {
-            initial_limit: 1,
-            min_limit: 1,
-            max_limit: 1,
-            trusted_wait: Duration::ZERO,
-            ..LoadSheddingConfig::default()
-        }));
+        let none = fixed(1, 0.25, Duration::ZERO);
         let _full = none.try_wait(true).expect("room");
         assert!(none.queue().await.is_none());
     }
